@@ -1,0 +1,136 @@
+"""The run directory: atomic writes and the manifest that serving and later runs load.
+
+Layout of a run directory::
+
+    manifest.json           # see `Manifest`; written last, atomically, after every round
+    config.yaml             # the resolved RunConfig
+    metrics.json            # evaluation of every member and of the ensemble
+    rounds.json             # per-round table (dev metrics of members and ensemble)
+    members/<name>/export/  # save_pretrained weights (safetensors) + tokenizer
+    members/<name>/ray/     # Ray Train storage: DeepSpeed shards of every rank, per round
+    plots/*.png
+
+Every file is written to a temporary sibling and renamed into place, so an interrupted run never
+leaves a half-written file that a later run would trust.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` via a temp file + fsync + rename (POSIX-atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n")
+
+
+def _jsonable(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"cannot write {type(obj).__name__} to JSON")
+
+
+def atomic_replace_dir(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Move a fully written directory `src` into place at `dst`, replacing any old one.
+
+    The old directory is renamed aside first and deleted only after the new one is in place, so
+    at every instant `dst` is either the complete old or the complete new directory.
+    """
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    old = dst.with_name(f".{dst.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+@dataclass
+class MemberEntry:
+    """What serving needs to load and interpret one member."""
+
+    kind: str  # classifier | regressor | teacher | student
+    path: str  # export dir, relative to the run directory
+    num_labels: int  # 1 for the regressor
+    max_length: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+    params: int = 0
+
+
+@dataclass
+class Manifest:
+    """The one file that describes a finished (or partly finished) run.
+
+    `label_names` index the classes; `class_intensity[c]` is the mean intensity of class c on the
+    training data and `intensity_edges` (len C-1) bin an intensity into a class, which is how the
+    regressor votes. `combine` holds `method`, `weights` (member name -> float) and any fitted
+    parameters of a learned method.
+    """
+
+    name: str
+    label_names: list[str]
+    class_intensity: list[float]
+    intensity_edges: list[float]
+    intensity_range: list[float]
+    members: dict[str, MemberEntry]
+    combine: dict[str, Any]
+    rounds_completed: int = 0
+    rounds_planned: int = 1
+    metrics: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    version: int = MANIFEST_VERSION
+
+    def member_path(self, run_dir: str | os.PathLike, name: str) -> Path:
+        return Path(run_dir) / self.members[name].path
+
+    def save(self, run_dir: str | os.PathLike) -> None:
+        atomic_write_json(Path(run_dir) / MANIFEST, asdict(self))
+
+    @classmethod
+    def load(cls, run_dir: str | os.PathLike) -> Manifest:
+        path = Path(run_dir) / MANIFEST
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} not found: {run_dir} is not a finished run directory; "
+                "run `ensemble train CONFIG` first or pass the run's output_dir"
+            )
+        raw = read_json(path)
+        if raw.get("version") != MANIFEST_VERSION:
+            raise ValueError(f"{path} has manifest version {raw.get('version')}, "
+                             f"this ensemble reads version {MANIFEST_VERSION}")
+        raw["members"] = {k: MemberEntry(**v) for k, v in raw["members"].items()}
+        return cls(**raw)
