@@ -243,11 +243,20 @@ class ServeConfig:
     max_texts: int = 64
     max_text_chars: int = 2000
     cascade_threshold: float | None = None
+    cascade: bool = False  # student answers alone when confident (threshold fitted on dev)
+    sequential: bool = False  # call members one after another (benchmark baseline)
+    max_ongoing_requests: int = 64  # per replica; >= max_batch_size so batches can fill
+    request_timeout_s: float = 30.0  # combiner's bound on waiting for the members
+    health_check_period_s: float = 2.0
 
     def __post_init__(self) -> None:
         problems = []
         if not 0 < self.port < 65536:
             problems.append(f"serve.port={self.port} must be in 1..65535")
+        if self.max_ongoing_requests < self.max_batch_size:
+            problems.append("serve.max_ongoing_requests must be >= serve.max_batch_size")
+        if self.request_timeout_s <= 0 or self.health_check_period_s <= 0:
+            problems.append("serve.request_timeout_s and serve.health_check_period_s must be > 0")
         if self.num_cpus <= 0:
             problems.append("serve.num_cpus must be > 0 (fractions like 0.25 are fine)")
         if self.max_batch_size < 1 or self.max_texts < 1:
