@@ -1,0 +1,204 @@
+"""ensemble.report: the metrics table text and the PNG plots (valid, non-blank, atomic)."""
+
+from __future__ import annotations
+
+import stat
+import struct
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+
+from ensemble.metrics import classification_metrics, regression_metrics, roc_curves
+from ensemble.report import (
+    _global_steps,
+    metrics_table,
+    plot_confusion,
+    plot_learning_curves,
+    plot_roc,
+    plot_rounds,
+    render,
+)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+NAMES = ["very negative", "negative", "neutral", "positive", "very positive"]
+
+
+def _assert_png(path, min_width: int = 400, min_height: int = 300) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE
+    assert data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    assert width >= min_width and height >= min_height, (width, height)
+    assert len(data) > 10_000, f"{path.name} is suspiciously small ({len(data)} bytes)"
+    pixels = imread(path)[..., :3]  # (H, W, 3) floats
+    # Non-trivial picture: many distinct colours, not a blank canvas.
+    assert pixels.std() > 0.05
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50
+    # Atomic write: no temporary sibling left behind; readable by others.
+    assert [p.name for p in path.parent.iterdir() if p.name.startswith(".")] == []
+    assert path.stat().st_mode & stat.S_IROTH
+
+
+@pytest.fixture(scope="module")
+def evaluated():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, 300)
+    logits = rng.normal(size=(300, 5))
+    logits[np.arange(300), labels] += 1.5
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    targets = rng.random(300)
+    return {
+        "labels": labels,
+        "probs": probs,
+        "cls": classification_metrics(labels, probs, NAMES),
+        "reg": regression_metrics(targets, targets + rng.normal(0, 0.2, 300)),
+    }
+
+
+# ---- table -----------------------------------------------------------------------------------
+
+
+def test_table_rows_columns_and_3_decimals():
+    metrics = {
+        "ensemble": {"accuracy": 0.5, "macro_f1": 0.45, "pearson": 0.7},
+        "classifier": {"accuracy": 0.43219, "macro_f1": 0.40001, "n": 1101},
+        "regressor": {"pearson": 0.61234, "spearman": 0.6, "mae": 0.1049},
+    }
+    text = render(metrics_table(metrics, "dev metrics"))
+    assert "dev metrics" in text
+    lines = text.splitlines()
+    row = {name: next(line for line in lines if name in line) for name in metrics}
+    assert "0.432" in row["classifier"] and "0.400" in row["classifier"]
+    assert "0.612" in row["regressor"] and "0.105" in row["regressor"]
+    assert row["classifier"].count("-") == 3  # pearson, spearman, MAE missing
+    assert row["regressor"].count(" - ") == 2  # accuracy, macro-F1 missing
+    # The ensemble comes last even though it was given first.
+    assert lines.index(row["ensemble"]) > lines.index(row["regressor"])
+    header = next(line for line in lines if "member" in line)
+    for col in ["accuracy", "macro-F1", "pearson", "spearman", "MAE"]:
+        assert col in header
+    assert "params x" not in text and "speed-up x" not in text
+    assert "\x1b[" not in text  # plain text, no ANSI codes
+
+
+def test_table_student_ratio_columns_nested_and_bad_values(evaluated):
+    metrics = {
+        "teacher": {"classification": evaluated["cls"]},
+        "student": {"accuracy": 0.4, "size_ratio": 0.2466, "speedup": 3.5},
+        "broken": {"accuracy": float("nan"), "macro_f1": None, "pearson": True},
+        "ensemble": {"classification": evaluated["cls"], "regression": evaluated["reg"]},
+    }
+    text = render(metrics_table(metrics, "test"))
+    lines = text.splitlines()
+    header = next(line for line in lines if "member" in line)
+    assert "params x" in header and "speed-up x" in header
+    student = next(line for line in lines if "student" in line)
+    assert "0.247x" in student and "3.500x" in student
+    teacher = next(line for line in lines if "teacher" in line)
+    assert f"{evaluated['cls']['accuracy']:.3f}" in teacher
+    assert teacher.count(" - ") == 5  # no regression metrics, no ratios
+    ensemble = next(line for line in lines if "ensemble" in line)
+    assert f"{evaluated['reg']['pearson']:.3f}" in ensemble
+    assert f"{evaluated['cls']['macro_f1']:.3f}" in ensemble
+    broken = next(line for line in lines if "broken" in line)
+    assert "nan" not in broken.lower() and "true" not in broken.lower()
+    assert broken.count(" - ") == 7
+
+
+def test_empty_table_renders():
+    assert "nothing" in render(metrics_table({}, "nothing"))
+
+
+# ---- plots -----------------------------------------------------------------------------------
+
+
+def test_plot_confusion(tmp_path, evaluated):
+    path = tmp_path / "plots" / "confusion.png"  # parent is created
+    plot_confusion(evaluated["cls"]["confusion"], NAMES, path, "classifier on dev")
+    _assert_png(path)
+
+
+def test_plot_confusion_with_empty_row(tmp_path):
+    plot_confusion([[3, 1, 0], [0, 0, 0], [1, 0, 2]], ["a", "b", "c"], tmp_path / "c.png", "t")
+    _assert_png(tmp_path / "c.png", min_width=300)
+
+
+def test_plot_confusion_rejects_wrong_shape(tmp_path):
+    with pytest.raises(ValueError, match="pass one name per class"):
+        plot_confusion([[1, 2], [3, 4]], ["a", "b", "c"], tmp_path / "c.png", "t")
+    assert not list(tmp_path.iterdir())
+
+
+def test_plot_roc(tmp_path, evaluated):
+    curves = roc_curves(evaluated["labels"], evaluated["probs"], NAMES)
+    plot_roc(curves, tmp_path / "roc.png", "classifier ROC")
+    _assert_png(tmp_path / "roc.png")
+    with pytest.raises(ValueError, match="no ROC curves"):
+        plot_roc({}, tmp_path / "empty.png", "t")
+
+
+def _history(steps_restart: bool) -> dict[str, list[dict]]:
+    rng = np.random.default_rng(0)
+    history = {}
+    for name, base in [("classifier", 1.6), ("regressor", 0.2), ("student", 2.0)]:
+        records = []
+        for rnd in range(3):
+            for s in range(1, 41):
+                step = s if steps_restart else rnd * 40 + s
+                loss = base * np.exp(-(rnd * 40 + s) / 60) + 0.02 * rng.random()
+                records.append({"step": step, "loss": loss, "round": rnd, "lr": 1e-4})
+        history[name] = records
+    return history
+
+
+@pytest.mark.parametrize("steps_restart", [True, False])
+def test_plot_learning_curves(tmp_path, steps_restart):
+    history = _history(steps_restart)
+    history["teacher"] = [{"step": 1, "loss": 0.0}, {"step": 2, "loss": float("nan")}]
+    plot_learning_curves(history, tmp_path / "lc.png")
+    _assert_png(tmp_path / "lc.png")
+
+
+def test_learning_curve_steps_run_on_across_rounds():
+    records = [{"step": s, "loss": 1.0, "round": r} for r in (1, 2) for s in range(1, 4)]
+    x, _ = _global_steps("m", list(reversed(records)))  # order of records does not matter
+    assert x.tolist() == [1, 2, 3, 4, 5, 6]
+    zero_based = [{"step": s, "loss": 1.0, "round": r} for r in (0, 1) for s in range(3)]
+    assert _global_steps("m", zero_based)[0].tolist() == [0, 1, 2, 3, 4, 5]
+    already_global = [{"step": 10 * r + s, "loss": 1.0, "round": r} for r in (0, 1) for s in (1, 5)]
+    assert _global_steps("m", already_global)[0].tolist() == [1, 5, 11, 15]
+    x, y = _global_steps("m", [{"step": 1, "loss": float("inf")}, {"step": 2, "loss": 0.5}])
+    assert (x.tolist(), y.tolist()) == ([2], [0.5])
+
+
+def test_plot_learning_curves_rejects_bad_history(tmp_path):
+    with pytest.raises(ValueError, match="needs 'step' and 'loss'"):
+        plot_learning_curves({"m": [{"loss": 1.0}]}, tmp_path / "lc.png")
+    with pytest.raises(ValueError, match="no finite losses"):
+        plot_learning_curves({"m": [], "n": [{"step": 1, "loss": float("nan")}]}, tmp_path / "x")
+
+
+def test_plot_rounds(tmp_path):
+    rounds = [
+        {
+            "round": r,
+            "dev": {
+                "classifier": {"accuracy": 0.3 + 0.05 * r, "macro_f1": 0.25 + 0.05 * r},
+                "regressor": {"regression": {"pearson": 0.4 + 0.1 * r, "mae": 0.2 - 0.02 * r}},
+                "ensemble": {"accuracy": 0.35 + 0.05 * r, "macro_f1": 0.3, "pearson": 0.5},
+            },
+        }
+        for r in (3, 1, 2)  # unsorted rounds are drawn in order
+    ]
+    plot_rounds(rounds, tmp_path / "rounds.png")
+    _assert_png(tmp_path / "rounds.png")
+    plot_rounds(rounds[:1], tmp_path / "rounds.png")  # one round, overwrite in place
+    _assert_png(tmp_path / "rounds.png")
+
+
+def test_plot_rounds_rejects_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="needs keys 'round' and 'dev'"):
+        plot_rounds([{"dev": {}}], tmp_path / "r.png")
+    with pytest.raises(ValueError, match="nothing to plot"):
+        plot_rounds([{"round": 1, "dev": {"m": {"loss": 1.0}}}], tmp_path / "r.png")
