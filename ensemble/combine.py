@@ -1,0 +1,348 @@
+"""Combine member outputs into one prediction: pure numpy, shared by Tune and Serve.
+
+Shapes used throughout: ``M`` members, ``B`` examples, ``C`` classes, ``K`` intensity sources.
+Classification members give probabilities ``(M, B, C)``; the regressor gives an intensity ``(B,)``
+and votes through `regressor_probs`, which bins it into a class. `ensemble.tuning` fits weights
+and stacking parameters with these same functions, so what Tune scores is exactly what Serve
+returns.
+
+Weights are per member, non-negative and need not sum to one (they are normalised here); a
+weight of 0 removes a member. Every function validates its inputs and raises ``ValueError``
+naming the fix; none of them mutate their arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "METHODS",
+    "apply",
+    "check_probs",
+    "combine_intensity",
+    "confidence",
+    "disagreement",
+    "expected_intensity",
+    "hard_vote",
+    "regressor_probs",
+    "soft_vote",
+    "stack_apply",
+    "stack_features",
+]
+
+METHODS = ("hard_vote", "soft_vote", "weighted", "caruana", "stacking")
+# Methods whose weights are learned on dev data and must be passed to `apply`.
+_NEEDS_WEIGHTS = ("weighted", "caruana")
+# Bump given to classes tied for the most votes; far below any real difference in vote shares.
+_TIE_EPS = 1e-9
+
+
+def regressor_probs(
+    intensity: np.ndarray,
+    edges: Sequence[float],
+    num_classes: int,
+    sharpness: float | None = None,
+) -> np.ndarray:
+    """Turn regressor intensities into class votes by binning them.
+
+    Class ``c`` covers ``[edges[c-1], edges[c])``; the first class extends to -inf and the last to
+    +inf. An intensity exactly on an edge belongs to the upper class (``np.digitize`` semantics).
+
+    Args:
+        intensity: (B,) predicted intensities.
+        edges: C-1 strictly ascending bin edges (`Manifest.intensity_edges`).
+        num_classes: C.
+        sharpness: None (default) for a one-hot vote on the bin. A positive number gives a soft
+            vote ``softmax(-sharpness * d_c)`` where ``d_c`` is the distance from the intensity to
+            class ``c``'s interval (0 inside it). Distance to the interval rather than to a class
+            centre keeps the argmax equal to the hard bin, and the outer classes, which are
+            unbounded, need no centre. Larger values approach the one-hot vote.
+
+    Returns:
+        (B, C) probabilities; every row sums to 1.
+
+    Raises:
+        ValueError: if ``edges`` has the wrong length or is not ascending, the intensities are not
+            a finite 1-D array, or ``sharpness`` is not positive.
+    """
+    x = np.asarray(intensity, dtype=np.float64)
+    e = np.asarray(edges, dtype=np.float64)
+    if num_classes < 2:
+        raise ValueError(f"num_classes={num_classes}; a classification needs at least 2 classes")
+    if e.shape != (num_classes - 1,):
+        raise ValueError(
+            f"got {e.size} intensity edges for {num_classes} classes; pass num_classes - 1 edges"
+        )
+    if np.any(np.diff(e) <= 0) or not np.all(np.isfinite(e)):
+        raise ValueError(f"intensity edges {e.tolist()} must be finite and strictly ascending")
+    if x.ndim != 1 or not np.all(np.isfinite(x)):
+        raise ValueError(f"intensity must be a finite (B,) array, got shape {x.shape}")
+    if sharpness is None:
+        return np.eye(num_classes)[np.digitize(x, e)]  # (B, C)
+    if not sharpness > 0:
+        raise ValueError(f"sharpness={sharpness} must be > 0, or None for one-hot votes")
+    lower = np.concatenate([[-np.inf], e])  # (C,)
+    upper = np.concatenate([e, [np.inf]])  # (C,)
+    dist = np.maximum(lower[None, :] - x[:, None], 0.0) + np.maximum(
+        x[:, None] - upper[None, :], 0.0
+    )
+    return _softmax(-sharpness * dist)  # (B, C)
+
+
+def hard_vote(probs: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """Weighted majority vote: each member's argmax class receives that member's weight.
+
+    Ties: when several classes share the most votes, the one with the highest weighted mean
+    probability (the soft vote) wins, i.e. it is the argmax of the returned row. This is done by
+    adding at most 1e-9 to the tied classes, so the rows equal the vote shares to within 1e-9.
+    If the soft vote ties too, the lowest class index wins (``np.argmax``).
+
+    Args:
+        probs: (M, B, C) member probabilities.
+        weights: (M,) non-negative member weights, not all zero; None for equal weights.
+
+    Returns:
+        (B, C) vote shares; every row sums to 1.
+
+    Raises:
+        ValueError: on a bad shape or bad weights.
+    """
+    p = check_probs(probs)
+    w = _check_weights(weights, p.shape[0])
+    m, b, c = p.shape
+    shares = np.zeros((b, c))
+    np.add.at(shares, (np.arange(b)[None, :].repeat(m, 0), p.argmax(axis=2)), w[:, None])  # (B, C)
+    top = shares.max(axis=1, keepdims=True)  # (B, 1)
+    tied = np.isclose(shares, top, rtol=0.0, atol=1e-12)  # (B, C)
+    shares = shares + _TIE_EPS * tied * np.einsum("m,mbc->bc", w, p)
+    return shares / shares.sum(axis=1, keepdims=True)
+
+
+def soft_vote(probs: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """Weighted mean of member probabilities.
+
+    Args:
+        probs: (M, B, C) member probabilities.
+        weights: (M,) non-negative member weights, not all zero; None for equal weights.
+
+    Returns:
+        (B, C) probabilities.
+
+    Raises:
+        ValueError: on a bad shape or bad weights.
+    """
+    p = check_probs(probs)
+    w = _check_weights(weights, p.shape[0])
+    return np.einsum("m,mbc->bc", w, p)  # (B, C)
+
+
+def stack_features(probs: np.ndarray) -> np.ndarray:
+    """Features of the stacking meta-learner: member probabilities side by side.
+
+    Args:
+        probs: (M, B, C) member probabilities.
+
+    Returns:
+        (B, M*C); column ``m*C + c`` is member ``m``'s probability of class ``c``.
+    """
+    p = check_probs(probs)
+    m, b, c = p.shape
+    return p.transpose(1, 0, 2).reshape(b, m * c)  # (B, M*C)
+
+
+def stack_apply(probs: np.ndarray, params: Mapping[str, Any]) -> np.ndarray:
+    """Apply a fitted linear meta-learner (multinomial logistic) to member probabilities.
+
+    Args:
+        probs: (M, B, C) member probabilities.
+        params: ``{"coef": (C, M*C) nested list, "intercept": (C,) list}`` as written by
+            `ensemble.tuning.weights.fit_stacking`; other keys are ignored.
+
+    Returns:
+        (B, C) probabilities ``softmax(stack_features(probs) @ coef.T + intercept)``.
+
+    Raises:
+        ValueError: if ``params`` is missing a key or its shapes do not match ``probs``.
+    """
+    x = stack_features(probs)  # (B, M*C)
+    m, _, c = np.shape(probs)
+    missing = [k for k in ("coef", "intercept") if k not in params]
+    if missing:
+        raise ValueError(f"stacking params lack {missing}; fit them with fit_stacking()")
+    coef = np.asarray(params["coef"], dtype=np.float64)
+    intercept = np.asarray(params["intercept"], dtype=np.float64)
+    if coef.shape != (c, m * c) or intercept.shape != (c,):
+        raise ValueError(
+            f"stacking params have coef {coef.shape} and intercept {intercept.shape}, but "
+            f"{m} members x {c} classes need ({c}, {m * c}) and ({c},); refit the stacker on "
+            "the current members"
+        )
+    return _softmax(x @ coef.T + intercept)  # (B, C)
+
+
+def apply(
+    method: str,
+    probs: np.ndarray,
+    weights: np.ndarray | Sequence[float] | None = None,
+    params: Mapping[str, Any] | None = None,
+) -> np.ndarray:
+    """Combine member probabilities with one of `METHODS`.
+
+    ``hard_vote`` and ``soft_vote`` use ``weights`` if given, else equal weights. ``weighted``
+    (optimised simplex weights) and ``caruana`` (greedy ensemble selection) are soft votes whose
+    learned weights are required. ``stacking`` needs ``params`` and ignores ``weights``.
+
+    Args:
+        method: one of `METHODS`.
+        probs: (M, B, C) member probabilities.
+        weights: (M,) member weights.
+        params: stacking parameters (see `stack_apply`).
+
+    Returns:
+        (B, C) combined probabilities.
+
+    Raises:
+        ValueError: for an unknown method, missing weights/params, or bad inputs.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown combine method {method!r}; use one of {', '.join(METHODS)}")
+    if method == "stacking":
+        if params is None:
+            raise ValueError("method 'stacking' needs params; fit them with fit_stacking()")
+        return stack_apply(probs, params)
+    if method in _NEEDS_WEIGHTS and weights is None:
+        raise ValueError(f"method {method!r} needs learned weights; fit them with fit_{method}()")
+    w = None if weights is None else np.asarray(weights, dtype=np.float64)
+    if method == "hard_vote":
+        return hard_vote(probs, w)
+    return soft_vote(probs, w)
+
+
+def combine_intensity(intensities: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """Weighted mean of several intensity estimates.
+
+    Args:
+        intensities: (K, B) estimates, e.g. the regressor's output and each classifier's
+            `expected_intensity`.
+        weights: (K,) non-negative weights, not all zero; None for equal weights.
+
+    Returns:
+        (B,) combined intensity.
+
+    Raises:
+        ValueError: on a bad shape, non-finite values or bad weights.
+    """
+    x = np.asarray(intensities, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] < 1:
+        raise ValueError(f"intensities must be (K, B) with K >= 1, got shape {x.shape}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("intensities contain NaN or inf; check the members' outputs")
+    return _check_weights(weights, x.shape[0]) @ x  # (B,)
+
+
+def expected_intensity(probs: np.ndarray, class_intensity: Sequence[float]) -> np.ndarray:
+    """A classifier's intensity estimate: the mean class intensity under its probabilities.
+
+    Args:
+        probs: (B, C) probabilities.
+        class_intensity: (C,) mean intensity of each class (`Manifest.class_intensity`).
+
+    Returns:
+        (B,) ``probs @ class_intensity``.
+
+    Raises:
+        ValueError: if the number of classes differs.
+    """
+    p = _check_probs_2d(probs)
+    ci = np.asarray(class_intensity, dtype=np.float64)
+    if ci.shape != (p.shape[1],):
+        raise ValueError(
+            f"class_intensity has {ci.size} values for {p.shape[1]} classes; pass one per class"
+        )
+    return p @ ci  # (B,)
+
+
+def disagreement(probs: np.ndarray) -> np.ndarray:
+    """How much the members disagree on each example.
+
+    Defined as the fraction of members whose argmax differs from the plurality class (the
+    unweighted `hard_vote` winner, ties broken as there). 0 means unanimous; the maximum is
+    ``(M-1)/M``. A single member always gives 0.
+
+    Args:
+        probs: (M, B, C) member probabilities.
+
+    Returns:
+        (B,) values in ``[0, (M-1)/M]``.
+    """
+    p = check_probs(probs)
+    majority = hard_vote(p).argmax(axis=1)  # (B,)
+    return (p.argmax(axis=2) != majority[None, :]).mean(axis=0)  # (B,)
+
+
+def confidence(probs: np.ndarray) -> np.ndarray:
+    """Probability of the predicted class.
+
+    Args:
+        probs: (B, C) probabilities.
+
+    Returns:
+        (B,) row maxima.
+    """
+    return _check_probs_2d(probs).max(axis=1)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)  # stable; rows with -inf entries stay finite
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def check_probs(probs: np.ndarray) -> np.ndarray:
+    """Validate member probabilities at a boundary.
+
+    Args:
+        probs: (M, B, C) per-member probabilities (any array-like).
+
+    Returns:
+        The same values as a float64 array.
+
+    Raises:
+        ValueError: if the array is not 3-D with non-empty axes or holds NaN/inf.
+    """
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 3 or 0 in p.shape:
+        raise ValueError(
+            f"member probabilities must be (M, B, C) with M, B, C >= 1, got shape {p.shape}; "
+            "stack per-member (B, C) arrays with np.stack"
+        )
+    if not np.all(np.isfinite(p)):
+        raise ValueError("member probabilities contain NaN or inf; check the members' outputs")
+    return p
+
+
+def _check_probs_2d(probs: np.ndarray) -> np.ndarray:
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 2 or 0 in p.shape:
+        raise ValueError(f"probabilities must be (B, C) with B, C >= 1, got shape {p.shape}")
+    return p
+
+
+def _check_weights(weights: np.ndarray | Sequence[float] | None, n: int) -> np.ndarray:
+    """(n,) normalised copy of ``weights``; None means equal weights."""
+    if weights is None:
+        return np.full(n, 1.0 / n)
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != (n,):
+        raise ValueError(
+            f"got {w.size} weights (shape {w.shape}) for {n} members; pass one weight per member"
+        )
+    if not np.all(np.isfinite(w)) or np.any(w < 0):
+        raise ValueError(f"weights {w.tolist()} must be finite and >= 0")
+    total = w.sum()
+    if total <= 0:
+        raise ValueError("all weights are zero; give at least one member a positive weight")
+    return w / total
