@@ -206,7 +206,10 @@ class TrainingConfig:
     rounds: int = 1
     seed: int = 0
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
-    combine_method: Literal["hard_vote", "soft_vote", "weighted"] = "soft_vote"
+    # see ensemble.combine.METHODS; learned methods are fitted by ensemble.tuning.weights
+    combine_method: Literal["hard_vote", "soft_vote", "weighted", "caruana", "stacking"] = (
+        "soft_vote"
+    )
     eval_batch_size: int = 64
     max_failures: int = 1  # Ray Train FailureConfig per member job
     log_every: int = 10
