@@ -1,0 +1,453 @@
+"""A real multi-node Ray cluster on one machine, for end-to-end tests.
+
+`LocalCluster` runs `ray start` once for a head node and once per worker node, each on its own
+loopback address (127.0.0.6 head, 127.0.0.7 / 127.0.0.8 workers), with its own `--temp-dir` and
+its own port block inside 26000-26999, so it never meets another Ray instance on the machine.
+Token authentication is on (`RAY_AUTH_MODE=token`) with a fresh token written under the cluster's
+temp dir; `env` holds what a client (`ensemble launch`, `ray job submit`) needs to talk to it.
+
+Every node is started in a new session (`setsid`), and Ray keeps all of a node's processes
+(raylet, GCS, agents, workers) in that session; job entrypoints start their own session but stay
+descendants of the node's job supervisor. So "all processes of node i" = the session plus its
+descendants, which is what `kill_node` SIGKILLs and `stop` terminates. Plain `ray stop` is never
+used: it kills every Ray process on the machine, other people's included.
+
+Example::
+
+    with LocalCluster(num_workers=2, cpus_per_node=2) as cluster:
+        client = JobSubmissionClient(cluster.dashboard_url, headers=cluster.auth_headers)
+        ...
+        cluster.kill_node(1)       # SIGKILL worker 1 (127.0.0.7) and everything it runs
+        cluster.wait_for_nodes(2)  # head + worker 2 left
+        cluster.restart_node(1)
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import requests
+
+logger = logging.getLogger(__name__)
+
+HEAD_IP = "127.0.0.6"
+WORKER_IPS = ("127.0.0.7", "127.0.0.8")
+PORT_BASE = 26000
+PORT_BLOCK = 200  # node k owns ports PORT_BASE + k*PORT_BLOCK ... + PORT_BLOCK - 1
+# env vars of the caller that would point our nodes at another cluster or token
+_SCRUBBED_ENV = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+
+
+@dataclass(frozen=True)
+class NodePorts:
+    """The fixed ports of one node; only the head uses `gcs`, `dashboard` and `client`."""
+
+    base: int
+
+    @property
+    def gcs(self) -> int:
+        return self.base + 1
+
+    @property
+    def dashboard(self) -> int:
+        return self.base + 2
+
+    @property
+    def client(self) -> int:
+        return self.base + 3
+
+    @property
+    def autoscaler_metrics(self) -> int:
+        return self.base + 4
+
+    @property
+    def dashboard_metrics(self) -> int:
+        return self.base + 5
+
+    @property
+    def node_manager(self) -> int:
+        return self.base + 10
+
+    @property
+    def object_manager(self) -> int:
+        return self.base + 11
+
+    @property
+    def agent_http(self) -> int:
+        return self.base + 12
+
+    @property
+    def agent_grpc(self) -> int:
+        return self.base + 13
+
+    @property
+    def runtime_env_agent(self) -> int:
+        return self.base + 14
+
+    @property
+    def metrics_export(self) -> int:
+        return self.base + 15
+
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        return self.base + 100, self.base + PORT_BLOCK - 1
+
+    def all(self, head: bool) -> list[int]:
+        ports = [self.node_manager, self.object_manager, self.agent_http, self.agent_grpc,
+                 self.runtime_env_agent, self.metrics_export]
+        if head:
+            ports += [self.gcs, self.dashboard, self.client, self.autoscaler_metrics,
+                      self.dashboard_metrics]
+        return ports
+
+
+@dataclass
+class _Node:
+    index: int  # 0 = head
+    ip: str
+    ports: NodePorts
+    temp_dir: Path
+    session: int | None = None  # session id (= pid of the `ray start` that created it)
+
+    @property
+    def is_head(self) -> bool:
+        return self.index == 0
+
+
+class LocalCluster:
+    """A head and `num_workers` worker nodes started with `ray start`, on loopback only.
+
+    Args:
+        num_workers: worker nodes besides the head (at most len(worker_ips)).
+        cpus_per_node: logical CPUs of each worker node (may exceed the physical cores).
+        head_cpus: logical CPUs of the head; 0 keeps tasks and Train workers off the head, so
+            killing a worker node really takes work away.
+        object_store_mb: object store size per node.
+        head_ip / worker_ips / port_base: where the nodes live; ports stay inside
+            [port_base, port_base + (1 + num_workers) * 200).
+        startup_timeout_s: how long to wait for each node to register.
+
+    Node indices: 0 is the head, 1..num_workers are the workers in `worker_ips` order.
+    """
+
+    def __init__(
+        self,
+        num_workers: int = 2,
+        cpus_per_node: int = 2,
+        *,
+        head_cpus: int = 0,
+        object_store_mb: int = 300,
+        head_ip: str = HEAD_IP,
+        worker_ips: tuple[str, ...] = WORKER_IPS,
+        port_base: int = PORT_BASE,
+        startup_timeout_s: float = 90.0,
+    ) -> None:
+        if not 0 <= num_workers <= len(worker_ips):
+            raise ValueError(
+                f"num_workers={num_workers}: this harness has {len(worker_ips)} worker "
+                f"addresses {worker_ips}; pass more worker_ips or fewer workers"
+            )
+        for ip in (head_ip, *worker_ips):
+            if not ip.startswith("127.") or ip == "127.0.0.1":
+                raise ValueError(
+                    f"{ip} is not a 127.0.0.2-254 loopback address; Ray swaps 127.0.0.1 for the "
+                    "machine's network interface, so use e.g. 127.0.0.6"
+                )
+        self.num_workers = num_workers
+        self.cpus_per_node = cpus_per_node
+        self.head_cpus = head_cpus
+        self.object_store_mb = object_store_mb
+        self.startup_timeout_s = startup_timeout_s
+        ips = (head_ip, *worker_ips[:num_workers])
+        self._root = Path(tempfile.mkdtemp(prefix="enscl-", dir="/tmp"))  # short: socket paths
+        self.nodes = [
+            _Node(k, ip, NodePorts(port_base + k * PORT_BLOCK), self._root / f"n{k}")
+            for k, ip in enumerate(ips)
+        ]
+        self.token_path = self._root / "auth_token"
+        self._token = secrets.token_hex(32)
+        self._started = False
+
+    # ---------------------------------------------------------------- addresses and client env
+    @property
+    def head(self) -> _Node:
+        return self.nodes[0]
+
+    @property
+    def address(self) -> str:
+        """GCS address `host:port`, for `ray start --address` / `ray.init(address=...)`."""
+        return f"{self.head.ip}:{self.head.ports.gcs}"
+
+    @property
+    def dashboard_url(self) -> str:
+        """Dashboard / Jobs API URL, for `JobSubmissionClient` and `ensemble launch`."""
+        return f"http://{self.head.ip}:{self.head.ports.dashboard}"
+
+    @property
+    def client_address(self) -> str:
+        """Ray Client address (`ray://host:port`)."""
+        return f"ray://{self.head.ip}:{self.head.ports.client}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Env vars a client process needs (token auth) on top of its own environment."""
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_path)}
+
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        """HTTP headers that authenticate a request to the dashboard / Jobs API."""
+        return {"Authorization": f"Bearer {self._token}"}
+
+    def client_environ(self) -> dict[str, str]:
+        """A full environment for a client subprocess (this process's, scrubbed, plus `env`)."""
+        environ = {k: v for k, v in os.environ.items() if k not in _SCRUBBED_ENV}
+        return {**environ, **self.env}
+
+    # ------------------------------------------------------------------------ life cycle
+    def __enter__(self) -> LocalCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Start the head, then every worker; returns once all nodes are registered."""
+        if self._started:
+            raise RuntimeError("this LocalCluster is already started")
+        self._check_ports_free()
+        self.token_path.write_text(self._token)
+        self.token_path.chmod(0o600)
+        self._started = True
+        atexit.register(self.stop)
+        try:
+            self._start_node(self.head)
+            self._wait_dashboard()
+            for node in self.nodes[1:]:
+                self._start_node(node)
+            self.wait_for_nodes(len(self.nodes))
+        except BaseException:
+            self.stop()
+            raise
+        logger.info("local cluster up: %s (%d nodes)", self.address, len(self.nodes))
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """Terminate every node (workers first), SIGKILL what is left, delete the temp dir."""
+        if not self._started:
+            return
+        for node in reversed(self.nodes):
+            self._terminate(node, timeout_s)
+        self._started = False
+        atexit.unregister(self.stop)
+        shutil.rmtree(self._root, ignore_errors=True)
+
+    def kill_node(self, index: int) -> list[int]:
+        """SIGKILL every process of node `index` (0 = head): raylet, agents, workers, jobs.
+
+        Returns:
+            The pids that were killed.
+        """
+        node = self._node(index)
+        procs = self.node_processes(index)
+        for proc in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        psutil.wait_procs(procs, timeout=10)
+        node.session = None
+        logger.info("killed node %d (%s): %d processes", index, node.ip, len(procs))
+        return [p.pid for p in procs]
+
+    def restart_node(self, index: int) -> None:
+        """Start worker node `index` again (after `kill_node`) and wait until it registers."""
+        node = self._node(index)
+        if node.is_head:
+            raise ValueError("the head cannot rejoin its own cluster; start a new LocalCluster")
+        if self.node_processes(index):
+            raise RuntimeError(f"node {index} is still running; kill_node({index}) first")
+        self._start_node(node)
+        self._wait_for(lambda: node.ip in self.alive_node_ips(), f"node {index} to rejoin")
+
+    # ---------------------------------------------------------------------- inspection
+    def node_processes(self, index: int) -> list[psutil.Process]:
+        """All live processes of node `index`: its session and their descendants."""
+        session = self._node(index).session
+        if session is None:
+            return []
+        found: dict[int, psutil.Process] = {}
+        for proc in psutil.process_iter():
+            try:
+                if os.getsid(proc.pid) == session:
+                    found[proc.pid] = proc
+                    found.update((c.pid, c) for c in proc.children(recursive=True))
+            except (ProcessLookupError, psutil.NoSuchProcess, PermissionError):
+                continue
+        return list(found.values())
+
+    def alive_node_ips(self) -> list[str]:
+        """IPs of the nodes the GCS reports ALIVE (via the dashboard's state API)."""
+        resp = requests.get(
+            f"{self.dashboard_url}/api/v0/nodes",
+            params={"limit": 100, "detail": "false"},
+            headers=self.auth_headers,
+            timeout=10,
+        )
+        resp.raise_for_status()
+        rows = resp.json()["data"]["result"]["result"]
+        return sorted(r["node_ip"] for r in rows if r["state"] == "ALIVE")
+
+    def wait_for_nodes(self, count: int, timeout_s: float | None = None) -> list[str]:
+        """Wait until exactly `count` nodes are ALIVE; returns their IPs."""
+        ips: list[str] = []
+
+        def ready() -> bool:
+            nonlocal ips
+            ips = self.alive_node_ips()
+            return len(ips) == count
+
+        self._wait_for(ready, f"{count} alive nodes (last seen: {ips})", timeout_s)
+        return ips
+
+    def log_dir(self, index: int) -> Path:
+        """The `logs/` folder of node `index`'s current session."""
+        return self._node(index).temp_dir / "session_latest" / "logs"
+
+    # ------------------------------------------------------------------------ internals
+    def _node(self, index: int) -> _Node:
+        if not 0 <= index < len(self.nodes):
+            raise IndexError(
+                f"node {index} does not exist: 0 is the head, 1..{self.num_workers} the workers"
+            )
+        return self.nodes[index]
+
+    def _node_env(self) -> dict[str, str]:
+        env = self.client_environ()
+        env.update(
+            RAY_USAGE_STATS_ENABLED="0",
+            # the head's Prometheus endpoints default to fixed ports shared by every Ray
+            AUTOSCALER_METRIC_PORT=str(self.head.ports.autoscaler_metrics),
+            DASHBOARD_METRIC_PORT=str(self.head.ports.dashboard_metrics),
+        )
+        return env
+
+    def _start_args(self, node: _Node) -> list[str]:
+        p = node.ports
+        low, high = p.worker_range
+        args = [
+            f"--node-ip-address={node.ip}",
+            f"--temp-dir={node.temp_dir}",
+            f"--num-cpus={self.head_cpus if node.is_head else self.cpus_per_node}",
+            "--num-gpus=0",
+            f"--object-store-memory={self.object_store_mb * 1024**2}",
+            f"--node-manager-port={p.node_manager}",
+            f"--object-manager-port={p.object_manager}",
+            f"--min-worker-port={low}",
+            f"--max-worker-port={high}",
+            f"--dashboard-agent-listen-port={p.agent_http}",
+            f"--dashboard-agent-grpc-port={p.agent_grpc}",
+            f"--runtime-env-agent-port={p.runtime_env_agent}",
+            f"--metrics-export-port={p.metrics_export}",
+            "--disable-usage-stats",
+        ]
+        if node.is_head:
+            return [
+                "--head",
+                f"--port={p.gcs}",
+                f"--dashboard-host={node.ip}",
+                f"--dashboard-port={p.dashboard}",
+                f"--ray-client-server-port={p.client}",
+                *args,
+            ]
+        return [f"--address={self.address}", *args]
+
+    def _start_node(self, node: _Node) -> None:
+        node.temp_dir.mkdir(parents=True, exist_ok=True)
+        log = node.temp_dir.parent / f"start-n{node.index}.log"
+        cmd = [_ray_executable(), "start", *self._start_args(node)]
+        with open(log, "ab") as out:
+            # a new session per node: everything `ray start` spawns for this node stays in it
+            proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, env=self._node_env(),
+                start_new_session=True,
+            )
+            node.session = proc.pid
+            try:
+                rc = proc.wait(timeout=self.startup_timeout_s)
+            except subprocess.TimeoutExpired:
+                rc = None
+        if rc != 0:
+            tail = log.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"`ray start` of node {node.index} ({node.ip}) failed "
+                               f"(rc={rc}); its output:\n{tail}")
+
+    def _terminate(self, node: _Node, timeout_s: float) -> None:
+        procs = self.node_processes(node.index)
+        for proc in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.send_signal(signal.SIGTERM)
+        _, alive = psutil.wait_procs(procs, timeout=timeout_s)
+        for proc in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        psutil.wait_procs(alive, timeout=5)
+        node.session = None
+
+    def _wait_dashboard(self) -> None:
+        def up() -> bool:
+            try:
+                return requests.get(f"{self.dashboard_url}/api/gcs_healthz", timeout=2).ok
+            except requests.RequestException:
+                return False
+
+        self._wait_for(up, f"the dashboard at {self.dashboard_url}")
+
+    def _wait_for(self, check: Callable[[], bool], what: str, timeout_s: float | None = None) -> None:
+        deadline = time.monotonic() + (timeout_s or self.startup_timeout_s)
+        while True:
+            try:
+                if check():
+                    return
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out waiting for {what}; logs under {self._root}")
+            time.sleep(0.5)
+
+    def _check_ports_free(self) -> None:
+        busy = []
+        for node in self.nodes:
+            for port in node.ports.all(node.is_head):
+                with socket.socket() as sock:
+                    try:
+                        sock.bind((node.ip, port))
+                    except OSError:
+                        busy.append(f"{node.ip}:{port}")
+        if busy:
+            raise RuntimeError(
+                f"ports {busy} are in use: another LocalCluster (maybe left by a crashed test) "
+                "holds them; end its processes by pid (see `ss -ltnp`), not with `ray stop`"
+            )
+
+
+def _ray_executable() -> str:
+    """The `ray` script of this interpreter's environment."""
+    beside = Path(sys.executable).with_name("ray")
+    found = str(beside) if beside.exists() else shutil.which("ray")
+    if not found:
+        raise RuntimeError("the `ray` command is not installed; pip install 'ray[default]'")
+    return found
+
