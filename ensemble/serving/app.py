@@ -1,0 +1,394 @@
+"""The Ray Serve application: one deployment per member and a combiner behind a FastAPI ingress.
+
+``build_app({"run_dir": ...})`` (import path ``ensemble.serving.app:build_app``) loads the run's
+manifest and binds
+
+* ``member_<name>``: loads the member's ``save_pretrained`` export and answers
+  ``predict(texts)`` with ``(B, C)`` probabilities, or ``(B,)`` intensities for the regressor.
+  Concurrent calls are merged into one forward pass by ``@serve.batch``; ``max_batch_size`` and
+  the wait timeout are live settings (``user_config``), and ``max_batch_size=1`` turns batching
+  off.
+* ``combiner``: the HTTP ingress. It fans a request out to every member at once (the
+  ``DeploymentResponse`` objects are awaited together), or one after another in ``sequential``
+  mode, and combines the outputs with `ensemble.combine` via `cascade.combine_outputs`. Method,
+  weights, cascade and limits are its ``user_config``, so `reconfigure` swaps them on the
+  running replicas without a restart.
+
+Resolving settings, the Serve config YAML, deploying and live updates are in
+`ensemble.serving.commands`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import logging
+import os
+import re
+from collections import Counter
+from importlib import metadata
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+
+from ensemble.rundir import Manifest
+from ensemble.serving import schemas as s
+from ensemble.serving.cascade import (
+    Answer,
+    Combination,
+    cascade_answer,
+    combination_from_manifest,
+    ensemble_answer,
+    hard_examples,
+    student_of,
+)
+from ensemble.serving.commands import (
+    COMBINER,
+    combiner_settings,
+    member_deployment_name,
+    serve_config_for,
+)
+
+logger = logging.getLogger(__name__)
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+# Errors that mean "a member replica is gone or overloaded right now": answered with 503.
+_UNAVAILABLE = (RayActorError, ActorUnavailableError, BackPressureError, asyncio.TimeoutError)
+
+
+def _count_texts(chunks: list[list[str]]) -> int:
+    return sum(len(c) for c in chunks)
+
+
+def _replica_id() -> str:
+    return serve.get_replica_context().replica_id.unique_id
+
+
+@serve.deployment
+class MemberModel:
+    """One exported member; batched inference on CPU or GPU."""
+
+    def __init__(self, run_dir: str, name: str, num_threads: int = 1) -> None:
+        import torch  # the combiner replica never needs torch or transformers
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        manifest = Manifest.load(run_dir)
+        entry = manifest.members[name]
+        path = manifest.member_path(run_dir, name)
+        torch.set_num_threads(max(1, num_threads))
+        self._torch = torch
+        self._device = "cuda" if torch.cuda.is_available() else "cpu"
+        self._tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True)
+        self._model = model.eval().to(self._device)
+        self._regressor = entry.kind == "regressor"
+        self._max_length = entry.max_length
+        self._settings = s.MemberSettings()
+        self._batch_sizes: Counter[int] = Counter()
+        logger.info("member %s loaded from %s on %s", name, path, self._device)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        self._settings = s.MemberSettings.model_validate(user_config)
+        self._forward_batch.set_max_batch_size(self._settings.max_batch_size)
+        self._forward_batch.set_batch_wait_timeout_s(self._settings.batch_wait_timeout_s)
+
+    async def predict(self, texts: list[str]) -> np.ndarray:
+        """(B, C) probabilities, or (B,) intensities for the regressor."""
+        size = self._settings.max_batch_size
+        chunks = [texts[i : i + size] for i in range(0, len(texts), size)]
+        outs = await asyncio.gather(*(self._forward_batch(c) for c in chunks))
+        return np.concatenate(outs)
+
+    # batch size counts texts, not calls; `predict` splits requests larger than a batch
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, batch_size_fn=_count_texts)
+    async def _forward_batch(self, chunks: list[list[str]]) -> list[np.ndarray]:
+        flat = [t for chunk in chunks for t in chunk]
+        out = await asyncio.to_thread(self._forward, flat)  # keeps the loop free to queue more
+        self._batch_sizes[len(flat)] += 1
+        bounds = np.cumsum([len(c) for c in chunks])[:-1]
+        return np.split(out, bounds)
+
+    def _forward(self, texts: list[str]) -> np.ndarray:
+        torch = self._torch
+        enc = self._tokenizer(
+            texts, padding=True, truncation=True, max_length=self._max_length, return_tensors="pt"
+        ).to(self._device)
+        with torch.inference_mode():
+            logits = self._model(**enc).logits.float()  # (B, C)
+        if self._regressor:
+            return logits[:, 0].cpu().numpy()  # (B,)
+        return torch.softmax(logits, dim=-1).cpu().numpy()  # (B, C)
+
+    def ping(self) -> str:
+        return "ok"
+
+    def stats(self) -> dict[str, Any]:
+        return s.MemberStats(
+            pid=os.getpid(),
+            replica_id=_replica_id(),
+            batches=sum(self._batch_sizes.values()),
+            texts=sum(k * v for k, v in self._batch_sizes.items()),
+            batch_sizes=dict(self._batch_sizes),
+            **self._settings.model_dump(),
+        ).model_dump()
+
+
+api = FastAPI(
+    title="ensemble",
+    description="A combined transformer ensemble: classification, intensity, disagreement.",
+)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return JSONResponse({"detail": "request body is not valid JSON"}, status_code=400)
+    lines = []
+    for e in errors:
+        loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+        msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+        lines.append(f"{loc}: {msg}" if loc else msg)
+    return JSONResponse({"detail": "; ".join(lines)}, status_code=422)
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _revision(settings: s.CombinerSettings) -> str:
+    return hashlib.sha1(settings.model_dump_json().encode()).hexdigest()[:12]
+
+
+@serve.deployment
+@serve.ingress(api)
+class Combiner:
+    """HTTP ingress: validates requests, fans out to the members, combines their outputs."""
+
+    def __init__(self, run_dir: str, members: dict[str, DeploymentHandle]) -> None:
+        self._manifest = Manifest.load(run_dir)
+        self._members = members
+        self._base = combination_from_manifest(self._manifest)
+        self._settings = s.CombinerSettings()
+        self._spec = self._base
+        self._requests = 0
+        self._reconfigures = 0
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        settings = s.CombinerSettings.model_validate(user_config)
+        spec = dataclasses.replace(
+            self._base,
+            method=settings.method,
+            weights=dict(settings.weights),
+            params=dict(settings.params),
+        )
+        if settings.cascade:
+            student_of(spec)
+        # swap both at once: a request in flight keeps the pair it started with
+        self._settings, self._spec = settings, spec
+        self._reconfigures += 1
+        logger.info("combiner now %s (revision %s)", settings.method, _revision(settings))
+
+    async def _gather(
+        self, names: list[str], texts: list[str], sequential: bool
+    ) -> dict[str, np.ndarray]:
+        if sequential:  # the baseline the benchmark compares against
+            return {n: await self._members[n].predict.remote(texts) for n in names}
+        responses = [self._members[n].predict.remote(texts) for n in names]
+        return dict(zip(names, await asyncio.gather(*responses), strict=True))  # all at once
+
+    async def _call(
+        self, names: list[str], texts: list[str], sequential: bool = False
+    ) -> dict[str, np.ndarray]:
+        """Member outputs, bounded by request_timeout_s; 503 when a member is unavailable."""
+        timeout_s = self._settings.request_timeout_s
+        try:
+            return await asyncio.wait_for(self._gather(names, texts, sequential), timeout_s)
+        except _UNAVAILABLE as err:
+            reason = (
+                f"no answer within {timeout_s:g}s"
+                if isinstance(err, asyncio.TimeoutError)
+                else type(err).__name__
+            )
+            raise HTTPException(
+                503,
+                f"a member is unavailable ({reason}); its replica may be restarting, retry shortly",
+                headers={"Retry-After": "1"},
+            ) from None
+        except RayTaskError as err:
+            logger.exception("member call failed")
+            raise HTTPException(500, f"a member failed: {err.cause!r}") from None
+
+    async def _answer(self, texts: list[str]) -> tuple[Answer, Combination]:
+        settings, spec = self._settings, self._spec  # one consistent pair per request
+        if not settings.cascade:
+            outputs = await self._call(list(spec.members), texts, settings.sequential)
+            return ensemble_answer(outputs, spec), spec
+        student = student_of(spec)
+        first = (await self._call([student], texts))[student]  # (B, C)
+        hard = hard_examples(first, settings.cascade_threshold)  # type: ignore[arg-type]
+        rest = {}
+        if hard.size:
+            others = [n for n in spec.members if n != student]
+            rest = await self._call(others, [texts[i] for i in hard], settings.sequential)
+        return cascade_answer(spec, first, hard, rest), spec
+
+    @api.post(
+        "/predict", response_model=s.PredictResponse, responses={400: {}, 413: {}, 422: {}, 503: {}}
+    )
+    async def predict(self, body: s.PredictRequest) -> s.PredictResponse:
+        """Classify one text or a batch; add `return_members: true` for every member's view."""
+        settings = self._settings
+        texts = body.as_list()
+        try:
+            s.check_limits(texts, settings.max_texts, settings.max_text_chars)
+        except s.RequestLimitError as err:
+            raise HTTPException(413, str(err)) from None
+        self._requests += 1
+        answer, spec = await self._answer(texts)
+        preds = s.predictions(answer, spec, body.return_members)
+        return s.PredictResponse(
+            predictions=preds, method=settings.method, revision=_revision(settings)
+        )
+
+    @api.post("/members/{name}/predict", response_model=list[s.MemberOutput])
+    async def predict_member(self, name: str, body: s.PredictRequest) -> list[s.MemberOutput]:
+        """One member alone (debugging and per-member load tests)."""
+        if name not in self._members:
+            raise HTTPException(404, f"no member {name!r}; members are {list(self._members)}")
+        texts = body.as_list()
+        try:
+            s.check_limits(texts, self._settings.max_texts, self._settings.max_text_chars)
+        except s.RequestLimitError as err:
+            raise HTTPException(413, str(err)) from None
+        out = (await self._call([name], texts))[name]
+        kind = self._spec.members[name]
+        return [s.member_output(kind, v, self._spec) for v in out]
+
+    @api.get("/healthz", response_model=s.HealthResponse)
+    async def healthz(self, deep: bool = False) -> JSONResponse:
+        """Liveness; with `?deep=true` every member is pinged (503 if one does not answer)."""
+        if not deep:
+            return JSONResponse({"status": "ok"})
+        state = {}
+        for name, handle in self._members.items():
+            try:
+                state[name] = await asyncio.wait_for(handle.ping.remote(), timeout=5.0)
+            except Exception as err:  # any failure means "not healthy", reported per member
+                state[name] = f"unavailable: {type(err).__name__}"
+        ok = all(v == "ok" for v in state.values())
+        return JSONResponse(
+            {"status": "ok" if ok else "degraded", "members": state}, status_code=200 if ok else 503
+        )
+
+    @api.get("/info", response_model=s.InfoResponse)
+    def info(self) -> s.InfoResponse:
+        """Members, combine method and weights, cascade, limits and versions."""
+        settings, spec, m = self._settings, self._spec, self._manifest
+        cascade_student = next((n for n, k in spec.members.items() if k == "student"), None)
+        versions = {p: _version(p) for p in ("ensemble", "ray", "torch", "transformers")}
+        versions.update(manifest=str(m.version), rounds_completed=str(m.rounds_completed))
+        return s.InfoResponse(
+            name=m.name,
+            method=settings.method,
+            weights=settings.weights,
+            params=sorted(settings.params),
+            label_names=m.label_names,
+            members={
+                n: s.MemberInfo(
+                    kind=e.kind,
+                    path=e.path,
+                    num_labels=e.num_labels,
+                    max_length=e.max_length,
+                    weight=settings.weights.get(n),
+                    params=e.params,
+                )
+                for n, e in m.members.items()
+            },
+            cascade=s.CascadeInfo(
+                enabled=settings.cascade,
+                threshold=settings.cascade_threshold,
+                student=cascade_student,
+            ),
+            sequential=settings.sequential,
+            limits={"max_texts": settings.max_texts, "max_text_chars": settings.max_text_chars},
+            versions=versions,
+            revision=_revision(settings),
+        )
+
+    @api.get("/stats", response_model=s.StatsResponse)
+    async def stats(self) -> s.StatsResponse:
+        """Process ids and batch-size histograms (of one replica per member)."""
+        names = list(self._members)
+        got = await asyncio.gather(*(self._members[n].stats.remote() for n in names))
+        combiner = s.CombinerStats(
+            pid=os.getpid(),
+            replica_id=_replica_id(),
+            requests=self._requests,
+            reconfigures=self._reconfigures,
+            revision=_revision(self._settings),
+        )
+        return s.StatsResponse(combiner=combiner, members=dict(zip(names, got, strict=True)))
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """Serve application builder: ``import_path: ensemble.serving.app:build_app``.
+
+    Args:
+        args: ``run_dir`` (required); optional ``method`` and any `ServeConfig` field as an
+            override of the run's ``serve`` section; ``members_fingerprint`` is ignored (it is
+            there so that new member weights change the app's code version and reload them).
+
+    Returns:
+        The bound application (combiner ingress + one deployment per member).
+
+    Raises:
+        ValueError: for unknown args or an inconsistent run directory.
+    """
+    args = dict(args)
+    if "run_dir" not in args:
+        raise ValueError('build_app needs args {"run_dir": "/path/to/run"}')
+    run_dir = os.path.abspath(str(args.pop("run_dir")))
+    method = args.pop("method", None)
+    args.pop("members_fingerprint", None)
+    cfg = serve_config_for(run_dir, args)
+    manifest = Manifest.load(run_dir)
+    bad = [n for n in manifest.members if not _NAME_RE.match(n)]
+    if bad:
+        raise ValueError(f"member names {bad} must match {_NAME_RE.pattern} to name deployments")
+    common = dict(
+        num_replicas=cfg.num_replicas,
+        max_ongoing_requests=cfg.max_ongoing_requests,
+        health_check_period_s=cfg.health_check_period_s,
+    )
+    member_cfg = s.MemberSettings(
+        max_batch_size=cfg.max_batch_size, batch_wait_timeout_s=cfg.batch_wait_timeout_s
+    ).model_dump()
+    threads = max(1, round(cfg.num_cpus))
+    members = {
+        name: MemberModel.options(
+            name=member_deployment_name(name),
+            user_config=member_cfg,
+            ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
+            **common,
+        ).bind(run_dir, name, threads)
+        for name in manifest.members
+    }
+    settings = combiner_settings(run_dir, manifest, cfg, method)
+    return Combiner.options(
+        name=COMBINER,
+        user_config=settings.model_dump(),
+        ray_actor_options={"num_cpus": min(cfg.num_cpus, 0.25)},
+        **common,
+    ).bind(run_dir, members)

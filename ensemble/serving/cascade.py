@@ -1,0 +1,448 @@
+"""How member outputs become one answer: the ensemble combination and the student-first cascade.
+
+Pure numpy (no Ray, no torch), so the Serve combiner, the load benchmark and the unit tests run
+exactly the same code. The arithmetic itself lives in `ensemble.combine`; this module adapts the
+run directory's view of the members (a mapping ``name -> output``) to it:
+
+* classification members (classifier, teacher, student) output ``(B, C)`` probabilities;
+* the regressor outputs ``(B,)`` intensities and votes through `combine.regressor_probs`;
+* the ensemble intensity is `combine.combine_intensity` over the regressor's intensity and each
+  classification member's `combine.expected_intensity`, with the same member weights.
+
+The cascade lets the (cheap) student answer alone when its confidence reaches a threshold;
+`fit_threshold` picks the lowest threshold whose dev accuracy stays within a tolerance of the
+full ensemble's, which sends as much traffic as possible to the student.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ensemble import combine
+from ensemble.rundir import Manifest
+
+__all__ = [
+    "CLASSIFICATION_KINDS",
+    "Answer",
+    "cascade_answer",
+    "ensemble_answer",
+    "hard_examples",
+    "Combination",
+    "Combined",
+    "cascade_accuracy",
+    "combination_from_manifest",
+    "combine_outputs",
+    "fit_threshold",
+    "fit_threshold_from_run",
+    "load_predictions",
+    "stack_member_probs",
+    "student_of",
+]
+
+CLASSIFICATION_KINDS = ("classifier", "teacher", "student")
+
+
+@dataclass(frozen=True)
+class Combination:
+    """Everything needed to turn member outputs into the served prediction.
+
+    Attributes:
+        members: member name -> kind, in the order the weights apply.
+        label_names: class names, index = class id (C of them).
+        class_intensity: (C,) mean intensity per class.
+        intensity_edges: (C-1,) bin edges through which the regressor votes.
+        method: one of `combine.METHODS`.
+        weights: member name -> weight; empty means equal weights.
+        params: method parameters (``coef``/``intercept`` for stacking; an optional
+            ``regressor_sharpness`` turns the regressor's one-hot vote into a soft one).
+    """
+
+    members: dict[str, str]
+    label_names: list[str]
+    class_intensity: list[float]
+    intensity_edges: list[float]
+    method: str = "soft_vote"
+    weights: dict[str, float] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.method not in combine.METHODS:
+            problems.append(f"combine method {self.method!r} unknown; use one of {combine.METHODS}")
+        if not self.members:
+            problems.append("no members to combine; the manifest lists none")
+        bad_kinds = {
+            n: k for n, k in self.members.items() if k not in (*CLASSIFICATION_KINDS, "regressor")
+        }
+        if bad_kinds:
+            problems.append(
+                f"unknown member kinds {bad_kinds}; use classifier/regressor/teacher/student"
+            )
+        if self.weights:
+            missing = sorted(set(self.members) - set(self.weights))
+            extra = sorted(set(self.weights) - set(self.members))
+            if missing:
+                problems.append(
+                    f"weights lack members {missing}; give every member a weight "
+                    "(0 drops it) or none at all for equal weights"
+                )
+            if extra:
+                problems.append(
+                    f"weights name unknown members {extra}; valid: {list(self.members)}"
+                )
+            if any(not np.isfinite(w) or w < 0 for w in self.weights.values()):
+                problems.append(f"weights {self.weights} must be finite and >= 0")
+            elif not missing and sum(self.weights.values()) <= 0:
+                problems.append("all weights are 0; give at least one member a positive weight")
+        if self.method == "stacking" and not {"coef", "intercept"} <= set(self.params):
+            problems.append("method 'stacking' needs params.coef and params.intercept")
+        if self.method in ("weighted", "caruana") and not self.weights:
+            problems.append(f"method {self.method!r} needs learned weights in combine.weights")
+        if len(self.class_intensity) != len(self.label_names):
+            problems.append("class_intensity needs one value per label")
+        if len(self.intensity_edges) != len(self.label_names) - 1:
+            problems.append("intensity_edges needs len(label_names) - 1 values")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names)
+
+    def weight_vector(self, names: list[str] | None = None) -> np.ndarray | None:
+        """(M,) weights of ``names`` (default: all members) in that order; None = equal."""
+        if not self.weights:
+            return None
+        return np.array([self.weights[n] for n in (names or list(self.members))], dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class Combined:
+    """The combined prediction for B texts (all arrays have B rows)."""
+
+    probs: np.ndarray  # (B, C)
+    label_ids: np.ndarray  # (B,)
+    confidence: np.ndarray  # (B,)
+    intensity: np.ndarray  # (B,)
+    disagreement: np.ndarray  # (B,)
+
+
+def stack_member_probs(
+    outputs: Mapping[str, np.ndarray], spec: Combination, names: list[str] | None = None
+) -> np.ndarray:
+    """Member outputs as one probability tensor; the regressor votes through its bin.
+
+    Args:
+        outputs: member name -> (B, C) probabilities or, for the regressor, (B,) intensities.
+        spec: the combination (member kinds, edges, number of classes).
+        names: members to stack, in order; default all of ``spec.members``.
+
+    Returns:
+        (M, B, C) probabilities.
+
+    Raises:
+        ValueError: if a member's output is missing or has the wrong shape.
+    """
+    names = names or list(spec.members)
+    missing = [n for n in names if n not in outputs]
+    if missing:
+        raise ValueError(f"no outputs for members {missing}; have {sorted(outputs)}")
+    sharpness = spec.params.get("regressor_sharpness")
+    stacked = []
+    for name in names:
+        out = np.asarray(outputs[name], dtype=np.float64)
+        if spec.members[name] == "regressor":
+            out = combine.regressor_probs(
+                out.reshape(-1), spec.intensity_edges, spec.num_classes, sharpness=sharpness
+            )  # (B, C)
+        if out.ndim != 2 or out.shape[1] != spec.num_classes:
+            raise ValueError(
+                f"member {name!r} gave shape {out.shape}; expected (B, "
+                f"{spec.num_classes}) probabilities"
+            )
+        stacked.append(out)
+    return np.stack(stacked)  # (M, B, C)
+
+
+def combine_outputs(outputs: Mapping[str, np.ndarray], spec: Combination) -> Combined:
+    """Combine every member's output into the served prediction.
+
+    Args:
+        outputs: member name -> (B, C) probabilities, or (B,) intensities for the regressor.
+        spec: method, weights and run metadata.
+
+    Returns:
+        The combined probabilities, labels, confidence, intensity and member disagreement.
+
+    Raises:
+        ValueError: on missing outputs or inconsistent shapes.
+    """
+    names = list(spec.members)
+    probs = stack_member_probs(outputs, spec, names)  # (M, B, C)
+    weights = spec.weight_vector(names)
+    final = combine.apply(spec.method, probs, weights, spec.params)  # (B, C)
+    intensities = np.stack(
+        [  # (M, B)
+            np.asarray(outputs[n], dtype=np.float64).reshape(-1)
+            if spec.members[n] == "regressor"
+            else combine.expected_intensity(probs[i], spec.class_intensity)
+            for i, n in enumerate(names)
+        ]
+    )
+    return Combined(
+        probs=final,
+        label_ids=final.argmax(axis=1),
+        confidence=combine.confidence(final),
+        intensity=combine.combine_intensity(intensities, weights),
+        disagreement=combine.disagreement(probs),
+    )
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What the combiner returns for B texts, before it becomes JSON."""
+
+    combined: Combined
+    outputs: dict[str, np.ndarray]  # member outputs; NaN rows where a member was not asked
+    answered_by: list[str]  # "ensemble" or "student", per text
+
+
+def ensemble_answer(outputs: Mapping[str, np.ndarray], spec: Combination) -> Answer:
+    """Every member answered every text: the plain ensemble."""
+    comb = combine_outputs(outputs, spec)
+    return Answer(comb, dict(outputs), ["ensemble"] * len(comb.label_ids))
+
+
+def hard_examples(student_probs: np.ndarray, threshold: float) -> np.ndarray:
+    """Indices of the texts whose student confidence is below ``threshold`` (ensemble's job)."""
+    return np.flatnonzero(np.asarray(student_probs).max(axis=1) < threshold)
+
+
+def cascade_answer(
+    spec: Combination,
+    student_probs: np.ndarray,
+    hard: np.ndarray,
+    rest: Mapping[str, np.ndarray],
+) -> Answer:
+    """Merge the student's answers with the ensemble's answers on the hard texts.
+
+    Args:
+        spec: the combination (the student is ``student_of(spec)``).
+        student_probs: (B, C) student probabilities for all B texts.
+        hard: indices (from `hard_examples`) the other members were asked about.
+        rest: the other members' outputs on ``hard`` only (rows aligned with ``hard``).
+
+    Returns:
+        The student's prediction where it was confident, the ensemble's elsewhere.
+    """
+    student = student_of(spec)
+    probs = np.asarray(student_probs, dtype=np.float64)  # (B, C)
+    n = len(probs)
+    comb = Combined(
+        probs=probs.copy(),
+        label_ids=probs.argmax(axis=1),
+        confidence=probs.max(axis=1),
+        intensity=combine.expected_intensity(probs, spec.class_intensity),
+        disagreement=np.zeros(n),
+    )
+    outputs: dict[str, np.ndarray] = {student: probs}
+    answered_by = ["student"] * n
+    if len(hard):
+        comb_hard = combine_outputs({student: probs[hard], **rest}, spec)
+        for f in dataclasses.fields(Combined):
+            getattr(comb, f.name)[hard] = getattr(comb_hard, f.name)
+        for name, values in rest.items():
+            values = np.asarray(values, dtype=np.float64)
+            outputs[name] = np.full((n, *values.shape[1:]), np.nan)
+            outputs[name][hard] = values
+        for i in hard:
+            answered_by[i] = "ensemble"
+    return Answer(comb, outputs, answered_by)
+
+
+def _check_cascade_inputs(
+    student_probs: np.ndarray, ensemble_probs: np.ndarray, labels: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    s = np.asarray(student_probs, dtype=np.float64)
+    e = np.asarray(ensemble_probs, dtype=np.float64)
+    y = np.asarray(labels)
+    if s.ndim != 2 or s.shape != e.shape or y.shape != (s.shape[0],):
+        raise ValueError(
+            f"student {s.shape}, ensemble {e.shape} and labels {y.shape} must be "
+            "(N, C), (N, C) and (N,) for the same N examples"
+        )
+    if s.shape[0] == 0:
+        raise ValueError("no dev examples; fit the threshold on a non-empty dev split")
+    if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= s.shape[1]:
+        raise ValueError(f"labels must be integer class ids in [0, {s.shape[1]})")
+    return s, e, y
+
+
+def fit_threshold(
+    student_probs: np.ndarray,
+    ensemble_probs: np.ndarray,
+    labels: np.ndarray,
+    max_accuracy_loss: float = 0.005,
+) -> float:
+    """Lowest student-confidence threshold whose cascade keeps the ensemble's dev accuracy.
+
+    At threshold ``t`` the student answers every example whose confidence (max probability) is
+    ``>= t`` and the ensemble answers the rest. Only thresholds equal to an observed confidence
+    matter, so all of them are scored at once (sort by confidence, cumulative sums). A lower
+    threshold sends more traffic to the student; the lowest one whose accuracy is at least
+    ``ensemble accuracy - max_accuracy_loss`` wins. If none is, the result is just above the
+    largest confidence, i.e. the student never answers alone.
+
+    Args:
+        student_probs: (N, C) dev probabilities of the student.
+        ensemble_probs: (N, C) dev probabilities of the full ensemble.
+        labels: (N,) integer dev labels.
+        max_accuracy_loss: allowed accuracy drop as a fraction (0.005 = half a point).
+
+    Returns:
+        The threshold, a Python float.
+
+    Raises:
+        ValueError: on mismatched shapes, empty input, bad labels or a negative tolerance.
+    """
+    if not 0.0 <= max_accuracy_loss < 1.0:
+        raise ValueError(f"max_accuracy_loss={max_accuracy_loss} must be in [0, 1), e.g. 0.005")
+    s, e, y = _check_cascade_inputs(student_probs, ensemble_probs, labels)
+    n = y.size
+    conf = s.max(axis=1)  # (N,)
+    order = np.argsort(-conf, kind="stable")  # most confident first
+    conf_sorted = conf[order]
+    student_ok = (s.argmax(axis=1) == y)[order]
+    ensemble_ok = (e.argmax(axis=1) == y)[order]
+    ensemble_acc = ensemble_ok.mean()
+    # accuracy when the k+1 most confident examples go to the student, k = 0..N-1
+    acc = (np.cumsum(student_ok) + ensemble_ok.sum() - np.cumsum(ensemble_ok)) / n  # (N,)
+    # a threshold cannot split tied confidences: only the last index of each tie group counts
+    valid = np.append(conf_sorted[1:] < conf_sorted[:-1], True)
+    # small slack so a loss of exactly max_accuracy_loss passes despite float rounding
+    ok = valid & (acc >= ensemble_acc - max_accuracy_loss - 1e-12)
+    if not ok.any():
+        return float(np.nextafter(conf_sorted[0], np.inf))
+    return float(conf_sorted[np.flatnonzero(ok)[-1]])
+
+
+def cascade_accuracy(
+    student_probs: np.ndarray, ensemble_probs: np.ndarray, labels: np.ndarray, threshold: float
+) -> dict[str, float]:
+    """Dev accuracy of the cascade at ``threshold`` next to the student's and the ensemble's.
+
+    Args:
+        student_probs: (N, C) student probabilities.
+        ensemble_probs: (N, C) ensemble probabilities.
+        labels: (N,) integer labels.
+        threshold: student confidence at or above which the student answers alone.
+
+    Returns:
+        ``accuracy``, ``ensemble_accuracy``, ``student_accuracy``, ``accuracy_loss`` (ensemble
+        minus cascade) and ``student_fraction`` (share of examples the student answers).
+    """
+    s, e, y = _check_cascade_inputs(student_probs, ensemble_probs, labels)
+    easy = s.max(axis=1) >= threshold  # (N,)
+    pred = np.where(easy, s.argmax(axis=1), e.argmax(axis=1))
+    acc = float(np.mean(pred == y))
+    ens = float(np.mean(e.argmax(axis=1) == y))
+    return {
+        "accuracy": acc,
+        "ensemble_accuracy": ens,
+        "student_accuracy": float(np.mean(s.argmax(axis=1) == y)),
+        "accuracy_loss": ens - acc,
+        "student_fraction": float(easy.mean()),
+        "threshold": float(threshold),
+    }
+
+
+def combination_from_manifest(manifest: Manifest, method: str | None = None) -> Combination:
+    """The `Combination` a run directory's manifest describes.
+
+    Args:
+        manifest: the loaded manifest.
+        method: override of ``manifest.combine["method"]`` (e.g. from ``--method``).
+
+    Returns:
+        The validated combination.
+
+    Raises:
+        ValueError: if the manifest's combine section is inconsistent with its members.
+    """
+    comb = manifest.combine or {}
+    return Combination(
+        members={name: entry.kind for name, entry in manifest.members.items()},
+        label_names=list(manifest.label_names),
+        class_intensity=[float(v) for v in manifest.class_intensity],
+        intensity_edges=[float(v) for v in manifest.intensity_edges],
+        method=method or comb.get("method", "soft_vote"),
+        weights={k: float(v) for k, v in (comb.get("weights") or {}).items()},
+        params=dict(comb.get("params") or {}),
+    )
+
+
+def student_of(spec: Combination) -> str:
+    """Name of the member of kind ``student`` (the cascade's first stage).
+
+    Raises:
+        ValueError: if there is no student member.
+    """
+    students = [n for n, k in spec.members.items() if k == "student"]
+    if not students:
+        raise ValueError(
+            f"cascade mode needs a member of kind 'student'; members are "
+            f"{spec.members}. Train one or serve without --cascade"
+        )
+    return students[0]
+
+
+def load_predictions(run_dir: str | os.PathLike, split: str = "dev") -> dict[str, np.ndarray]:
+    """``RUN_DIR/predictions/<split>.npz`` as a dict (``labels``, ``intensity``, one per member).
+
+    Raises:
+        FileNotFoundError: if training did not save predictions for ``split``.
+    """
+    path = Path(run_dir) / "predictions" / f"{split}.npz"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found; training writes it after evaluation. Set "
+            "serve.cascade_threshold explicitly or re-run the evaluation"
+        )
+    with np.load(path) as data:
+        return {k: data[k] for k in data.files}
+
+
+def fit_threshold_from_run(
+    run_dir: str | os.PathLike,
+    spec: Combination,
+    max_accuracy_loss: float = 0.005,
+    split: str = "dev",
+) -> tuple[float, dict[str, float]]:
+    """Fit the cascade threshold on the saved dev predictions of a run.
+
+    Args:
+        run_dir: the run directory (reads ``predictions/<split>.npz``).
+        spec: the served combination (its method and weights define the ensemble).
+        max_accuracy_loss: allowed accuracy drop, see `fit_threshold`.
+        split: which saved predictions to use.
+
+    Returns:
+        (threshold, `cascade_accuracy` at that threshold on the same split).
+
+    Raises:
+        FileNotFoundError: without saved predictions.
+        ValueError: without a student member or with inconsistent predictions.
+    """
+    preds = load_predictions(run_dir, split)
+    student = student_of(spec)
+    labels = np.asarray(preds["labels"]).astype(np.int64)
+    ensemble = combine_outputs(preds, spec).probs
+    threshold = fit_threshold(preds[student], ensemble, labels, max_accuracy_loss)
+    return threshold, cascade_accuracy(preds[student], ensemble, labels, threshold)

@@ -1,0 +1,465 @@
+"""Deploying the Serve app, pushing live updates, the Serve config YAML, and the CLI hooks.
+
+Deployment is declarative, the way ``serve deploy`` does it: the app is described by a Serve
+config (``import_path: ensemble.serving.app:build_app`` + ``args`` + per-deployment overrides)
+and applied to the Serve controller. That is what makes ``ensemble serve --update RUN_DIR`` a
+live update: the import path and args stay the same, only the combiner's and members'
+``user_config`` change, so Serve calls ``reconfigure`` on the running replicas instead of
+restarting them. (``serve.run`` gives every call a fresh code version and so restarts
+replicas.) New member weights change ``args.members_fingerprint`` and therefore do reload the
+members, with a rolling restart.
+
+Ray is imported only inside the functions that talk to a cluster, so ``ensemble query`` and
+``--write-config`` start nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from ensemble.config import ServeConfig
+from ensemble.rundir import Manifest
+from ensemble.serving import cascade
+from ensemble.serving.schemas import CombinerSettings, MemberSettings
+
+logger = logging.getLogger(__name__)
+
+APP_NAME = "ensemble"
+IMPORT_PATH = "ensemble.serving.app:build_app"
+COMBINER = "combiner"
+_BUILD_ARGS = ("num_cpus", "num_gpus")  # settings fixed when replicas start (not live)
+
+
+def member_deployment_name(member: str) -> str:
+    return f"member_{member}"
+
+
+def serve_config_for(
+    run_dir: str | os.PathLike, overrides: dict[str, Any] | None = None
+) -> ServeConfig:
+    """The run's ``serve`` settings (from its manifest's resolved config) plus overrides.
+
+    Args:
+        run_dir: the run directory.
+        overrides: `ServeConfig` field -> value; None values are ignored.
+
+    Returns:
+        The validated ServeConfig.
+
+    Raises:
+        ValueError: for unknown fields or invalid values.
+    """
+    known = {f.name for f in dataclasses.fields(ServeConfig)}
+    base = dict(Manifest.load(run_dir).config.get("serve") or {})
+    extra = {k: v for k, v in (overrides or {}).items() if v is not None}
+    unknown = sorted((set(base) | set(extra)) - known)
+    if unknown:
+        raise ValueError(f"unknown serve setting(s) {unknown}; valid: {sorted(known)}")
+    return ServeConfig(**{**base, **extra})
+
+
+def members_fingerprint(run_dir: str | os.PathLike, manifest: Manifest) -> str:
+    """Hash of the members' exported files (names, sizes, mtimes): changes when weights do."""
+    h = hashlib.sha1()
+    for name in sorted(manifest.members):
+        root = manifest.member_path(run_dir, name)
+        h.update(f"{name}:{manifest.members[name].kind}".encode())
+        for f in sorted(p for p in root.rglob("*") if p.is_file()):
+            st = f.stat()
+            h.update(f"{f.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def resolve_threshold(
+    run_dir: str | os.PathLike, manifest: Manifest, cfg: ServeConfig, spec: cascade.Combination
+) -> float | None:
+    """Cascade threshold: ``serve.cascade_threshold``, else the manifest's, else fitted on dev.
+
+    Returns None when none is set and it cannot be fitted (no student or no dev predictions);
+    that is an error only if the cascade is switched on (`CombinerSettings` says so).
+    """
+    if cfg.cascade_threshold is not None:
+        return float(cfg.cascade_threshold)
+    stored = (manifest.combine or {}).get("cascade_threshold")
+    if stored is not None:
+        return float(stored)
+    try:
+        threshold, stats = cascade.fit_threshold_from_run(run_dir, spec)
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        logger.info("no cascade threshold fitted: %s", err)
+        return None
+    logger.info("cascade threshold %.4f fitted on dev: %s", threshold, stats)
+    return threshold
+
+
+def combiner_settings(
+    run_dir: str | os.PathLike, manifest: Manifest, cfg: ServeConfig, method: str | None = None
+) -> CombinerSettings:
+    """The combiner's live settings from the manifest's combine section and ``cfg``.
+
+    Raises:
+        ValueError: if the combination is inconsistent (e.g. stacking without params) or the
+            cascade is on without a student or threshold.
+    """
+    spec = cascade.combination_from_manifest(manifest, method)
+    if cfg.cascade:
+        cascade.student_of(spec)
+    return CombinerSettings(
+        method=spec.method,
+        weights=spec.weights,
+        params=_plain(spec.params),
+        cascade=cfg.cascade,
+        cascade_threshold=resolve_threshold(run_dir, manifest, cfg, spec),
+        sequential=cfg.sequential,
+        max_texts=cfg.max_texts,
+        max_text_chars=cfg.max_text_chars,
+        request_timeout_s=cfg.request_timeout_s,
+    )
+
+
+def deploy_config(
+    run_dir: str | os.PathLike,
+    cfg: ServeConfig,
+    method: str | None = None,
+    app_name: str = APP_NAME,
+) -> dict[str, Any]:
+    """A Serve config (``serve deploy``-able) for the run: one app, every deployment explicit.
+
+    Args:
+        run_dir: the run directory; written as an absolute path (on a cluster it must be on
+            storage every node sees).
+        cfg: serving settings.
+        method: override of the manifest's combine method.
+        app_name: the Serve application name.
+
+    Returns:
+        A dict matching Ray's ``ServeDeploySchema``.
+    """
+    run_dir = str(Path(run_dir).resolve())
+    manifest = Manifest.load(run_dir)
+    if not cfg.route_prefix.startswith("/"):
+        raise ValueError(f"route prefix {cfg.route_prefix!r} must start with '/'")
+    common = {
+        "num_replicas": cfg.num_replicas,
+        "max_ongoing_requests": cfg.max_ongoing_requests,
+        "health_check_period_s": cfg.health_check_period_s,
+    }
+    member_user_config = MemberSettings(
+        max_batch_size=cfg.max_batch_size, batch_wait_timeout_s=cfg.batch_wait_timeout_s
+    ).model_dump()
+    deployments = [
+        {
+            "name": COMBINER,
+            **common,
+            "ray_actor_options": {"num_cpus": min(cfg.num_cpus, 0.25)},
+            "user_config": combiner_settings(run_dir, manifest, cfg, method).model_dump(),
+        }
+    ] + [
+        {
+            "name": member_deployment_name(name),
+            **common,
+            "ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
+            "user_config": member_user_config,
+        }
+        for name in manifest.members
+    ]
+    args = {"run_dir": run_dir, "members_fingerprint": members_fingerprint(run_dir, manifest)}
+    args.update({k: getattr(cfg, k) for k in _BUILD_ARGS})
+    app = {
+        "name": app_name,
+        "route_prefix": cfg.route_prefix,
+        "import_path": IMPORT_PATH,
+        "args": args,
+        "deployments": deployments,
+    }
+    return {"http_options": {"host": cfg.host, "port": cfg.port}, "applications": [app]}
+
+
+def write_deploy_config(path: str | os.PathLike, config: dict[str, Any]) -> Path:
+    """Write a Serve config as YAML (validated against Ray's schema first)."""
+    from ray.serve.schema import ServeDeploySchema
+
+    ServeDeploySchema.model_validate(config)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def url_for(cfg: ServeConfig) -> str:
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+    return f"http://{host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
+
+
+def _app_status(app_name: str) -> Any:
+    from ray import serve
+
+    return serve.status().applications.get(app_name)
+
+
+def apply(config: dict[str, Any], app_name: str = APP_NAME, timeout_s: float = 600.0) -> None:
+    """Apply a Serve config to the connected cluster and wait until the app is RUNNING.
+
+    Raises:
+        RuntimeError: if the app fails to deploy or is not running within ``timeout_s``.
+    """
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(config)
+    serve.start(http_options=config["http_options"])
+    before = _app_status(app_name)
+    previous = before.last_deployed_time_s if before is not None else -1.0
+    # the same controller call `serve deploy` / `serve run CONFIG` make
+    _get_global_client().deploy_apps(schema)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = _app_status(app_name)
+        if status is not None and status.last_deployed_time_s > previous:
+            if status.status == "RUNNING":
+                return
+            if status.status == "DEPLOY_FAILED":
+                raise RuntimeError(f"Serve app {app_name!r} failed to deploy: {status.message}")
+        time.sleep(0.25)
+    raise RuntimeError(f"Serve app {app_name!r} not RUNNING after {timeout_s:.0f}s: {status}")
+
+
+def deploy(
+    run_dir: str | os.PathLike,
+    cfg: ServeConfig,
+    method: str | None = None,
+    app_name: str = APP_NAME,
+    timeout_s: float = 600.0,
+) -> str:
+    """Deploy (or redeploy) the run's app on the connected Ray cluster; returns its URL."""
+    apply(deploy_config(run_dir, cfg, method, app_name), app_name, timeout_s)
+    url = url_for(cfg)
+    logger.info("serving %s at %s", run_dir, url)
+    return url
+
+
+def update(
+    run_dir: str | os.PathLike,
+    cfg: ServeConfig,
+    method: str | None = None,
+    app_name: str = APP_NAME,
+    timeout_s: float = 600.0,
+) -> dict[str, Any]:
+    """Push the run's current manifest (method, weights, threshold) to the running app.
+
+    Returns:
+        The combiner settings now live.
+
+    Raises:
+        RuntimeError: if the app is not running (start it with `ensemble serve RUN_DIR`).
+    """
+    if _app_status(app_name) is None:
+        raise RuntimeError(
+            f"no Serve app {app_name!r} is running on this cluster; start it with "
+            "`ensemble serve RUN_DIR` (and pass --ray-address of that cluster to --update)"
+        )
+    config = deploy_config(run_dir, cfg, method, app_name)
+    apply(config, app_name, timeout_s)
+    return config["applications"][0]["deployments"][0]["user_config"]
+
+
+def _plain(obj: Any) -> Any:
+    """JSON-safe copy (numpy arrays and scalars -> lists and floats)."""
+    return json.loads(json.dumps(obj, default=lambda o: np.asarray(o).tolist()))
+
+
+# ---------------------------------------------------------------- CLI hooks (ensemble.cli)
+
+
+# ServeConfig overrides: (flag, type, help); the dest is the ServeConfig field
+_SERVE_FLAGS = (
+    ("--host", str, "HTTP host (default serve.host: 127.0.0.1)"),
+    ("--port", int, "HTTP port (default serve.port)"),
+    ("--route-prefix", str, "route prefix, e.g. /ensemble (default /)"),
+    ("--cascade-threshold", float, "override the fitted cascade threshold"),
+    ("--num-cpus", float, "CPUs per member replica (fractions are fine)"),
+    ("--num-gpus", float, "GPUs per member replica"),
+    ("--num-replicas", int, "replicas per deployment"),
+    ("--max-batch-size", int, "texts per forward pass; 1 turns batching off"),
+    ("--batch-wait-timeout-s", float, "seconds a batch waits to fill"),
+)
+_SERVE_SWITCHES = (
+    ("--cascade", "the student answers alone when confident"),
+    ("--sequential", "call the members one after another (benchmark baseline)"),
+)
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``serve`` and ``query`` on the main CLI's subparsers.
+
+    Each parser gets ``func(args) -> int`` as its handler (``args.func(args)``).
+    """
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a run directory with Ray Serve (HTTP on 127.0.0.1 by default)",
+        description="Start the ensemble's Serve app and block until Ctrl-C. --update pushes the "
+        "manifest's method/weights to the running app live; --write-config writes a "
+        "`serve deploy`-able YAML instead of serving.",
+    )
+    p.add_argument("run_dir", help="run directory with manifest.json and members/*/export")
+    for flag, typ, text in _SERVE_FLAGS:
+        p.add_argument(flag, type=typ, help=text)
+    for flag, text in _SERVE_SWITCHES:
+        p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+    p.add_argument("--method", help="combine method override (hard_vote, soft_vote, ...)")
+    p.add_argument("--update", action="store_true", help="push the manifest to a running app")
+    p.add_argument("--write-config", metavar="PATH", help="write the Serve config YAML and exit")
+    p.add_argument("--app-name", default=APP_NAME, help="Serve application name")
+    p.add_argument("--ray-address", help="Ray cluster to join (default: start a local one)")
+    p.add_argument("--node-ip-address", help="loopback IP for a local Ray (default from run)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--blocking",
+        dest="detach",
+        action="store_false",
+        default=False,
+        help="block until Ctrl-C, then remove the app (default)",
+    )
+    mode.add_argument(
+        "--detach",
+        dest="detach",
+        action="store_true",
+        help="return once running (needs a Ray cluster that outlives the command)",
+    )
+    p.set_defaults(func=_serve)
+
+    q = subparsers.add_parser("query", help="send texts to a running ensemble server")
+    q.add_argument("texts", nargs="*", help="texts to classify; '-' or none reads stdin lines")
+    q.add_argument("--url", default=url_for(ServeConfig()), help="server URL with route prefix")
+    q.add_argument("--json", action="store_true", help="print the raw JSON response")
+    q.add_argument("--members", action="store_true", help="include every member's output")
+    q.add_argument("--timeout", type=float, default=30.0, help="seconds before giving up")
+    q.set_defaults(func=_query)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    names = [f[0][2:].replace("-", "_") for f in (*_SERVE_FLAGS, *_SERVE_SWITCHES)]
+    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+
+
+def _connect(args: argparse.Namespace, run_dir: str) -> bool:
+    """Connect to (or start) Ray; True if this process started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = args.ray_address or ("auto" if args.update else None)
+    if address is not None:
+        ray.init(address=address, log_to_driver=False)
+        return False
+    ray_cfg = Manifest.load(run_dir).config.get("ray") or {}
+    ip = args.node_ip_address or ray_cfg.get("node_ip_address") or "127.0.0.2"
+    # a loopback node IP keeps every Ray port off the network (see RayConfig.node_ip_address)
+    ray.init(_node_ip_address=ip, include_dashboard=False, num_cpus=ray_cfg.get("num_cpus"))
+    return True
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        cfg = serve_config_for(args.run_dir, _overrides(args))
+        if args.write_config:
+            config = deploy_config(args.run_dir, cfg, args.method, args.app_name)
+            print(f"wrote {write_deploy_config(args.write_config, config)}")
+            return 0
+        if args.detach and not (args.ray_address or _ray_running()):
+            print(
+                "--detach needs a Ray cluster that outlives this command: `ray start --head "
+                "--node-ip-address=127.0.0.1`, then pass --ray-address auto",
+                file=sys.stderr,
+            )
+            return 2
+        started = _connect(args, args.run_dir)
+        if args.update:
+            live = update(args.run_dir, cfg, args.method, args.app_name)
+            print(
+                f"updated {args.app_name}: method={live['method']} weights={live['weights']}"
+                f" cascade={live['cascade']} threshold={live['cascade_threshold']}"
+            )
+            return 0
+        url = deploy(args.run_dir, cfg, args.method, args.app_name)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"serving {args.run_dir} at {url} (POST {url}/predict, GET {url}/info)")
+    if args.detach:
+        return 0
+    return _block(args.app_name, started)
+
+
+def _ray_running() -> bool:
+    import ray
+
+    return ray.is_initialized()
+
+
+def _block(app_name: str, started_ray: bool) -> int:
+    import ray
+    from ray import serve
+
+    print("press Ctrl-C to stop")
+    try:
+        while True:
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        print("shutting down")
+    finally:
+        serve.delete(app_name)
+        if started_ray:
+            serve.shutdown()
+            ray.shutdown()
+    return 0
+
+
+def _query(args: argparse.Namespace) -> int:
+    from ensemble.client import EnsembleClient, EnsembleError, print_predictions
+
+    texts = list(args.texts)
+    if not texts or texts == ["-"]:
+        texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    try:
+        with EnsembleClient(args.url, timeout=args.timeout) as client:
+            response = client.predict_response(texts, return_members=args.members)
+    except EnsembleError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(response.model_dump_json(indent=2))
+    else:
+        print_predictions(texts, response.predictions, members=args.members)
+    return 0
+
+
+__all__ = [
+    "APP_NAME",
+    "add_commands",
+    "apply",
+    "COMBINER",
+    "member_deployment_name",
+    "combiner_settings",
+    "deploy",
+    "deploy_config",
+    "members_fingerprint",
+    "resolve_threshold",
+    "serve_config_for",
+    "update",
+    "url_for",
+    "write_deploy_config",
+]
