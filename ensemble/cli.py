@@ -1,0 +1,107 @@
+"""`ensemble` command line: a thin dispatcher over the library.
+
+    ensemble validate CONFIG [key=value ...]
+    ensemble train CONFIG [--address ADDR] [--output-dir DIR] [key=value ...]
+    ensemble serve RUN_DIR ... | ensemble query TEXT ... | ensemble launch CONFIG ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from ensemble import config as C
+
+logger = logging.getLogger("ensemble")
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    extra = list(args.overrides or [])
+    if getattr(args, "output_dir", None):
+        extra.append(f"output_dir={args.output_dir}")
+    return extra
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from ensemble.data import DataError, load_splits
+    from ensemble.orchestrate import check_config
+
+    cfg = C.load(args.config, _overrides(args))
+    check_config(cfg)
+    print(f"config OK: {len(cfg.members)} members ({', '.join(cfg.members)}), "
+          f"{cfg.training.rounds} round(s)")
+    if args.data:
+        try:
+            summary = load_splits(cfg.data).summary()
+        except DataError as err:
+            print(f"data error: {err}", file=sys.stderr)
+            return 2
+        print(f"data OK: {summary['splits']}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ensemble.orchestrate import train
+
+    cfg = C.load(args.config, _overrides(args))
+    run_dir = train(cfg, address=args.address, verbose=args.verbose,
+                    progress=not args.no_progress)
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ensemble", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="check a config (and optionally its data) without Ray")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. members.student.lr=1e-4")
+    p.add_argument("--data", action="store_true", help="also load and validate the data")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("train", help="train the ensemble's members in rounds on Ray")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.rounds=2")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--output-dir", default=None, help="run directory (resumes if it exists)")
+    p.add_argument("--verbose", action="store_true", help="forward Ray worker logs")
+    p.add_argument("--no-progress", action="store_true", help="no live progress table")
+    p.set_defaults(func=cmd_train)
+
+    for module in ("ensemble.serving.commands", "ensemble.launch", "ensemble.tuning.commands"):
+        try:
+            mod = __import__(module, fromlist=["add_commands"])
+        except ModuleNotFoundError as err:
+            if err.name != module:
+                raise
+            continue
+        if hasattr(mod, "add_commands"):
+            mod.add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("ray", "deepspeed", "DeepSpeed", "transformers", "datasets", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except C.ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as err:
+        if type(err).__name__ == "DataError":
+            print(f"data error: {err}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""What members send each other between rounds, and the loss weights that use it.
+
+- classifier/teacher <- regressor: a soft class target centred on the regressor's intensity;
+- regressor <- classifier: the expected intensity under the classifier's probabilities;
+- student <- teacher: the teacher's logits of the previous round (cached: the student's step never
+  runs the teacher), and optionally the whole ensemble's soft vote;
+- teacher/classifier <- ensemble: mutual-learning KL to the ensemble's soft vote.
+
+The arrays are put in Ray's object store once and each member's job gets a reference.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import ray
+
+from ensemble import combine
+from ensemble.config import RunConfig
+from ensemble.data import Splits
+from ensemble.losses import LossWeights
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def to_probs(outputs: dict[str, np.ndarray], kinds: dict[str, str]) -> dict[str, np.ndarray]:
+    """Classification members' logits -> probabilities; the regressor's intensities unchanged."""
+    return {n: o if kinds[n] == "regressor" else softmax(o) for n, o in outputs.items()}
+
+
+def loss_weights(cfg: RunConfig, name: str, available: bool) -> LossWeights:
+    """A member's loss weights; guidance terms are 0 until there is a previous round to use."""
+    m, g = cfg.members[name], cfg.training.guidance
+    on = 1.0 if available else 0.0
+    if m.kind == "regressor":
+        return LossWeights(from_classifier=on * g.regressor_from_classifier,
+                           guidance_temperature=g.temperature)
+    if m.kind == "student":
+        return LossWeights(distill_alpha=m.distill_alpha, distill_temperature=m.distill_temperature,
+                           from_ensemble=on * g.student_from_ensemble,
+                           guidance_temperature=g.temperature)
+    from_regressor = g.classifier_from_regressor if m.kind == "classifier" else 0.0
+    return LossWeights(from_regressor=on * from_regressor, from_ensemble=on * g.mutual,
+                       guidance_temperature=g.temperature)
+
+
+def _ensemble_probs(train: dict[str, np.ndarray], kinds: dict[str, str], splits: Splits,
+                    temperature: float) -> np.ndarray:
+    """The members' soft vote on the training texts (regressor votes by its bin)."""
+    stacked = []
+    for name, out in train.items():
+        if kinds[name] == "regressor":
+            stacked.append(combine.regressor_probs(out, splits.intensity_edges(),
+                                                   splits.num_labels()))
+        else:
+            stacked.append(softmax(out / temperature))
+    return combine.soft_vote(np.stack(stacked)).astype(np.float32)
+
+
+def build(cfg: RunConfig, splits: Splits, kinds: dict[str, str],
+          outputs: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
+    """Object refs of each member's guidance arrays for the next round (None: nothing to send)."""
+    g = cfg.training.guidance
+    train = {n: o["train"] for n, o in outputs.items() if "train" in o}
+    by_kind = {kinds[n]: n for n in train}
+    refs: dict[str, Any] = {}
+    ensemble = None
+    if (g.mutual > 0 or g.student_from_ensemble > 0) and train:
+        ensemble = ray.put(_ensemble_probs(train, kinds, splits, g.temperature))
+    for name, m in cfg.members.items():
+        arrays: dict[str, Any] = {}
+        w = loss_weights(cfg, name, available=True)
+        if m.kind == "student" and m.teacher in train:
+            arrays["teacher_logits"] = train[m.teacher]
+        if w.from_regressor > 0 and "regressor" in by_kind:
+            arrays["regressor_intensity"] = train[by_kind["regressor"]]
+        if w.from_classifier > 0 and "classifier" in by_kind:
+            arrays["classifier_probs"] = softmax(train[by_kind["classifier"]])
+        if w.from_ensemble > 0 and ensemble is not None:
+            arrays["ensemble_probs"] = ray.get(ensemble)
+        missing = _missing(w, arrays)
+        if missing:
+            raise ValueError(f"member {name}: guidance {missing} is on but no member produces it; "
+                             "add that member or set its weight to 0 in training.guidance")
+        refs[name] = ray.put(arrays) if arrays else None
+    return refs
+
+
+def _missing(w: LossWeights, arrays: dict[str, Any]) -> list[str]:
+    need = {"regressor_intensity": w.from_regressor, "classifier_probs": w.from_classifier,
+            "ensemble_probs": w.from_ensemble}
+    return [k for k, v in need.items() if v > 0 and k not in arrays]
+
+
+def teacher_only(teacher_train_logits: np.ndarray) -> Any:
+    """A student's first-round guidance: just its freshly trained teacher's logits."""
+    return ray.put({"teacher_logits": teacher_train_logits})

@@ -1,0 +1,236 @@
+"""Joint training in rounds on Ray: train members -> exchange predictions -> evaluate -> publish.
+
+One `MemberRunner` actor owns each member. In a round it runs the member's stage jobs, each a Ray
+Train `TorchTrainer` with DeepSpeed, exports the result and predicts on train/dev/test. The
+predictions come back through Ray's object store and become the next round's guidance for the
+other members (soft labels, intensities, teacher logits, the ensemble's soft vote). After every
+round the run directory gets `rounds.json`, `state.json` and the manifest, so a re-run of the same
+command resumes at the last completed round.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from ensemble import config as C
+from ensemble import evaluate as E
+from ensemble import guidance as G
+from ensemble.data import Splits, load_splits
+from ensemble.progress import LiveView, start_board
+from ensemble.rundir import atomic_write_json, atomic_write_text, read_json
+from ensemble.runner import MemberRunner
+from ensemble.training import stages as S
+from ensemble.training.worker import MemberJob
+
+logger = logging.getLogger(__name__)
+STATE = "state.json"
+
+
+def init_ray(rc: C.RayConfig, address: str | None = None, verbose: bool = False) -> None:
+    """Join a cluster (`address`, config, or RAY_ADDRESS) or start a local Ray on loopback."""
+    if ray.is_initialized():
+        return
+    address = address or rc.address or os.environ.get("RAY_ADDRESS")
+    kwargs: dict[str, Any] = {"log_to_driver": verbose, "logging_level": logging.WARNING}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=rc.num_cpus, _node_ip_address=rc.node_ip_address,
+                 include_dashboard=False, **kwargs)
+
+
+def check_config(cfg: C.RunConfig) -> None:
+    """Cross-field checks that need more than one dataclass (stage orders, teachers)."""
+    problems: list[str] = []
+    for name, member in cfg.members.items():
+        problems += S.validate(name, member)
+    if problems:
+        raise C.ConfigError("; ".join(problems))
+
+
+def _fingerprint(d: dict[str, Any]) -> dict[str, Any]:
+    return {"data": d.get("data"), "members": d.get("members")}
+
+
+def prepare_run_dir(cfg: C.RunConfig) -> Path:
+    """Create the run directory, or check that an existing one holds the same run (to resume)."""
+    run_dir = Path(cfg.output_dir).resolve()
+    saved = run_dir / "config.yaml"
+    if saved.is_file():
+        old = C.to_dict(C.load(saved))
+        new = C.to_dict(cfg)
+        if _fingerprint(old) != _fingerprint(new):
+            diff = _first_diff(_fingerprint(old), _fingerprint(new))
+            raise C.ConfigError(
+                f"{run_dir} holds a run with different data/members ({diff}); "
+                "pass a new output_dir (or delete the old run) to start over"
+            )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(saved, C.to_yaml(cfg))
+    return run_dir
+
+
+def _first_diff(a: Any, b: Any, path: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                return _first_diff(a.get(key), b.get(key), f"{path}.{key}".lstrip("."))
+    return f"{path}: {a!r} -> {b!r}"
+
+
+def _load_state(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / STATE
+    if path.is_file():
+        return read_json(path)
+    return {"rounds_completed": 0, "members": {}, "rounds": [], "history": {}, "round_done": {}}
+
+
+def _jobs(cfg: C.RunConfig, name: str, r: int, state: dict[str, Any], splits_ref: Any,
+          guidance_ref: Any, teacher_ckpt: Any, board: str, splits: Splits) -> list[MemberJob]:
+    member = cfg.members[name]
+    plan = S.plan(member)
+    last = len(plan) - 1
+    indices = list(range(len(plan))) if r == 1 else [last]
+    prev = state["members"].get(name, {}).get("checkpoint")
+    jobs = []
+    for i in indices:
+        repeat = 1 if i < last else r
+        jobs.append(MemberJob(
+            name=name, member=member, stage=plan[i], num_labels=_num_outputs(member, splits),
+            class_intensity=splits.class_intensity(), max_length=cfg.data.max_length,
+            seed=cfg.training.seed, round=r, repeats=1 if i < last else cfg.training.rounds,
+            repeat=repeat, splits=splits_ref, guidance=guidance_ref,
+            weights=G.loss_weights(cfg, name, available=r > 1),
+            init_checkpoint=ray.train.Checkpoint(prev) if prev and i == indices[0] else None,
+            resume_optimizer=r > 1, teacher_checkpoint=teacher_ckpt,
+            progress_actor=board, log_every=cfg.training.log_every,
+        ))
+    return jobs
+
+
+def _num_outputs(member: C.MemberConfig, splits: Splits) -> int:
+    return 1 if member.kind == "regressor" else splits.num_labels()
+
+
+def _runners(cfg: C.RunConfig, run_dir: Path) -> dict[str, Any]:
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    storage = cfg.ray.storage_path or str(run_dir / "ray")
+    return {
+        name: MemberRunner.options(num_cpus=0, scheduling_strategy=here).remote(
+            name, m, str(run_dir), storage, cfg.training.max_failures,
+            cfg.training.eval_batch_size, cfg.data.max_length)
+        for name, m in cfg.members.items()
+    }
+
+
+def train(cfg: C.RunConfig, address: str | None = None, verbose: bool = False,
+          progress: bool = True) -> Path:
+    """Train every member for `training.rounds` rounds and write the run directory.
+
+    Args:
+        cfg: the validated run config.
+        address: Ray cluster to join; None starts a local Ray on `ray.node_ip_address`.
+        verbose: forward worker logs to the driver.
+        progress: show the live progress table.
+
+    Returns:
+        The run directory (holding manifest.json, metrics.json, exported members, plots).
+    """
+    check_config(cfg)
+    start = time.time()
+    run_dir = prepare_run_dir(cfg)
+    splits = load_splits(cfg.data)  # bad data fails here, before Ray starts
+    init_ray(cfg.ray, address, verbose)
+    state = _load_state(run_dir)
+    if state["rounds_completed"] >= cfg.training.rounds and (run_dir / "manifest.json").is_file():
+        logger.info("%s already holds %d completed rounds", run_dir, state["rounds_completed"])
+        return run_dir
+    splits_ref = ray.put(splits)
+    board_name = f"progress-{uuid.uuid4().hex[:8]}"
+    board = start_board(board_name)
+    runners = _runners(cfg, run_dir)
+    kinds = {n: m.kind for n, m in cfg.members.items()}
+    outputs: dict[str, dict[str, np.ndarray]] = {}
+    if state["rounds_completed"]:
+        outputs = _predict_all(runners, splits_ref, cfg, state["rounds_completed"])
+    for r in range(state["rounds_completed"] + 1, cfg.training.rounds + 1):
+        outputs = _round(cfg, r, state, runners, outputs, splits, splits_ref, kinds, board_name,
+                         board, run_dir, progress)
+    from ensemble.publish import publish
+
+    publish(cfg, run_dir, splits, kinds, outputs, state, wall_s=time.time() - start)
+    ray.kill(board)
+    return run_dir
+
+
+def _round(cfg, r, state, runners, outputs, splits, splits_ref, kinds, board_name, board,
+           run_dir, progress) -> dict[str, dict[str, np.ndarray]]:
+    """Train every member for round r (students after their teacher in round 1)."""
+    rounds = cfg.training.rounds
+    done = state["round_done"].get(str(r), {})
+    guidance_refs = G.build(cfg, splits, kinds, outputs) if outputs else {}
+    phases = [[n for n in cfg.members if kinds[n] != "student"],
+              [n for n in cfg.members if kinds[n] == "student"]]
+    if r > 1:
+        phases = [list(cfg.members)]
+    new_outputs: dict[str, dict[str, np.ndarray]] = {}
+    for phase in phases:
+        futures = {}
+        for name in phase:
+            needs_train = r < rounds or any(kinds[s] == "student" for s in cfg.members
+                                            if cfg.members[s].teacher == name and r == 1)
+            if name in done:
+                futures[name] = runners[name].predict.remote(splits_ref, needs_train)
+                continue
+            teacher = cfg.members[name].teacher
+            g_ref = guidance_refs.get(name)
+            if teacher and teacher not in outputs and teacher in new_outputs:
+                g_ref = G.teacher_only(new_outputs[teacher]["train"])
+            teacher_ckpt = (ray.train.Checkpoint(state["members"][teacher]["checkpoint"])
+                            if teacher and r == 1 else None)
+            jobs = _jobs(cfg, name, r, state, splits_ref, g_ref, teacher_ckpt, board_name, splits)
+            futures[name] = runners[name].run_round.remote(jobs, needs_train)
+        view = LiveView(board, f"round {r}/{rounds}", enabled=progress)
+        for name, result in view.wait(futures).items():
+            new_outputs[name] = result["outputs"]
+            if name not in done:
+                state["members"][name] = {"checkpoint": result["checkpoint"],
+                                          "export": result["export"]}
+                state["history"].setdefault(name, []).extend(result["history"])
+                state.setdefault("member_info", {})[name] = result["info"]
+                done[name] = True
+                state["round_done"][str(r)] = done
+                atomic_write_json(run_dir / STATE, state)
+    row = _round_row(cfg, r, splits, kinds, new_outputs, state)
+    state["rounds"].append(row)
+    state["rounds_completed"] = r
+    atomic_write_json(run_dir / STATE, state)
+    atomic_write_json(run_dir / "rounds.json", state["rounds"])
+    from ensemble.publish import print_round
+
+    print_round(row)
+    return new_outputs
+
+
+def _round_row(cfg, r, splits, kinds, outputs, state) -> dict[str, Any]:
+    dev = G.to_probs({n: o["dev"] for n, o in outputs.items()}, kinds)
+    rows = E.evaluate_split(dev, kinds, splits.labels["dev"],
+                            splits.intensity["dev"] if splits.intensity else None,
+                            splits.label_names, splits.class_intensity(), splits.intensity_edges())
+    stages = {n: state.get("member_info", {}).get(n, {}).get("stages", []) for n in outputs}
+    return {"round": r, "dev": E.compact(rows), "stages": stages}
+
+
+def _predict_all(runners, splits_ref, cfg, rounds_done) -> dict[str, dict[str, np.ndarray]]:
+    needs_train = rounds_done < cfg.training.rounds
+    refs = {n: runners[n].predict.remote(splits_ref, needs_train) for n in runners}
+    return {n: ray.get(ref)["outputs"] for n, ref in refs.items()}

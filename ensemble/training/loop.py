@@ -1,0 +1,175 @@
+"""Training and inference steps against an `Engine`. No Ray, no DeepSpeed imports.
+
+Token ids are kept ragged (one list per text) and padded per micro-batch, which on CPU is worth
+more than any other trick: SST sentences average ~20 tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ensemble.losses import LossWeights, member_loss
+
+
+def encode(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    """Token ids per text, truncated to max_length (no padding)."""
+    out = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)
+    return out["input_ids"]
+
+
+def collate(ids: Sequence[Sequence[int]], pad_id: int) -> dict[str, Tensor]:
+    """Pad a micro-batch to its longest text. Returns input_ids and attention_mask, (B, T)."""
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, seq in enumerate(ids):
+        input_ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
+def epoch_order(
+    n: int, seed: int, epoch: int, rank: int = 0, world: int = 1, ordered: np.ndarray | None = None
+) -> np.ndarray:
+    """This rank's example indices for one epoch.
+
+    A seeded shuffle (or the given curriculum order), cut to a multiple of `world` so every rank
+    runs the same number of steps (ZeRO collectives need that), then strided across ranks.
+    """
+    order = ordered if ordered is not None else np.random.default_rng([seed, epoch]).permutation(n)
+    usable = len(order) - len(order) % world
+    return order[:usable][rank::world]
+
+
+@dataclass
+class Targets:
+    """Per-example training targets aligned with the training split (numpy, on CPU)."""
+
+    labels: np.ndarray  # (N,) int64
+    intensity: np.ndarray | None = None  # (N,) float32
+    teacher_logits: np.ndarray | None = None  # (N, C)
+    regressor_intensity: np.ndarray | None = None  # (N,)
+    classifier_probs: np.ndarray | None = None  # (N, C)
+    ensemble_probs: np.ndarray | None = None  # (N, C)
+
+    def batch(self, index: np.ndarray) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {"labels": torch.as_tensor(self.labels[index], dtype=torch.long)}
+        for name in (
+            "intensity",
+            "teacher_logits",
+            "regressor_intensity",
+            "classifier_probs",
+            "ensemble_probs",
+        ):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = torch.as_tensor(value[index], dtype=torch.float32)
+        return out
+
+
+@dataclass
+class StepResult:
+    loss: float
+    parts: dict[str, float]
+    samples: int
+
+
+def train_step(
+    engine,
+    ids: list[list[int]],
+    pad_id: int,
+    targets: Targets,
+    index: np.ndarray,
+    kind: str,
+    loss: str,
+    weights: LossWeights,
+    class_intensity: Tensor | None,
+) -> StepResult:
+    """Forward, one combined loss, one backward, and an (accumulation-aware) optimizer step."""
+    inputs = collate([ids[i] for i in index], pad_id)
+    logits = engine(**inputs).logits  # (B, C) or (B, 1)
+    total, parts = member_loss(kind, loss, logits, targets.batch(index), weights, class_intensity)
+    engine.backward(total)
+    engine.step()
+    return StepResult(float(total.detach()), parts, len(index))
+
+
+def micro_batches(order: np.ndarray, size: int, skip: int = 0) -> Iterator[np.ndarray]:
+    """Consecutive micro-batches of `order`, dropping a ragged tail; the first `skip` omitted."""
+    for b in range(skip, len(order) // size):
+        yield order[b * size : (b + 1) * size]
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module, ids: Sequence[Sequence[int]], pad_id: int, batch_size: int = 64
+) -> np.ndarray:
+    """Logits for every text, in input order. Sorted by length inside so padding stays small."""
+    model.eval()
+    order = np.argsort([len(x) for x in ids], kind="stable")
+    chunks: list[np.ndarray] = []
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        chunks.append(model(**collate([ids[i] for i in index], pad_id)).logits.float().numpy())
+    out = (
+        np.empty((len(ids), chunks[0].shape[-1]), dtype=np.float32) if chunks else np.zeros((0, 1))
+    )
+    if chunks:
+        out[order] = np.concatenate(chunks)
+    return out
+
+
+class Throughput:
+    """Samples/s over a sliding window that skips the first (warm-up) steps."""
+
+    def __init__(self, warmup_steps: int = 2, clock: Callable[[], float] = time.perf_counter):
+        self.warmup_steps = warmup_steps
+        self.clock = clock
+        self.steps = 0
+        self.samples = 0
+        self.start: float | None = None
+
+    def update(self, samples: int) -> None:
+        self.steps += 1
+        if self.steps == self.warmup_steps:
+            self.start = self.clock()
+        elif self.steps > self.warmup_steps:
+            self.samples += samples
+
+    def rate(self) -> float:
+        if self.start is None or self.samples == 0:
+            return 0.0
+        return self.samples / max(1e-9, self.clock() - self.start)
+
+
+def mask_tokens(
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    mask_id: int,
+    vocab_size: int,
+    special_ids: Sequence[int],
+    probability: float,
+    generator: torch.Generator,
+) -> tuple[Tensor, Tensor]:
+    """BERT-style masking: of the chosen tokens 80% [MASK], 10% random, 10% kept.
+
+    Returns (masked input_ids, labels with -100 where no prediction is made). Shapes (B, T).
+    """
+    labels = input_ids.clone()
+    candidates = attention_mask.bool()
+    for sid in special_ids:
+        candidates &= input_ids != sid
+    chosen = (torch.rand(input_ids.shape, generator=generator) < probability) & candidates
+    labels[~chosen] = -100
+    masked = input_ids.clone()
+    replace = chosen & (torch.rand(input_ids.shape, generator=generator) < 0.8)
+    masked[replace] = mask_id
+    randomize = chosen & ~replace & (torch.rand(input_ids.shape, generator=generator) < 0.5)
+    masked[randomize] = torch.randint(vocab_size, input_ids.shape, generator=generator)[randomize]
+    return masked, labels

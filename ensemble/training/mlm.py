@@ -1,0 +1,111 @@
+"""The domain-adaptive masked-LM stage, run inside a Ray Train worker.
+
+The member's encoder trains under a masked-LM head on the task's training texts (or a given
+corpus); the exported checkpoint is the member's classification model with that encoder, so the
+next stage starts from it. Dev masked-LM loss is measured before and after with a fixed mask.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.train
+import torch
+
+from ensemble.models import members as M
+from ensemble.training.engine import make_engine
+from ensemble.training.loop import collate, encode, epoch_order, mask_tokens, micro_batches
+
+
+def _corpus(job: Any, splits: Any) -> list[str]:
+    if job.stage.corpus:
+        lines = Path(job.stage.corpus).read_text(encoding="utf-8").splitlines()
+        return [line for line in lines if line.strip()]
+    return list(splits.texts["train"])
+
+
+def _mlm_batch(ids, index, tokenizer, probability: float, generator: torch.Generator):
+    inputs = collate([ids[i] for i in index], tokenizer.pad_token_id)
+    masked, labels = mask_tokens(
+        inputs["input_ids"], inputs["attention_mask"], tokenizer.mask_token_id,
+        len(tokenizer), tokenizer.all_special_ids, probability, generator,
+    )
+    return {"input_ids": masked, "attention_mask": inputs["attention_mask"], "labels": labels}
+
+
+@torch.no_grad()
+def masked_lm_loss(model, ids, tokenizer, probability: float, batch_size: int = 64) -> float:
+    """Mean masked-LM loss over `ids` with a fixed masking seed (comparable across calls)."""
+    model.eval()
+    generator = torch.Generator().manual_seed(1234)
+    losses, weights = [], []
+    for start in range(0, len(ids), batch_size):
+        index = np.arange(start, min(len(ids), start + batch_size))
+        batch = _mlm_batch(ids, index, tokenizer, probability, generator)
+        count = int((batch["labels"] != -100).sum())
+        if count:
+            losses.append(float(model(**batch).loss) * count)
+            weights.append(count)
+    model.train()
+    return sum(losses) / max(1, sum(weights))
+
+
+def train_mlm_stage(job, splits, rank: int, world: int, build_model, load_tok, report) -> None:
+    """Train the encoder with masked-LM, then report a checkpoint holding the member model."""
+    from ensemble.training.worker import _init_dir, _settings, stage_micro_steps, steps_per_epoch
+
+    restored = ray.train.get_checkpoint()
+    with _init_dir(restored, job.init_checkpoint) as init_dir:
+        member = build_model(job, init_dir)
+        tokenizer = load_tok(job, init_dir)
+        source = str(Path(init_dir) / "hf") if init_dir else M.resolve_model_name(job.member.model)
+        if init_dir or (job.member.pretrained and not job.member.arch):
+            mlm = M.build_mlm(source, pretrained=True)
+        else:
+            mlm = M.build_mlm(job.member.model, pretrained=False, arch=job.member.arch)
+        mlm.base_model.load_state_dict(member.base_model.state_dict(), strict=False)
+        ids = encode(tokenizer, _corpus(job, splits), job.max_length)
+        dev_ids = encode(tokenizer, splits.texts["dev"][:512], job.max_length)
+        n = len(ids)
+        per_epoch = steps_per_epoch(n, world, job.member.micro_batch_size, job.member.grad_accum)
+        job_steps = stage_micro_steps(job.stage.epochs, per_epoch, job.member.grad_accum)
+        engine = make_engine(mlm, _settings(job, job_steps // job.member.grad_accum),
+                             job.backend, world)
+        state: dict[str, Any] = {"micro": 0, "history": []}
+        if restored:
+            state = engine.load(init_dir)
+    p = job.stage.mlm_probability
+    if "dev_mlm_loss_before" not in state:
+        state["dev_mlm_loss_before"] = masked_lm_loss(engine.model, dev_ids, tokenizer, p)
+    generator = torch.Generator().manual_seed(job.seed + rank)
+    micro = state["micro"]
+    while micro < job_steps:
+        epoch, skip = divmod(micro, per_epoch)
+        order = epoch_order(n, job.seed, epoch, rank, world)
+        for index in micro_batches(order, job.member.micro_batch_size, skip=skip):
+            loss = engine(**_mlm_batch(ids, index, tokenizer, p, generator)).loss
+            engine.backward(loss)
+            engine.step()
+            micro += 1
+            if micro % job.log_every == 0 or micro == job_steps:
+                state["history"].append({"round": job.round, "stage": "mlm",
+                                         "step": micro, "loss": float(loss)})
+            if micro >= job_steps or micro % per_epoch == 0:
+                break
+        state["micro"] = micro
+        metrics = {"round": job.round, "stage": "mlm", "micro": micro, "job_steps": job_steps,
+                   "history": state["history"], "done": micro >= job_steps,
+                   "loss": state["history"][-1]["loss"] if state["history"] else math.nan,
+                   "dev_mlm_loss_before": state["dev_mlm_loss_before"]}
+        if micro >= job_steps:
+            metrics["dev_mlm_loss_after"] = masked_lm_loss(engine.model, dev_ids, tokenizer, p)
+
+        def export(full_state, member=member):
+            mlm.load_state_dict(full_state)
+            member.base_model.load_state_dict(mlm.base_model.state_dict(), strict=False)
+            return member
+
+        report(engine, tokenizer, metrics, dict(state), export)

@@ -1,0 +1,236 @@
+"""The per-worker training function that Ray Train runs for one member and one round.
+
+Every worker builds the member, wraps it in a DeepSpeed engine, trains its shard of the data and
+checkpoints at every epoch end: each rank writes its own ZeRO shard into the checkpoint, rank 0
+adds a `save_pretrained` export, and `ray.train.report` merges them in storage. On a restart (a
+lost worker, or the same command run again) training continues from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import ray.train
+import torch
+
+from ensemble.config import MemberConfig, StageConfig
+from ensemble.losses import LossWeights
+from ensemble.models import members as M
+from ensemble.training import stages as S
+from ensemble.training.engine import OptimSettings, make_engine
+from ensemble.training.loop import (
+    Targets,
+    Throughput,
+    encode,
+    epoch_order,
+    micro_batches,
+    train_step,
+)
+
+logger = logging.getLogger(__name__)
+HF_DIR = "hf"
+
+
+@dataclass
+class MemberJob:
+    """Everything a worker needs for one stage of one member in one round (plain, picklable)."""
+
+    name: str
+    member: MemberConfig
+    stage: StageConfig
+    num_labels: int
+    class_intensity: list[float]
+    max_length: int
+    seed: int
+    round: int  # 1-based
+    repeats: int  # how many rounds run this stage (sets the LR schedule's length)
+    repeat: int  # 1-based index of this run of the stage
+    splits: Any  # ObjectRef[Splits]
+    guidance: Any = None  # ObjectRef[dict[str, np.ndarray]] aligned with the training split
+    weights: LossWeights = field(default_factory=LossWeights)
+    init_checkpoint: Any = None  # ray.train.Checkpoint: the previous job's final checkpoint
+    resume_optimizer: bool = False  # same stage again: keep optimizer + schedule state
+    teacher_checkpoint: Any = None  # ray.train.Checkpoint: a student starts from its teacher
+    backend: str = "deepspeed"
+    progress_actor: str | None = None
+    log_every: int = 10
+
+
+def steps_per_epoch(n_train: int, world: int, micro_batch: int, grad_accum: int) -> int:
+    """Micro-batches per epoch on each rank, a multiple of grad_accum."""
+    micro = (n_train // world) // micro_batch
+    return max(grad_accum, micro - micro % grad_accum)
+
+
+def stage_micro_steps(epochs: float, per_epoch: int, grad_accum: int) -> int:
+    steps = math.ceil(epochs * per_epoch)
+    return max(grad_accum, steps - steps % grad_accum)
+
+
+def _build_model(job: MemberJob, init_dir: str | None):
+    m = job.member
+    if init_dir is not None:
+        return M.load_exported(Path(init_dir) / HF_DIR)[0]
+    if m.kind == "student":
+        if job.teacher_checkpoint is None:
+            raise ValueError(f"student {job.name} has no trained teacher to start from")
+        with job.teacher_checkpoint.as_directory() as teacher_dir:
+            teacher, _ = M.load_exported(Path(teacher_dir) / HF_DIR)
+        return M.make_student(teacher, m.student_layers)
+    return M.build_member(m.model, job.num_labels, regression=m.kind == "regressor",
+                          pretrained=m.pretrained, arch=m.arch)
+
+
+def _tokenizer(job: MemberJob, init_dir: str | None):
+    if init_dir is not None:
+        return M.load_tokenizer(str(Path(init_dir) / HF_DIR))
+    if job.member.kind == "student" and job.teacher_checkpoint is not None:
+        with job.teacher_checkpoint.as_directory() as teacher_dir:
+            return M.load_tokenizer(str(Path(teacher_dir) / HF_DIR))
+    return M.load_tokenizer(job.member.model)
+
+
+def _targets(splits: Any, guidance: dict[str, np.ndarray] | None) -> Targets:
+    intensity = splits.intensity["train"] if splits.intensity is not None else None
+    g = guidance or {}
+    return Targets(
+        labels=splits.labels["train"],
+        intensity=intensity,
+        teacher_logits=g.get("teacher_logits"),
+        regressor_intensity=g.get("regressor_intensity"),
+        classifier_probs=g.get("classifier_probs"),
+        ensemble_probs=g.get("ensemble_probs"),
+    )
+
+
+def _report(engine, tokenizer, metrics: dict[str, Any], client_state: dict[str, Any],
+            export=None) -> None:
+    """Checkpoint every rank's shard plus rank 0's `save_pretrained` export, then report."""
+    ctx = ray.train.get_context()
+    tmp = tempfile.mkdtemp(prefix="ensemble-ckpt-")
+    try:
+        engine.save(tmp, client_state)
+        state = engine.full_state_dict()  # every rank takes part under ZeRO-3
+        if ctx.get_world_rank() == 0:
+            model = export(state) if export is not None else engine.model
+            model.save_pretrained(Path(tmp) / HF_DIR, state_dict=None if export else state)
+            tokenizer.save_pretrained(Path(tmp) / HF_DIR)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _settings(job: MemberJob, total_steps: int) -> OptimSettings:
+    m = job.member
+    return OptimSettings(
+        lr=job.stage.lr or m.lr,
+        weight_decay=m.weight_decay,
+        scheduler=m.scheduler,
+        warmup_ratio=m.warmup_ratio,
+        total_steps=max(1, total_steps),
+        micro_batch_size=m.micro_batch_size,
+        grad_accum=m.grad_accum,
+        max_grad_norm=m.max_grad_norm,
+        zero_stage=m.zero_stage,
+        precision=m.precision,
+        deepspeed_extra=dict(m.deepspeed_extra),
+    )
+
+
+def train_member(config: dict[str, Any]) -> None:
+    """Ray Train entry point: run `config["job"]` (one stage of one member) to completion."""
+    job: MemberJob = config["job"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(job.member.cpus_per_worker)))
+    torch.manual_seed(job.seed + 1000 * job.round)
+    splits = ray.get(job.splits)
+    guidance = ray.get(job.guidance) if job.guidance is not None else None
+    if job.stage.name == "mlm":
+        from ensemble.training.mlm import train_mlm_stage
+
+        return train_mlm_stage(job, splits, rank, world, _build_model, _tokenizer, _report)
+
+    restored = ray.train.get_checkpoint()  # same job, after a failure or a re-run
+    with _init_dir(restored, job.init_checkpoint) as init_dir:
+        model = _build_model(job, init_dir)
+        tokenizer = _tokenizer(job, init_dir)
+        ids = encode(tokenizer, splits.texts["train"], job.max_length)
+        n = len(ids)
+        per_epoch = steps_per_epoch(n, world, job.member.micro_batch_size, job.member.grad_accum)
+        job_steps = stage_micro_steps(job.stage.epochs, per_epoch, job.member.grad_accum)
+        settings = _settings(job, job.repeats * job_steps // job.member.grad_accum)
+        engine = make_engine(
+            model, settings, job.backend, world,
+            lr_scale=S.layer_lr_scale(model, job.stage.layer_lr_decay),
+            unfreeze_step=S.unfreeze_steps(model, job.stage, per_epoch // job.member.grad_accum),
+        )
+        state: dict[str, Any] = {"micro": 0, "history": []}
+        if init_dir is not None and (restored or job.resume_optimizer):
+            loaded = engine.load(init_dir)
+            if restored:
+                state = loaded
+    targets = _targets(splits, guidance)
+    weights = job.weights if job.stage.name == "distill" else replace(job.weights, distill_alpha=0.0)
+    ci = torch.tensor(job.class_intensity, dtype=torch.float32)
+    order = None
+    if job.stage.name == "curriculum":
+        g = guidance or {}
+        scores = S.difficulty(job.stage, targets.intensity, g.get("teacher_logits"))
+        order = S.curriculum_order(scores)
+    epochs = math.ceil(job_steps / per_epoch)
+    board = _progress(job.progress_actor) if rank == 0 else None
+    speed = Throughput()
+    micro = state["micro"]
+    offset_steps = (job.repeat - 1) * job_steps
+    while micro < job_steps:
+        epoch, skip = divmod(micro, per_epoch)
+        seed = job.seed + 7919 * job.round
+        ordered = None if order is None else S.paced_order(order, job.stage, epoch, epochs, seed)
+        index_order = epoch_order(n, seed, epoch, rank, world, ordered)
+        engine.model.train()
+        for index in micro_batches(index_order, job.member.micro_batch_size, skip=skip):
+            result = train_step(engine, ids, tokenizer.pad_token_id, targets, index,
+                                job.member.kind, job.member.task_loss, weights, ci)
+            micro += 1
+            speed.update(result.samples * world)
+            if micro % job.log_every == 0 or micro == job_steps:
+                point = {"round": job.round, "stage": job.stage.name,
+                         "step": offset_steps + micro, "loss": result.loss, **result.parts}
+                state["history"].append(point)
+                if board is not None:
+                    board.update.remote(job.name, {**point, "lr": engine.lr(),
+                                                   "samples_per_s": speed.rate(),
+                                                   "progress": micro / job_steps})
+            if micro >= job_steps or micro % per_epoch == 0:
+                break
+        state["micro"] = micro
+        last = state["history"][-1]["loss"] if state["history"] else float("nan")
+        metrics = {"round": job.round, "stage": job.stage.name, "micro": micro,
+                   "job_steps": job_steps, "samples_per_s": speed.rate(), "loss": last,
+                   "history": state["history"], "world_size": world, "done": micro >= job_steps}
+        _report(engine, tokenizer, metrics, dict(state))
+
+
+def _init_dir(restored: Any, init: Any):
+    """The directory to start from: this job's own restored checkpoint, else the previous job's."""
+    if restored is not None:
+        return restored.as_directory()
+    if init is not None:
+        return init.as_directory()
+    return contextlib.nullcontext(None)
+
+
+def _progress(name: str | None):
+    from ensemble.progress import get_board
+
+    return get_board(name)
