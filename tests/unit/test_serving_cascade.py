@@ -1,0 +1,282 @@
+"""The pure combination / cascade logic the Serve combiner runs (no Ray, no torch)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ensemble import combine
+from ensemble.rundir import Manifest, MemberEntry
+from ensemble.serving import cascade
+from ensemble.serving.cascade import Combination
+
+LABELS = ["neg", "neu", "pos"]
+MEMBERS = {"clf": "classifier", "reg": "regressor", "teach": "teacher", "stud": "student"}
+
+
+def _spec(**kw) -> Combination:
+    base = dict(
+        members=MEMBERS,
+        label_names=LABELS,
+        class_intensity=[-2.0, 0.0, 2.0],
+        intensity_edges=[-1.0, 1.0],
+    )
+    return Combination(**{**base, **kw})
+
+
+def _outputs(b: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = {n: rng.dirichlet(np.ones(3), b) for n in ("clf", "teach", "stud")}
+    out["reg"] = rng.uniform(-3, 3, b)
+    return out
+
+
+def _brute_force(s, e, y, loss):
+    """Reference: try every observed confidence (and 'never'), keep the lowest that passes."""
+    target = np.mean(e.argmax(1) == y) - loss
+    for t in np.sort(np.unique(s.max(1))):
+        pred = np.where(s.max(1) >= t, s.argmax(1), e.argmax(1))
+        if np.mean(pred == y) >= target - 1e-12:
+            return t
+    return None
+
+
+# ----------------------------------------------------------------------------- fit_threshold
+
+
+def test_perfect_student_takes_all_traffic():
+    y = np.array([0, 1, 2, 1])
+    student = np.eye(3)[y] * 0.6 + 0.4 / 3  # right on every example, confidence 0.733
+    ensemble = np.eye(3)[y]
+    t = cascade.fit_threshold(student, ensemble, y)
+    assert t == pytest.approx(student.max(1).min())
+    assert cascade.cascade_accuracy(student, ensemble, y, t)["student_fraction"] == 1.0
+
+
+def test_threshold_stops_where_the_student_starts_to_err():
+    y = np.array([0, 0, 0, 0])
+    # student confidences 0.9, 0.8 (right) then 0.7, 0.6 (wrong); ensemble always right
+    student = np.array([[0.9, 0.1, 0], [0.8, 0.2, 0], [0.3, 0.7, 0], [0.4, 0.6, 0]])
+    ensemble = np.tile([1.0, 0, 0], (4, 1))
+    assert cascade.fit_threshold(student, ensemble, y, max_accuracy_loss=0.0) == 0.8
+    # allowing a 25-point loss lets the student also take its 0.7 example (one error)
+    assert cascade.fit_threshold(student, ensemble, y, max_accuracy_loss=0.25) == 0.7
+    stats = cascade.cascade_accuracy(student, ensemble, y, 0.8)
+    assert stats["accuracy"] == 1.0 and stats["student_fraction"] == 0.5
+
+
+def test_tied_confidences_are_never_split():
+    y = np.array([0, 0])
+    student = np.array([[0.7, 0.3, 0], [0.3, 0.7, 0]])  # same confidence, one right one wrong
+    ensemble = np.tile([1.0, 0, 0], (2, 1))
+    t = cascade.fit_threshold(student, ensemble, y, max_accuracy_loss=0.0)
+    assert t > 0.7  # both or neither: only "neither" keeps the accuracy
+    assert cascade.cascade_accuracy(student, ensemble, y, t)["student_fraction"] == 0.0
+
+
+def test_hopeless_student_never_answers_alone():
+    y = np.array([0, 1, 2])
+    student = np.eye(3)[(y + 1) % 3] * 0.9 + 0.1 / 3
+    ensemble = np.eye(3)[y]
+    t = cascade.fit_threshold(student, ensemble, y)
+    assert t > student.max()
+    assert cascade.cascade_accuracy(student, ensemble, y, t)["accuracy_loss"] == 0.0
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_matches_brute_force_on_random_data(seed):
+    rng = np.random.default_rng(seed)
+    n = 200
+    y = rng.integers(0, 3, n)
+    student = rng.dirichlet(np.ones(3) * 0.7, n)
+    student[rng.random(n) < 0.3] = student[0]  # many exactly tied confidences
+    ensemble = np.where(rng.random((n, 1)) < 0.8, np.eye(3)[y], rng.dirichlet(np.ones(3), n))
+    for loss in (0.0, 0.005, 0.05):
+        expected = _brute_force(student, ensemble, y, loss)
+        got = cascade.fit_threshold(student, ensemble, y, max_accuracy_loss=loss)
+        if expected is None:
+            assert got > student.max()
+        else:
+            assert got == pytest.approx(expected)
+            got_loss = cascade.cascade_accuracy(student, ensemble, y, got)["accuracy_loss"]
+            assert got_loss <= loss + 1e-12
+
+
+@pytest.mark.parametrize(
+    ("student", "ensemble", "labels", "loss", "match"),
+    [
+        (np.ones((3, 2)) / 2, np.ones((4, 2)) / 2, np.zeros(3, int), 0.0, "same N"),
+        (np.ones((0, 2)), np.ones((0, 2)), np.zeros(0, int), 0.0, "no dev examples"),
+        (np.ones((2, 2)) / 2, np.ones((2, 2)) / 2, np.array([0, 2]), 0.0, r"\[0, 2\)"),
+        (np.ones((2, 2)) / 2, np.ones((2, 2)) / 2, np.array([0.0, 1.0]), 0.0, "integer"),
+        (np.ones((2, 2)) / 2, np.ones((2, 2)) / 2, np.array([0, 1]), -0.1, "max_accuracy_loss"),
+    ],
+)
+def test_fit_threshold_rejects_bad_input(student, ensemble, labels, loss, match):
+    with pytest.raises(ValueError, match=match):
+        cascade.fit_threshold(student, ensemble, labels, max_accuracy_loss=loss)
+
+
+# ------------------------------------------------------------------------ combine_outputs
+
+
+@pytest.mark.parametrize("method", combine.METHODS)
+def test_combine_outputs_is_combine_apply_on_the_stacked_members(method):
+    rng = np.random.default_rng(1)
+    weights = {"clf": 0.5, "reg": 0.2, "teach": 1.0, "stud": 0.3}
+    params = {"coef": rng.normal(size=(3, 12)).tolist(), "intercept": [0.1, 0.0, -0.1]}
+    spec = _spec(method=method, weights=weights, params=params if method == "stacking" else {})
+    out = _outputs(7)
+    got = cascade.combine_outputs(out, spec)
+
+    reg_probs = combine.regressor_probs(out["reg"], [-1.0, 1.0], 3)
+    probs = np.stack([out["clf"], reg_probs, out["teach"], out["stud"]])  # manifest order
+    w = np.array([0.5, 0.2, 1.0, 0.3])
+    expected = combine.apply(method, probs, w, spec.params)
+    np.testing.assert_allclose(got.probs, expected)
+    np.testing.assert_array_equal(got.label_ids, expected.argmax(1))
+    np.testing.assert_allclose(got.confidence, expected.max(1))
+    np.testing.assert_allclose(got.disagreement, combine.disagreement(probs))
+    intensities = np.stack(
+        [
+            combine.expected_intensity(out["clf"], [-2, 0, 2]),
+            out["reg"],
+            combine.expected_intensity(out["teach"], [-2, 0, 2]),
+            combine.expected_intensity(out["stud"], [-2, 0, 2]),
+        ]
+    )
+    np.testing.assert_allclose(got.intensity, combine.combine_intensity(intensities, w))
+
+
+def test_regressor_sharpness_param_gives_a_soft_vote():
+    out = _outputs(5)
+    hard = cascade.stack_member_probs(out, _spec())[1]
+    soft = cascade.stack_member_probs(out, _spec(params={"regressor_sharpness": 2.0}))[1]
+    assert set(np.unique(hard)) <= {0.0, 1.0}
+    assert np.all((soft > 0) & (soft < 1))
+    np.testing.assert_array_equal(hard.argmax(1), soft.argmax(1))
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"method": "median"}, "unknown"),
+        ({"weights": {"clf": 1.0}}, r"weights lack members \['reg', 'stud', 'teach'\]"),
+        ({"weights": {**dict.fromkeys(MEMBERS, 1.0), "ghost": 1.0}}, "unknown members"),
+        ({"weights": dict.fromkeys(MEMBERS, 0.0)}, "all weights are 0"),
+        ({"method": "stacking"}, "coef"),
+        ({"method": "weighted"}, "learned weights"),
+        ({"members": {"x": "ranker"}}, "unknown member kinds"),
+    ],
+)
+def test_combination_names_the_fix(kw, match):
+    with pytest.raises(ValueError, match=match):
+        _spec(**kw)
+
+
+def test_missing_member_output_is_an_error():
+    out = _outputs(2)
+    del out["teach"]
+    with pytest.raises(ValueError, match="no outputs for members"):
+        cascade.combine_outputs(out, _spec())
+
+
+# ----------------------------------------------------------------------------- cascade_answer
+
+
+def test_cascade_answer_merges_student_and_ensemble_rows():
+    spec = _spec()
+    out = _outputs(6, seed=3)
+    hard = cascade.hard_examples(out["stud"], threshold=0.5)
+    assert 0 < hard.size < 6  # the seed gives a mix
+    rest = {n: v[hard] for n, v in out.items() if n != "stud"}
+    ans = cascade.cascade_answer(spec, out["stud"], hard, rest)
+    full = cascade.combine_outputs(out, spec)
+    easy = np.setdiff1d(np.arange(6), hard)
+    np.testing.assert_allclose(ans.combined.probs[hard], full.probs[hard])
+    np.testing.assert_allclose(ans.combined.probs[easy], out["stud"][easy])
+    np.testing.assert_allclose(ans.combined.intensity[hard], full.intensity[hard])
+    assert [ans.answered_by[i] for i in hard] == ["ensemble"] * hard.size
+    assert [ans.answered_by[i] for i in easy] == ["student"] * easy.size
+    assert np.isnan(ans.outputs["clf"][easy]).all()  # not asked about the easy ones
+    np.testing.assert_allclose(ans.outputs["clf"][hard], out["clf"][hard])
+
+
+def test_cascade_extremes_equal_student_alone_and_full_ensemble():
+    spec = _spec(method="hard_vote")
+    out = _outputs(5, seed=4)
+    all_hard = cascade.hard_examples(out["stud"], threshold=1.01)
+    ans = cascade.cascade_answer(
+        spec, out["stud"], all_hard, {n: v for n, v in out.items() if n != "stud"}
+    )
+    np.testing.assert_allclose(ans.combined.probs, cascade.combine_outputs(out, spec).probs)
+    none = cascade.hard_examples(out["stud"], threshold=0.0)
+    ans = cascade.cascade_answer(spec, out["stud"], none, {})
+    np.testing.assert_allclose(ans.combined.probs, out["stud"])
+    assert ans.answered_by == ["student"] * 5
+
+
+def test_cascade_needs_a_student():
+    with pytest.raises(ValueError, match="kind 'student'"):
+        cascade.student_of(_spec(members={"clf": "classifier", "reg": "regressor"}))
+
+
+# -------------------------------------------------------------------------- run directory
+
+
+def _manifest_run(tmp_path, combine_section):
+    members = {
+        n: MemberEntry(
+            kind=k,
+            path=f"members/{n}/export",
+            num_labels=1 if k == "regressor" else 3,
+            max_length=16,
+        )
+        for n, k in MEMBERS.items()
+    }
+    Manifest(
+        name="t",
+        label_names=LABELS,
+        class_intensity=[-2.0, 0.0, 2.0],
+        intensity_edges=[-1.0, 1.0],
+        intensity_range=[-4.0, 4.0],
+        members=members,
+        combine=combine_section,
+    ).save(tmp_path)
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 300)
+    preds = {"labels": y, "intensity": rng.normal(size=300)}
+    for n, strength in (("clf", 2.0), ("teach", 2.5), ("stud", 1.0)):
+        logits = rng.normal(size=(300, 3)) + strength * np.eye(3)[y]
+        preds[n] = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    preds["reg"] = np.array([-2.0, 0.0, 2.0])[y] + rng.normal(0, 0.5, 300)
+    (tmp_path / "predictions").mkdir()
+    np.savez(tmp_path / "predictions" / "dev.npz", **preds)
+    return preds
+
+
+def test_fit_threshold_from_run_uses_the_served_combination(tmp_path):
+    preds = _manifest_run(tmp_path, {"method": "soft_vote", "weights": {}, "params": {}})
+    spec = cascade.combination_from_manifest(Manifest.load(tmp_path))
+    threshold, stats = cascade.fit_threshold_from_run(tmp_path, spec, max_accuracy_loss=0.005)
+    ensemble = cascade.combine_outputs(preds, spec).probs
+    assert threshold == cascade.fit_threshold(preds["stud"], ensemble, preds["labels"])
+    assert stats["accuracy_loss"] <= 0.005 + 1e-12
+    assert 0.0 < stats["student_fraction"] < 1.0  # a real split on this data
+
+
+def test_combination_from_manifest_reads_method_and_weights(tmp_path):
+    _manifest_run(
+        tmp_path, {"method": "hard_vote", "weights": {"clf": 2, "reg": 1, "teach": 1, "stud": 0}}
+    )
+    spec = cascade.combination_from_manifest(Manifest.load(tmp_path))
+    assert spec.method == "hard_vote" and spec.weights["clf"] == 2.0
+    assert cascade.combination_from_manifest(Manifest.load(tmp_path), "soft_vote").method == (
+        "soft_vote"
+    )
+    np.testing.assert_array_equal(spec.weight_vector(), [2.0, 1.0, 1.0, 0.0])
+
+
+def test_missing_predictions_name_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="cascade_threshold"):
+        cascade.load_predictions(tmp_path)

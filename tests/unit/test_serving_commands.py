@@ -1,0 +1,182 @@
+"""Settings resolution, the Serve config YAML and the CLI hooks, without starting Ray."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from helpers_serve import synthetic_predictions  # noqa: E402
+
+from ensemble.rundir import Manifest, MemberEntry  # noqa: E402
+from ensemble.serving import commands  # noqa: E402
+
+KINDS = {
+    "classifier": "classifier",
+    "regressor": "regressor",
+    "teacher": "teacher",
+    "student": "student",
+}
+
+
+@pytest.fixture
+def run_dir(tmp_path) -> Path:
+    """A manifest + predictions + export dirs holding placeholder files (no weights needed)."""
+    members = {}
+    for name, kind in KINDS.items():
+        export = tmp_path / "members" / name / "export"
+        export.mkdir(parents=True)
+        (export / "model.safetensors").write_bytes(name.encode())
+        members[name] = MemberEntry(
+            kind=kind,
+            path=f"members/{name}/export",
+            num_labels=1 if kind == "regressor" else 5,
+            max_length=32,
+        )
+    Manifest(
+        name="t",
+        label_names=list("abcde"),
+        class_intensity=[0.1, 0.3, 0.5, 0.7, 0.9],
+        intensity_edges=[0.2, 0.4, 0.6, 0.8],
+        intensity_range=[0, 1],
+        members=members,
+        combine={
+            "method": "weighted",
+            "weights": {"classifier": 0.4, "regressor": 0.1, "teacher": 0.4, "student": 0.1},
+            "params": {},
+        },
+        config={"serve": {"port": 18999, "max_batch_size": 8}},
+    ).save(tmp_path)
+    (tmp_path / "predictions").mkdir()
+    np.savez(tmp_path / "predictions" / "dev.npz", **synthetic_predictions(300, 0))
+    return tmp_path
+
+
+def test_serve_config_layers_run_config_and_overrides(run_dir):
+    cfg = commands.serve_config_for(run_dir, {"max_batch_size": 4, "host": None})
+    assert (cfg.port, cfg.max_batch_size, cfg.host) == (18999, 4, "127.0.0.1")
+    with pytest.raises(ValueError, match=r"unknown serve setting\(s\) \['max_batch'\]"):
+        commands.serve_config_for(run_dir, {"max_batch": 4})
+    with pytest.raises(ValueError, match="max_ongoing_requests"):
+        commands.serve_config_for(run_dir, {"max_batch_size": 128})
+
+
+def test_deploy_config_is_a_valid_serve_config(run_dir):
+    from ray.serve.schema import ServeDeploySchema
+
+    cfg = commands.serve_config_for(
+        run_dir, {"cascade": True, "route_prefix": "/ens", "num_cpus": 0.2}
+    )
+    config = commands.deploy_config(run_dir, cfg, method="soft_vote")
+    ServeDeploySchema.model_validate(config)  # what `serve deploy` checks
+    assert config["http_options"] == {"host": "127.0.0.1", "port": 18999}
+    (app,) = config["applications"]
+    assert app["import_path"] == "ensemble.serving.app:build_app"
+    assert app["route_prefix"] == "/ens"
+    assert app["args"]["run_dir"] == str(run_dir.resolve())
+    deps = {d["name"]: d for d in app["deployments"]}
+    assert set(deps) == {"combiner"} | {f"member_{n}" for n in KINDS}
+    live = deps["combiner"]["user_config"]
+    assert live["method"] == "soft_vote" and live["weights"]["teacher"] == 0.4
+    assert live["cascade"] and 0.0 < live["cascade_threshold"] <= 1.0  # fitted on dev.npz
+    member = deps["member_teacher"]
+    assert member["user_config"] == {"max_batch_size": 8, "batch_wait_timeout_s": 0.01}
+    assert member["ray_actor_options"] == {"num_cpus": 0.2, "num_gpus": 0.0}
+
+
+def test_explicit_threshold_wins_over_fitting(run_dir):
+    cfg = commands.serve_config_for(run_dir, {"cascade": True, "cascade_threshold": 0.42})
+    manifest = Manifest.load(run_dir)
+    assert commands.combiner_settings(run_dir, manifest, cfg).cascade_threshold == 0.42
+
+
+def test_cascade_without_predictions_or_student_names_the_fix(run_dir):
+    os.remove(run_dir / "predictions" / "dev.npz")
+    cfg = commands.serve_config_for(run_dir, {"cascade": True})
+    with pytest.raises(ValueError, match="set serve.cascade_threshold"):
+        commands.combiner_settings(run_dir, Manifest.load(run_dir), cfg)
+    manifest = Manifest.load(run_dir)
+    manifest.members.pop("student")
+    manifest.combine["weights"].pop("student")
+    with pytest.raises(ValueError, match="kind 'student'"):
+        commands.combiner_settings(run_dir, manifest, cfg)
+
+
+def test_only_new_member_weights_change_the_build_args(run_dir):
+    """Same args -> Serve reconfigures in place; new weights -> new args -> members reload."""
+    cfg = commands.serve_config_for(run_dir)
+    args = commands.deploy_config(run_dir, cfg)["applications"][0]["args"]
+    other = commands.serve_config_for(run_dir, {"cascade": True, "max_batch_size": 1})
+    assert commands.deploy_config(run_dir, other, "hard_vote")["applications"][0]["args"] == args
+    (run_dir / "members" / "teacher" / "export" / "model.safetensors").write_bytes(b"new weights")
+    assert commands.deploy_config(run_dir, cfg)["applications"][0]["args"] != args
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser(prog="ensemble")
+    commands.add_commands(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(argv)
+
+
+def test_cli_serve_write_config(run_dir, tmp_path, capsys):
+    out = tmp_path / "serve.yaml"
+    args = _parse(
+        [
+            "serve",
+            str(run_dir),
+            "--write-config",
+            str(out),
+            "--port",
+            "18123",
+            "--max-batch-size",
+            "1",
+            "--no-cascade",
+            "--method",
+            "hard_vote",
+        ]
+    )
+    assert args.func(args) == 0
+    config = yaml.safe_load(out.read_text())
+    assert config["http_options"]["port"] == 18123
+    deps = {d["name"]: d for d in config["applications"][0]["deployments"]}
+    assert deps["member_student"]["user_config"]["max_batch_size"] == 1
+    assert deps["combiner"]["user_config"]["method"] == "hard_vote"
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_cli_serve_parses_every_switch(run_dir):
+    args = _parse(
+        [
+            "serve",
+            str(run_dir),
+            "--cascade",
+            "--sequential",
+            "--num-cpus",
+            "0.1",
+            "--route-prefix",
+            "/x",
+            "--detach",
+        ]
+    )
+    assert args.detach and args.func is commands._serve
+    over = commands._overrides(args)
+    assert over == {"cascade": True, "sequential": True, "num_cpus": 0.1, "route_prefix": "/x"}
+    assert not _parse(["serve", str(run_dir)]).detach  # blocking by default
+
+
+def test_cli_serve_reports_a_bad_run_dir(tmp_path, capsys):
+    args = _parse(["serve", str(tmp_path / "nope"), "--write-config", str(tmp_path / "x.yaml")])
+    assert args.func(args) == 1
+    assert "ensemble train" in capsys.readouterr().err
+
+
+def test_cli_query_without_a_server_fails_cleanly(capsys):
+    args = _parse(["query", "hello", "--url", "http://127.0.0.1:9", "--timeout", "2"])
+    assert args.func(args) == 1
+    assert "cannot reach" in capsys.readouterr().err
