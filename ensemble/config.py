@@ -249,7 +249,7 @@ class ServeConfig:
     cascade: bool = False  # student answers alone when confident (threshold fitted on dev)
     sequential: bool = False  # call members one after another (benchmark baseline)
     max_ongoing_requests: int = 64  # per replica; >= max_batch_size so batches can fill
-    request_timeout_s: float = 30.0  # combiner's bound on waiting for the members
+    request_timeout_s: float = 10.0  # combiner's bound on waiting for the members
     health_check_period_s: float = 2.0
 
     def __post_init__(self) -> None:
@@ -280,7 +280,8 @@ class TuneConfig:
     scheduler: Literal["pbt", "pb2", "asha", "random", "grid", "optuna"] = "pbt"
     num_samples: int = 4
     max_concurrent_trials: int = 2
-    metric: str = "ensemble_dev_accuracy"
+    # a per-round key: <member or ensemble_<method>>_dev_<accuracy|macro_f1|pearson|...>
+    metric: str = "ensemble_soft_vote_dev_accuracy"
     mode: Literal["max", "min"] = "max"
     perturbation_interval: int = 1
     quantile_fraction: float = 0.25

@@ -331,7 +331,12 @@ class Combiner:
     async def stats(self) -> s.StatsResponse:
         """Process ids and batch-size histograms (of one replica per member)."""
         names = list(self._members)
-        got = await asyncio.gather(*(self._members[n].stats.remote() for n in names))
+        try:
+            got = await asyncio.wait_for(
+                asyncio.gather(*(self._members[n].stats.remote() for n in names)), 5.0
+            )
+        except _UNAVAILABLE as err:
+            raise HTTPException(503, f"member stats unavailable: {type(err).__name__}") from None
         combiner = s.CombinerStats(
             pid=os.getpid(),
             replica_id=_replica_id(),

@@ -202,7 +202,7 @@ class CombinerSettings(BaseModel):
     sequential: bool = False
     max_texts: int = Field(64, ge=1)
     max_text_chars: int = Field(2000, ge=1)
-    request_timeout_s: float = Field(30.0, gt=0.0)
+    request_timeout_s: float = Field(10.0, gt=0.0)
 
     @model_validator(mode="after")
     def _cascade_has_threshold(self) -> CombinerSettings:

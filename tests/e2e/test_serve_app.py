@@ -1,0 +1,369 @@
+"""The Serve app for real: local Ray on 127.0.0.5, HTTP on 127.0.0.1, tiny random-init members.
+
+One module-scoped deployment serves every test; settings change through live updates (the
+combiner's and members' ``user_config``), which is itself under test. Every HTTP call has a
+client timeout, so a hang fails the test instead of stalling it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from helpers_serve import CLASS_INTENSITY, EDGES, KINDS, LABELS, make_run_dir  # noqa: E402
+
+from ensemble import combine  # noqa: E402
+from ensemble.client import EnsembleClient, EnsembleHTTPError  # noqa: E402
+
+pytestmark = pytest.mark.e2e
+
+PORT = 18451
+TEXTS = [
+    "A warm , funny , engaging film .",
+    "Nothing 's at stake , just a twisty double-cross you can smell a mile away .",
+    "The plot is paper-thin and the acting is worse .",
+    "An otherwise intense , twist-and-turn thriller .",
+    "I did n't care .",
+    "A deep and meaningful film .",
+]
+
+
+@dataclass
+class Served:
+    run_dir: Path
+    url: str
+    client: EnsembleClient
+
+    def push(self, method: str | None = None, **overrides) -> dict:
+        """Live update, the way `ensemble serve --update` does it."""
+        from ensemble.serving import commands
+
+        cfg = commands.serve_config_for(self.run_dir, {**_BASE, **overrides})
+        return commands.update(self.run_dir, cfg, method, timeout_s=120)
+
+
+_BASE = {"port": PORT, "num_cpus": 0.2, "health_check_period_s": 1.0}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    import ray
+    from ray import serve
+
+    from ensemble.serving import commands
+
+    run_dir = make_run_dir(tmp_path_factory.mktemp("serve") / "run")
+    ray.init(num_cpus=2, _node_ip_address="127.0.0.5", include_dashboard=False)
+    try:
+        url = commands.deploy(run_dir, commands.serve_config_for(run_dir, _BASE), timeout_s=300)
+        with EnsembleClient(url, timeout=20) as client:
+            yield Served(run_dir, url, client)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _member_arrays(pred) -> dict[str, np.ndarray]:
+    """Member outputs as the combiner saw them: probs in label order; the regressor's value."""
+    return {
+        n: np.float64(m.intensity)
+        if m.kind == "regressor"
+        else np.array([m.probs[label] for label in LABELS])
+        for n, m in pred.members.items()
+    }
+
+
+def _stats(served: Served):
+    return served.client.stats()
+
+
+def test_http_round_trip(served):
+    c = served.client
+    assert c.health().status == "ok"
+    deep = c.health(deep=True)
+    assert deep.members == dict.fromkeys(KINDS, "ok")
+    info = c.info()
+    assert set(info.members) == set(KINDS) and info.label_names == LABELS
+    assert info.versions["ray"] and info.method == "soft_vote"
+    assert info.cascade.student == "student" and info.cascade.threshold is not None
+    spec = httpx.get(served.url + "/openapi.json", timeout=10).json()
+    assert {"/predict", "/healthz", "/info", "/stats"} <= set(spec["paths"])
+    one = c.predict(TEXTS[0])
+    batch = c.predict(TEXTS)
+    assert len(one) == 1 and len(batch) == len(TEXTS)
+    # padding to the longest text in a batch moves results by float rounding only
+    assert batch[0].probs == pytest.approx(one[0].probs, abs=1e-6)
+    for p in batch:
+        assert p.label in LABELS and p.label == LABELS[p.label_id]
+        assert sum(p.probs.values()) == pytest.approx(1.0)
+        assert p.confidence == pytest.approx(max(p.probs.values()))
+        assert 0.0 <= p.disagreement <= 0.75 and p.members is None
+
+
+def test_members_serve_their_exported_weights(served):
+    """A member's served output equals the export loaded and run here with transformers."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    for name in ("teacher", "regressor"):
+        path = served.run_dir / "members" / name / "export"
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+        with torch.inference_mode():
+            logits = model(
+                **tok(TEXTS, padding=True, truncation=True, max_length=64, return_tensors="pt")
+            ).logits
+        served_out = served.client.predict_member(name, TEXTS)
+        if name == "regressor":
+            got = np.array([m.intensity for m in served_out])
+            np.testing.assert_allclose(got, logits[:, 0].numpy(), atol=1e-5)
+        else:
+            got = np.array([[m.probs[label] for label in LABELS] for m in served_out])
+            np.testing.assert_allclose(got, torch.softmax(logits, -1).numpy(), atol=1e-5)
+
+
+def test_every_method_matches_direct_computation_and_updates_live(served):
+    before = _stats(served)
+    rng = np.random.default_rng(0)
+    weights = {"classifier": 0.5, "regressor": 0.2, "teacher": 1.0, "student": 0.3}
+    names = list(KINDS)
+    w = np.array([weights[n] for n in names])
+    params = {
+        "coef": rng.normal(size=(5, 20)).round(3).tolist(),
+        "intercept": rng.normal(size=5).round(3).tolist(),
+    }
+    manifest_path = served.run_dir / "manifest.json"
+    original = manifest_path.read_text()
+    try:
+        for method in combine.METHODS:
+            # what a Tune run does: write new weights into the manifest, then push them
+            manifest = json.loads(original)
+            manifest["combine"] = {
+                "method": method,
+                "weights": weights,
+                "params": params if method == "stacking" else {},
+            }
+            manifest_path.write_text(json.dumps(manifest))
+            live = served.push()
+            resp = served.client.predict_response(TEXTS, return_members=True)
+            assert resp.method == method == live["method"]
+            assert served.client.info().revision == resp.revision
+            outs = [_member_arrays(p) for p in resp.predictions]
+            probs = np.stack(
+                [  # (M, B, C), the regressor voting through its bin
+                    combine.regressor_probs(np.array([o[n] for o in outs]), EDGES, 5)
+                    if KINDS[n] == "regressor"
+                    else np.stack([o[n] for o in outs])
+                    for n in names
+                ]
+            )
+            expected = combine.apply(method, probs, w, params)
+            intensity = combine.combine_intensity(
+                np.stack(
+                    [
+                        np.array([o[n] for o in outs])
+                        if KINDS[n] == "regressor"
+                        else combine.expected_intensity(probs[i], CLASS_INTENSITY)
+                        for i, n in enumerate(names)
+                    ]
+                ),
+                w,
+            )
+            got = np.array([[p.probs[label] for label in LABELS] for p in resp.predictions])
+            np.testing.assert_allclose(got, expected, atol=1e-12)
+            assert [p.label_id for p in resp.predictions] == expected.argmax(1).tolist()
+            np.testing.assert_allclose([p.intensity for p in resp.predictions], intensity)
+            np.testing.assert_allclose(
+                [p.disagreement for p in resp.predictions], combine.disagreement(probs)
+            )
+    finally:
+        manifest_path.write_text(original)
+        served.push()
+    after = _stats(served)
+    # live updates: the very same processes answered before and after every update
+    assert (after.combiner.pid, after.combiner.replica_id) == (
+        before.combiner.pid,
+        before.combiner.replica_id,
+    )
+    assert after.combiner.reconfigures >= before.combiner.reconfigures + len(combine.METHODS)
+    for n in KINDS:
+        assert after.members[n].pid == before.members[n].pid
+        assert after.members[n].replica_id == before.members[n].replica_id
+
+
+def _fire(served: Served, n: int) -> list[int]:
+    with ThreadPoolExecutor(n) as pool:
+        futures = [
+            pool.submit(
+                httpx.post,
+                served.url + "/predict",
+                json={"text": TEXTS[i % len(TEXTS)]},
+                timeout=30,
+            )
+            for i in range(n)
+        ]
+        return [f.result().status_code for f in futures]
+
+
+def _new_batches(before, after, member: str) -> dict[int, int]:
+    old = before.members[member].batch_sizes
+    return {
+        k: v - old.get(k, 0)
+        for k, v in after.members[member].batch_sizes.items()
+        if v - old.get(k, 0) > 0
+    }
+
+
+def test_concurrent_requests_are_batched_and_batching_can_be_turned_off(served):
+    served.push(batch_wait_timeout_s=0.05)
+    before = _stats(served)
+    assert _fire(served, 24) == [200] * 24
+    mid = _stats(served)
+    batched = _new_batches(before, mid, "teacher")
+    assert sum(k * v for k, v in batched.items()) == 24  # every text went through once
+    assert max(batched) > 1, f"no batching happened: {batched}"
+
+    served.push(max_batch_size=1)
+    assert served.client.stats().members["teacher"].max_batch_size == 1
+    assert _fire(served, 12) == [200] * 12
+    assert _new_batches(mid, _stats(served), "teacher") == {1: 12}
+    served.push()
+
+
+def test_sequential_fan_out_gives_the_same_answers(served):
+    parallel = served.client.predict(TEXTS)
+    live = served.push(sequential=True)
+    assert live["sequential"] and served.client.info().sequential
+    sequential = served.client.predict(TEXTS)
+    served.push()
+    assert [p.probs for p in sequential] == [p.probs for p in parallel]
+
+
+def test_cascade_routes_by_student_confidence(served):
+    full = served.client.predict(TEXTS, return_members=True)
+    student = np.array([[p.members["student"].probs[label] for label in LABELS] for p in full])
+    conf = student.max(1)
+    threshold = float(np.median(conf))
+    try:
+        served.push(cascade=True, cascade_threshold=threshold)
+        got = served.client.predict(TEXTS, return_members=True)
+        for p, f, c, s in zip(got, full, conf, student, strict=True):
+            if c >= threshold:
+                assert p.answered_by == "student" and set(p.members) == {"student"}
+                np.testing.assert_allclose([p.probs[label] for label in LABELS], s)
+                assert p.disagreement is None
+            else:
+                assert p.answered_by == "ensemble" and set(p.members) == set(KINDS)
+                assert p.probs == pytest.approx(f.probs)
+        assert {p.answered_by for p in got} == {"student", "ensemble"}
+        served.push(cascade=True, cascade_threshold=0.0)
+        assert {p.answered_by for p in served.client.predict(TEXTS)} == {"student"}
+    finally:
+        served.push()
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "fragment"),
+    [
+        ({"text": ""}, 422, "empty"),
+        ({"texts": ["fine", "  "]}, 422, "index [1] are empty"),
+        ({"texts": []}, 422, "empty"),
+        ({"texts": ["x"] * 65}, 413, "limit is 64"),
+        ({"text": "x" * 2001}, 413, "2000 characters"),
+        ({"text": 5}, 422, "text: Input should be a valid string"),
+        ({"texts": "not a list"}, 422, "valid list"),
+        ({"text": "a", "return_members": "yes"}, 422, "return_members"),
+        ({"text": "a", "return_member": True}, 422, "Extra inputs"),
+        ({}, 422, "exactly one"),
+        (b'{"text": "unterminated', 400, "not valid JSON"),
+    ],
+)
+def test_bad_requests_get_a_clear_4xx(served, body, status, fragment):
+    kw = (
+        {"content": body, "headers": {"Content-Type": "application/json"}}
+        if isinstance(body, bytes)
+        else {"json": body}
+    )
+    r = httpx.post(served.url + "/predict", timeout=10, **kw)
+    assert r.status_code == status, r.text
+    assert fragment in r.json()["detail"]
+    assert served.client.predict(TEXTS[0])  # the server still answers
+
+
+def test_client_raises_with_the_server_message(served):
+    with pytest.raises(EnsembleHTTPError, match="limit is 64") as err:
+        served.client.predict(["x"] * 65)
+    assert err.value.status_code == 413
+    with pytest.raises(EnsembleHTTPError, match="no member 'ghost'"):
+        served.client.predict_member("ghost", ["x"])
+    assert httpx.get(served.url + "/predict", timeout=10).status_code == 405
+
+
+def test_cli_update_and_query(served, capsys):
+    from ensemble.serving import commands
+
+    parser = argparse.ArgumentParser()
+    commands.add_commands(parser.add_subparsers())
+    args = parser.parse_args(
+        [
+            "serve",
+            str(served.run_dir),
+            "--update",
+            "--port",
+            str(PORT),
+            "--num-cpus",
+            "0.2",
+            "--method",
+            "hard_vote",
+        ]
+    )
+    try:
+        assert args.func(args) == 0
+        assert "method=hard_vote" in capsys.readouterr().out
+        args = parser.parse_args(["query", *TEXTS[:2], "--url", served.url, "--json", "--members"])
+        assert args.func(args) == 0
+        body = json.loads(capsys.readouterr().out)
+        assert body["method"] == "hard_vote" and len(body["predictions"]) == 2
+        assert set(body["predictions"][0]["members"]) == set(KINDS)
+    finally:
+        served.push()
+
+
+def test_killed_member_replica_is_replaced_without_hanging(served):
+    served.push(request_timeout_s=3.0)
+    old = served.client.stats().members["teacher"]
+    os.kill(old.pid, signal.SIGKILL)
+    statuses, new_pid = [], None
+    deadline = time.monotonic() + 120
+    with httpx.Client(timeout=10) as http:  # a hang would raise ReadTimeout and fail the test
+        while time.monotonic() < deadline:
+            start = time.monotonic()
+            r = http.post(served.url + "/predict", json={"texts": TEXTS[:2]})
+            assert time.monotonic() - start < 8.0
+            statuses.append(r.status_code)
+            assert r.status_code in (200, 503), r.text
+            if r.status_code == 503:
+                assert "unavailable" in r.json()["detail"]
+            elif len(statuses) > 1:
+                stats = http.get(served.url + "/stats")
+                if stats.status_code == 200:
+                    pid = stats.json()["members"]["teacher"]["pid"]
+                    if pid != old.pid:
+                        new_pid = pid
+                        break
+            time.sleep(0.2)
+    assert new_pid is not None, f"teacher not replaced in time; statuses {statuses}"
+    assert served.client.health(deep=True).status == "ok"
+    served.push()
