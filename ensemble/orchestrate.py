@@ -25,8 +25,8 @@ from ensemble import config as C
 from ensemble import evaluate as E
 from ensemble import guidance as G
 from ensemble.data import Splits, load_splits
-from ensemble.progress import LiveView, start_board
-from ensemble.rundir import atomic_write_json, atomic_write_text, read_json
+from ensemble.progress import start_board
+from ensemble.rundir import atomic_write_text, read_json
 from ensemble.runner import MemberRunner
 from ensemble.training import stages as S
 from ensemble.training.worker import MemberJob
@@ -132,6 +132,55 @@ def _runners(cfg: C.RunConfig, run_dir: Path) -> dict[str, Any]:
     }
 
 
+class JointRun:
+    """A joint-training run, one round at a time (the CLI loops; a Tune trial reports per round).
+
+    Ray must be initialised. Resumes from `run_dir/state.json` when it exists.
+    """
+
+    def __init__(self, cfg: C.RunConfig, run_dir: Path, splits: Splits, progress: bool = True):
+        self.cfg, self.run_dir, self.splits, self.progress = cfg, run_dir, splits, progress
+        self.state = _load_state(run_dir)
+        self.kinds = {n: m.kind for n, m in cfg.members.items()}
+        self.splits_ref = ray.put(splits)
+        self.board_name = f"progress-{uuid.uuid4().hex[:8]}"
+        self.board = start_board(self.board_name)
+        self.runners = _runners(cfg, run_dir)
+        self.outputs: dict[str, dict[str, np.ndarray]] = {}
+        if self.state["rounds_completed"]:
+            ray.get([self.runners[n].export_from.remote(m["checkpoint"])
+                     for n, m in self.state["members"].items()])
+            needs_train = self.state["rounds_completed"] < cfg.training.rounds
+            refs = {n: r.predict.remote(self.splits_ref, needs_train)
+                    for n, r in self.runners.items()}
+            self.outputs = {n: ray.get(ref)["outputs"] for n, ref in refs.items()}
+
+    @property
+    def rounds_completed(self) -> int:
+        return int(self.state["rounds_completed"])
+
+    def done(self) -> bool:
+        return self.rounds_completed >= self.cfg.training.rounds
+
+    def run_round(self) -> dict[str, Any]:
+        """Train the next round; returns its row of dev metrics (also saved to rounds.json)."""
+        r = self.rounds_completed + 1
+        self.outputs = _round(self.cfg, r, self.state, self.runners, self.outputs, self.splits,
+                              self.splits_ref, self.kinds, self.board_name, self.board,
+                              self.run_dir, self.progress)
+        return self.state["rounds"][-1]
+
+    def publish(self, wall_s: float):
+        from ensemble.publish import publish
+
+        return publish(self.cfg, self.run_dir, self.splits, self.kinds, self.outputs, self.state,
+                       wall_s=wall_s)
+
+    def close(self) -> None:
+        for actor in [self.board, *self.runners.values()]:
+            ray.kill(actor)
+
+
 def train(cfg: C.RunConfig, address: str | None = None, verbose: bool = False,
           progress: bool = True) -> Path:
     """Train every member for `training.rounds` rounds and write the run directory.
@@ -149,76 +198,22 @@ def train(cfg: C.RunConfig, address: str | None = None, verbose: bool = False,
     start = time.time()
     run_dir = prepare_run_dir(cfg)
     splits = load_splits(cfg.data)  # bad data fails here, before Ray starts
-    init_ray(cfg.ray, address, verbose)
     state = _load_state(run_dir)
     if state["rounds_completed"] >= cfg.training.rounds and (run_dir / "manifest.json").is_file():
         logger.info("%s already holds %d completed rounds", run_dir, state["rounds_completed"])
+        print(f"RUN_DIR={run_dir}", flush=True)
         return run_dir
-    splits_ref = ray.put(splits)
-    board_name = f"progress-{uuid.uuid4().hex[:8]}"
-    board = start_board(board_name)
-    runners = _runners(cfg, run_dir)
-    kinds = {n: m.kind for n, m in cfg.members.items()}
-    outputs: dict[str, dict[str, np.ndarray]] = {}
-    if state["rounds_completed"]:
-        outputs = _predict_all(runners, splits_ref, cfg, state["rounds_completed"])
-    for r in range(state["rounds_completed"] + 1, cfg.training.rounds + 1):
-        outputs = _round(cfg, r, state, runners, outputs, splits, splits_ref, kinds, board_name,
-                         board, run_dir, progress)
-    from ensemble.publish import publish
-
-    publish(cfg, run_dir, splits, kinds, outputs, state, wall_s=time.time() - start)
-    ray.kill(board)
+    init_ray(cfg.ray, address, verbose)
+    run = JointRun(cfg, run_dir, splits, progress)
+    try:
+        if run.rounds_completed:
+            print(f"resuming {run_dir} after round {run.rounds_completed}", flush=True)
+        while not run.done():
+            run.run_round()
+        run.publish(wall_s=time.time() - start)
+    finally:
+        run.close()
     return run_dir
-
-
-def _round(cfg, r, state, runners, outputs, splits, splits_ref, kinds, board_name, board,
-           run_dir, progress) -> dict[str, dict[str, np.ndarray]]:
-    """Train every member for round r (students after their teacher in round 1)."""
-    rounds = cfg.training.rounds
-    done = state["round_done"].get(str(r), {})
-    guidance_refs = G.build(cfg, splits, kinds, outputs) if outputs else {}
-    phases = [[n for n in cfg.members if kinds[n] != "student"],
-              [n for n in cfg.members if kinds[n] == "student"]]
-    if r > 1:
-        phases = [list(cfg.members)]
-    new_outputs: dict[str, dict[str, np.ndarray]] = {}
-    for phase in phases:
-        futures = {}
-        for name in phase:
-            needs_train = r < rounds or any(kinds[s] == "student" for s in cfg.members
-                                            if cfg.members[s].teacher == name and r == 1)
-            if name in done:
-                futures[name] = runners[name].predict.remote(splits_ref, needs_train)
-                continue
-            teacher = cfg.members[name].teacher
-            g_ref = guidance_refs.get(name)
-            if teacher and teacher not in outputs and teacher in new_outputs:
-                g_ref = G.teacher_only(new_outputs[teacher]["train"])
-            teacher_ckpt = (ray.train.Checkpoint(state["members"][teacher]["checkpoint"])
-                            if teacher and r == 1 else None)
-            jobs = _jobs(cfg, name, r, state, splits_ref, g_ref, teacher_ckpt, board_name, splits)
-            futures[name] = runners[name].run_round.remote(jobs, needs_train)
-        view = LiveView(board, f"round {r}/{rounds}", enabled=progress)
-        for name, result in view.wait(futures).items():
-            new_outputs[name] = result["outputs"]
-            if name not in done:
-                state["members"][name] = {"checkpoint": result["checkpoint"],
-                                          "export": result["export"]}
-                state["history"].setdefault(name, []).extend(result["history"])
-                state.setdefault("member_info", {})[name] = result["info"]
-                done[name] = True
-                state["round_done"][str(r)] = done
-                atomic_write_json(run_dir / STATE, state)
-    row = _round_row(cfg, r, splits, kinds, new_outputs, state)
-    state["rounds"].append(row)
-    state["rounds_completed"] = r
-    atomic_write_json(run_dir / STATE, state)
-    atomic_write_json(run_dir / "rounds.json", state["rounds"])
-    from ensemble.publish import print_round
-
-    print_round(row)
-    return new_outputs
 
 
 def _round_row(cfg, r, splits, kinds, outputs, state) -> dict[str, Any]:
@@ -228,9 +223,3 @@ def _round_row(cfg, r, splits, kinds, outputs, state) -> dict[str, Any]:
                             splits.label_names, splits.class_intensity(), splits.intensity_edges())
     stages = {n: state.get("member_info", {}).get(n, {}).get("stages", []) for n in outputs}
     return {"round": r, "dev": E.compact(rows), "stages": stages}
-
-
-def _predict_all(runners, splits_ref, cfg, rounds_done) -> dict[str, dict[str, np.ndarray]]:
-    needs_train = rounds_done < cfg.training.rounds
-    refs = {n: runners[n].predict.remote(splits_ref, needs_train) for n in runners}
-    return {n: ray.get(ref)["outputs"] for n, ref in refs.items()}

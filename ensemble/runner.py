@@ -97,6 +97,10 @@ class MemberRunner:
         return {"checkpoint": checkpoint.path, "export": str(self.export_dir),
                 "history": history, "outputs": result["outputs"], "info": info}
 
+    def export_from(self, checkpoint_path: str) -> None:
+        """Re-create the export from a stored checkpoint (resume, or a PBT-cloned state)."""
+        self._export(ray.train.Checkpoint(checkpoint_path))
+
     def _export(self, checkpoint: Any) -> None:
         with checkpoint.as_directory() as d:
             tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=self.export_dir.parent

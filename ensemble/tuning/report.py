@@ -1,0 +1,104 @@
+"""After a Tune experiment: trial table, PBT mutation history, best config YAML, trial plot."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from ensemble import config as C
+from ensemble.rundir import atomic_write_json, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+
+def mutation_history(*dirs: Path) -> list[dict[str, Any]]:
+    """PBT's exploit/explore steps from `pbt_global.txt` (first one found among `dirs`)."""
+    for d in dirs:
+        path = Path(d) / "pbt_global.txt"
+        if path.is_file():
+            rows = []
+            for line in path.read_text().splitlines():
+                target, donor, target_iter, donor_iter, old, new = json.loads(line)
+                rows.append({"trial": target, "cloned_from": donor, "trial_round": target_iter,
+                             "donor_round": donor_iter, "donor_config": old, "new_config": new})
+            return rows
+    return []
+
+
+def trial_rows(results: Any, metric: str) -> list[dict[str, Any]]:
+    rows = []
+    for result in results:
+        df = result.metrics_dataframe
+        per_round = [] if df is None or metric not in df else [float(x) for x in df[metric]]
+        restored = [] if df is None or "restored_from_round" not in df else [
+            int(x) for x in df["restored_from_round"]]
+        rows.append({
+            "trial": Path(result.path).name if result.path else "?",
+            "config": result.config,
+            "metric_per_round": per_round,
+            "restored_from_round": restored,
+            "final": per_round[-1] if per_round else None,
+            "error": str(result.error) if result.error else None,
+            "run_dir": str(Path(result.path) / "run") if result.path else None,
+        })
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]], metric: str) -> str:
+    keys = sorted({k for r in rows for k in r["config"]})
+    head = ["trial", *keys, f"{metric} per round", "final"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["trial"], *[_fmt(r["config"].get(k)) for k in keys],
+                 " → ".join(f"{x:.3f}" for x in r["metric_per_round"]), _fmt(r["final"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)
+
+
+def plot_trials(rows: list[dict[str, Any]], metric: str, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for r in rows:
+        if r["metric_per_round"]:
+            ax.plot(range(1, len(r["metric_per_round"]) + 1), r["metric_per_round"], marker="o",
+                    label=r["trial"][-24:])
+    ax.set_xlabel("round")
+    ax.set_ylabel(metric)
+    ax.legend(fontsize=6)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(path)
+
+
+def write_report(cfg: C.RunConfig, results: Any, metric: str, exp_path: Path,
+                 out_dir: Path) -> dict[str, Any]:
+    rows = trial_rows(results, metric)
+    history = mutation_history(exp_path, Path(results.experiment_path))
+    best = results.get_best_result(metric=metric, mode=cfg.tune.mode, scope="last")
+    best_cfg = C.replace(cfg, {**best.config, "output_dir": f"{cfg.output_dir}/best"})
+    atomic_write_text(out_dir / "best_config.yaml", C.to_yaml(best_cfg))
+    summary = {"metric": metric, "mode": cfg.tune.mode, "scheduler": cfg.tune.scheduler,
+               "best_config": best.config, "best_metric": best.metrics.get(metric),
+               "best_run_dir": str(Path(best.path) / "run"), "trials": rows,
+               "mutations": history}
+    atomic_write_json(out_dir / "tune_results.json", summary)
+    atomic_write_text(out_dir / "trials.md", markdown(rows, metric))
+    plot_trials(rows, metric, out_dir / "trials.png")
+    print(markdown(rows, metric), flush=True)
+    print(f"{len(history)} PBT mutation(s); best {metric}={best.metrics.get(metric)} "
+          f"config={best.config}", flush=True)
+    print(f"best config: {out_dir / 'best_config.yaml'}; best run: {summary['best_run_dir']}")
+    return summary

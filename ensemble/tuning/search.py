@@ -1,0 +1,251 @@
+"""Ray Tune glue: trials are joint-training runs that report after every round.
+
+Each trial is a function trainable that runs `JointRun` round by round. After a round it reports
+the dev metrics with a checkpoint holding the run's state and every member's latest checkpoint
+(DeepSpeed shards + export). Population Based Training exploits at those round boundaries: a weak
+trial restarts from a strong trial's checkpoint with perturbed weights and continues from the
+donor's round. (Train V2: no `Tuner(trainer)`; the trial builds its own TorchTrainers.)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from ensemble import config as C
+from ensemble.data import Splits, load_splits
+from ensemble.rundir import atomic_write_json, atomic_write_text, read_json
+
+logger = logging.getLogger(__name__)
+STATE_FILE = "state.json"
+
+
+def sample_space(space: dict[str, C.TuneSpace]) -> dict[str, Any]:
+    """`tune.space` entries -> Tune distributions, keyed by dotted config key."""
+    out: dict[str, Any] = {}
+    for key, s in space.items():
+        if s.kind == "choice":
+            if not s.values:
+                raise C.ConfigError(f"tune.space.{key}: kind=choice needs `values: [...]`")
+            out[key] = tune.choice(list(s.values))
+        elif s.kind == "uniform":
+            out[key] = tune.uniform(s.low, s.high)
+        elif s.kind == "loguniform":
+            if s.low <= 0:
+                raise C.ConfigError(f"tune.space.{key}: loguniform needs low > 0")
+            out[key] = tune.loguniform(s.low, s.high)
+        else:
+            out[key] = tune.randint(int(s.low), int(s.high))
+    return out
+
+
+def check_space(cfg: C.RunConfig) -> None:
+    """Every searched key must be a real config key (so a typo fails before any trial starts)."""
+    if not cfg.tune.space:
+        raise C.ConfigError("tune.space is empty; add e.g. "
+                            "tune.space.training.guidance.mutual: {kind: uniform, low: 0, high: 1}")
+    probe = {key: (s.values[0] if s.kind == "choice" and s.values else s.low)
+             for key, s in cfg.tune.space.items()}
+    C.replace(cfg, probe)
+
+
+def _flat_metrics(row: dict[str, Any]) -> dict[str, float]:
+    out = {"round": row["round"]}
+    for name, metrics in row["dev"].items():
+        slug = name.replace("/", "_")
+        for key, value in metrics.items():
+            out[f"{slug}_dev_{key}"] = value
+    return out
+
+
+def _save_checkpoint(run_dir: Path, state: dict[str, Any]) -> tune.Checkpoint:
+    """A self-contained checkpoint: state.json + each member's latest Ray Train checkpoint."""
+    tmp = Path(tempfile.mkdtemp(prefix="tune-ckpt-"))
+    copied = json.loads(json.dumps(state))
+    for name, member in copied["members"].items():
+        shutil.copytree(member["checkpoint"], tmp / "members" / name)
+        member["checkpoint"] = f"members/{name}"  # relative: resolved on restore
+    atomic_write_json(tmp / STATE_FILE, copied)
+    return tune.Checkpoint.from_directory(str(tmp))
+
+
+def _restore_checkpoint(checkpoint: tune.Checkpoint, run_dir: Path) -> None:
+    """Lay a (possibly donor's) checkpoint out as this trial's run state."""
+    target = run_dir / "restored"
+    if target.exists():
+        shutil.rmtree(target)
+    with checkpoint.as_directory() as d:
+        shutil.copytree(d, target)
+    state = read_json(target / STATE_FILE)
+    for member in state["members"].values():
+        member["checkpoint"] = str(target / member["checkpoint"])
+    state["round_done"] = {}
+    state["restored_from_round"] = state["rounds_completed"]
+    atomic_write_json(run_dir / STATE_FILE, state)
+
+
+def joint_trial(config: dict[str, Any], base: C.RunConfig, splits: Splits) -> None:
+    """Tune function trainable: one joint-training run, reported after every round."""
+    import time
+
+    from ensemble.orchestrate import JointRun
+
+    start = time.time()
+    run_dir = Path(tune.get_context().get_trial_dir()) / "run"
+    cfg = C.replace(base, {**config, "output_dir": str(run_dir)})
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", C.to_yaml(cfg))
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        _restore_checkpoint(checkpoint, run_dir)
+    run = JointRun(cfg, run_dir, splits, progress=False)
+    try:
+        while not run.done():
+            row = run.run_round()
+            metrics = _flat_metrics(row)
+            metrics["restored_from_round"] = run.state.get("restored_from_round", 0)
+            last = run.done()
+            if last:
+                manifest = run.publish(wall_s=time.time() - start)
+                for name, values in manifest.metrics.items():
+                    for key, value in values.items():
+                        metrics[f"{name.replace('/', '_')}_test_{key}"] = value
+            tune.report(metrics, checkpoint=_save_checkpoint(run_dir, run.state))
+    finally:
+        run.close()
+
+
+def make_scheduler(cfg: C.RunConfig, space: dict[str, Any]):
+    t = cfg.tune
+    if t.scheduler == "pbt":
+        from ray.tune.schedulers import PopulationBasedTraining
+
+        return PopulationBasedTraining(
+            time_attr="training_iteration", perturbation_interval=t.perturbation_interval,
+            hyperparam_mutations=space, quantile_fraction=t.quantile_fraction,
+            resample_probability=t.resample_probability, synch=True)
+    if t.scheduler == "pb2":
+        from ray.tune.schedulers.pb2 import PB2
+
+        bounds = {k: [s.low, s.high] for k, s in t.space.items() if s.kind != "choice"}
+        return PB2(time_attr="training_iteration", perturbation_interval=t.perturbation_interval,
+                   hyperparam_bounds=bounds, quantile_fraction=t.quantile_fraction, synch=True)
+    if t.scheduler == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        return ASHAScheduler(time_attr="training_iteration", max_t=cfg.training.rounds,
+                             grace_period=1, reduction_factor=2)
+    return None
+
+
+def make_search_alg(cfg: C.RunConfig):
+    if cfg.tune.scheduler != "optuna":
+        return None
+    try:
+        from ray.tune.search.optuna import OptunaSearch
+    except ImportError as err:
+        raise C.ConfigError("tune.scheduler=optuna needs `pip install optuna`") from err
+    return OptunaSearch(seed=cfg.tune.seed)
+
+
+def callbacks(cfg: C.RunConfig) -> list[Any]:
+    """Tune's CSV/JSON/TensorBoard loggers are on by default; MLflow joins when configured."""
+    import os
+
+    out: list[Any] = []
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        try:
+            from ray.air.integrations.mlflow import MLflowLoggerCallback
+        except ImportError:
+            logger.warning("MLFLOW_TRACKING_URI is set but mlflow is not installed")
+        else:
+            out.append(MLflowLoggerCallback(experiment_name=cfg.name))
+    return out
+
+
+def run_tune(cfg: C.RunConfig, resume: bool = True) -> Path:
+    """Run (or resume) the experiment; returns the experiment's output directory."""
+    from ensemble.orchestrate import check_config
+    from ensemble.tuning.report import write_report
+
+    check_config(cfg)
+    check_space(cfg)
+    out_dir = Path(cfg.output_dir).resolve()
+    exp_path = out_dir / "tune" / cfg.name
+    splits = load_splits(cfg.data)
+    space = sample_space(cfg.tune.space)
+    metric = cfg.tune.metric
+    trainable = tune.with_resources(
+        tune.with_parameters(joint_trial, base=cfg, splits=splits),
+        {"cpu": cfg.tune.cpus_per_trial})
+    if resume and tune.Tuner.can_restore(str(exp_path)):
+        print(f"resuming the Tune experiment at {exp_path}", flush=True)
+        tuner = tune.Tuner.restore(str(exp_path), trainable=trainable, resume_errored=True)
+    else:
+        scheduler = make_scheduler(cfg, space)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space,
+            tune_config=tune.TuneConfig(
+                metric=metric, mode=cfg.tune.mode, scheduler=scheduler,
+                search_alg=make_search_alg(cfg), num_samples=cfg.tune.num_samples,
+                max_concurrent_trials=cfg.tune.max_concurrent_trials,
+                reuse_actors=False),
+            run_config=tune.RunConfig(
+                name=cfg.name, storage_path=str(out_dir / "tune"), callbacks=callbacks(cfg),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                failure_config=tune.FailureConfig(max_failures=1), verbose=1),
+        )
+    results = tuner.fit()
+    write_report(cfg, results, metric, exp_path, out_dir)
+    return out_dir
+
+
+
+def _weight_trial(config: dict[str, Any], probs: Any, labels: Any, metric: str) -> None:
+    from ensemble.tuning.objective import score
+
+    weights = [config[f"w{i}"] for i in range(probs.shape[0])]
+    if sum(weights) <= 0:
+        weights = [1.0] * len(weights)
+    tune.report({"score": score(weights, probs, labels, metric)})
+
+
+def tune_weights(probs: Any, labels: Any, num_samples: int = 32, metric: str = "accuracy",
+                 seed: int = 0):
+    """Weighted soft vote whose member weights Ray Tune searches (random search on [0, 1]^M).
+
+    The dev probabilities travel once to the object store (`tune.with_parameters`); each trial
+    scores its weights with `objective.score`, the same code that serves them.
+
+    Returns:
+        A `FitResult` (method "weighted"), weights normalised to sum to 1; its dev score is
+        in-sample, so compare it with other fitters on held-out data.
+    """
+    import numpy as np
+    from ray.tune.search import BasicVariantGenerator
+
+    from ensemble.tuning.weights import FitResult
+
+    m = probs.shape[0]
+    space = {f"w{i}": tune.uniform(0.0, 1.0) for i in range(m)}
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(_weight_trial, probs=probs, labels=labels,
+                                                 metric=metric), {"cpu": 0.25}),
+        param_space=space,
+        tune_config=tune.TuneConfig(metric="score", mode="max", num_samples=num_samples,
+                                    search_alg=BasicVariantGenerator(random_state=seed)),
+        run_config=tune.RunConfig(name="combiner-weights", verbose=0,
+                                  storage_path=tempfile.mkdtemp(prefix="tune-weights-")),
+    )
+    best = tuner.fit().get_best_result()
+    w = np.array([best.config[f"w{i}"] for i in range(m)])
+    w = w / w.sum() if w.sum() > 0 else np.full(m, 1.0 / m)
+    return FitResult(method="weighted", weights=w.tolist(), params={"searched_by": "ray_tune"},
+                     dev_score=float(best.metrics["score"]), metric=metric)
