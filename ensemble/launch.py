@@ -4,7 +4,8 @@ The local project directory is packaged as the job's `working_dir` (without run 
 and benchmark results), the config is checked here before anything is uploaded, and the job's
 entrypoint is `python -m ensemble.cli <command> --address auto CONFIG overrides...`, so the driver
 and every Ray worker import the same uploaded code. The logs are streamed back while the job
-runs; the job's last `RUN_DIR=<path>` line names the run directory, which `launch` returns.
+runs; the job's last `RUN_DIR=<path>` line (`TUNE_DIR=` for tune) names its output directory,
+which `launch` returns.
 
 A job keeps running when the client goes away (Ctrl-C, lost connection): follow it again with
 `ray job logs -f JOB_ID`, stop it with `ray job stop JOB_ID`.
@@ -31,7 +32,8 @@ from ensemble import config as C
 logger = logging.getLogger(__name__)
 
 COMMANDS = ("train", "tune")
-RUN_DIR_PREFIX = "RUN_DIR="
+# the line a command prints last, naming its output directory: KEY=<path>
+OUTPUT_KEYS = {"train": "RUN_DIR", "tune": "TUNE_DIR"}
 # never uploaded: outputs and history can be large and are not code
 DEFAULT_EXCLUDES = (
     "runs/",
@@ -69,11 +71,13 @@ class JobSpec:
     runtime_env: dict[str, Any]
     submission_id: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    output_key: str = "RUN_DIR"  # the job prints `<output_key>=<path>` when it is done
 
 
 @dataclass(frozen=True)
 class LaunchResult:
-    """How a launched job ended. `run_dir` is the job's last `RUN_DIR=` line, if any."""
+    """How a launched job ended; `run_dir` is the path of its last `RUN_DIR=` line (or
+    `TUNE_DIR=`, see `JobSpec.output_key`), None when it printed none."""
 
     job_id: str
     status: str  # a ray.job_submission.JobStatus value: SUCCEEDED, FAILED, STOPPED, ...
@@ -170,6 +174,7 @@ def build_job(
         runtime_env=runtime_env,
         submission_id=submission_id or f"ensemble-{command}-{name}-{uuid.uuid4().hex[:8]}",
         metadata={"ensemble_command": command, "config": rel_config, "name": cfg.name},
+        output_key=OUTPUT_KEYS[command],
     )
 
 
@@ -188,14 +193,15 @@ def _warn_about_storage(cfg: C.RunConfig) -> None:
         )
 
 
-def parse_run_dir(logs: str | Iterable[str]) -> str | None:
-    """The path of the last `RUN_DIR=<path>` line in `logs` (text or lines), or None."""
+def parse_run_dir(logs: str | Iterable[str], key: str = "RUN_DIR") -> str | None:
+    """The path of the last `<key>=<path>` line in `logs` (text or lines), or None."""
     lines = logs.splitlines() if isinstance(logs, str) else logs
+    prefix = f"{key}="
     found = None
     for line in lines:
         line = line.strip()
-        if line.startswith(RUN_DIR_PREFIX) and len(line) > len(RUN_DIR_PREFIX):
-            found = line[len(RUN_DIR_PREFIX) :]
+        if line.startswith(prefix) and len(line) > len(prefix):
+            found = line[len(prefix) :]
     return found
 
 
@@ -238,9 +244,14 @@ def submit(client: Any, spec: JobSpec) -> str:
 
 
 def follow(
-    client: Any, job_id: str, out: TextIO | None = sys.stdout, poll_s: float = 1.0
+    client: Any,
+    job_id: str,
+    out: TextIO | None = sys.stdout,
+    key: str = "RUN_DIR",
+    poll_s: float = 1.0,
 ) -> LaunchResult:
-    """Stream the job's logs to `out` (None: don't) until it ends; returns how it ended."""
+    """Stream the job's logs to `out` (None: don't) until it ends; returns how it ended,
+    with the path of the job's last `<key>=` line."""
     if out is not None:
         try:
             asyncio.run(_tail(client, job_id, out))
@@ -249,7 +260,7 @@ def follow(
     while (status := str(client.get_job_status(job_id).value)) not in _TERMINAL:
         time.sleep(poll_s)
     info = client.get_job_info(job_id)
-    run_dir = parse_run_dir(client.get_job_logs(job_id))
+    run_dir = parse_run_dir(client.get_job_logs(job_id), key)
     return LaunchResult(job_id, status, run_dir, getattr(info, "message", None))
 
 
@@ -259,34 +270,54 @@ async def _tail(client: Any, job_id: str, out: TextIO) -> None:
         out.flush()
 
 
+def connect(address: str | None, headers: Mapping[str, str] | None = None) -> Any:
+    """A `JobSubmissionClient` for the cluster at `address` (see `resolve_address`).
+
+    Args:
+        address: `http(s)://HEAD:8265`, `ray://HEAD:10001`, or None for the env var.
+        headers: extra HTTP headers (e.g. for a proxy, or an explicit Authorization); without
+            one, Ray adds the token of RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH / ~/.ray/auth_token
+            when RAY_AUTH_MODE=token.
+
+    Raises:
+        ValueError: no usable address (see `resolve_address`).
+        ConnectionError: the cluster is unreachable or refuses the token.
+    """
+    # imported here, not at the top: `ensemble --help` should not wait for Ray to import
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    url = resolve_address(address)
+    try:
+        return JobSubmissionClient(url, headers=dict(headers or {}))
+    except AuthenticationError as err:
+        raise ConnectionError(
+            f"{url} refused this client's token ({err}); export RAY_AUTH_MODE=token and the "
+            "cluster's token (RAY_AUTH_TOKEN_PATH=FILE, or ~/.ray/auth_token; "
+            "`ray get-auth-token` on the head prints it)"
+        ) from err
+
+
 def launch(
     spec: JobSpec,
     address: str | None,
     *,
-    wait: bool = True,
     out: TextIO | None = sys.stdout,
     headers: Mapping[str, str] | None = None,
 ) -> LaunchResult:
-    """Submit `spec` to the cluster at `address` and (with `wait`) follow it to the end.
+    """Submit `spec` to the cluster at `address` and follow it to the end.
 
     Args:
         spec: from `build_job`.
-        address: `http(s)://HEAD:8265`, `ray://HEAD:10001`, or None for the env var.
-        wait: False returns right after submitting, with status PENDING.
+        address: see `connect`.
         out: where the streamed logs go; None streams nothing.
-        headers: extra HTTP headers (e.g. for a proxy, or an explicit Authorization).
+        headers: see `connect`.
 
     Returns:
-        The job id, its final status, the run directory it reported and Ray's message.
+        The job id, its final status, the output directory it reported and Ray's message.
     """
-    # imported here, not at the top: `ensemble --help` should not wait for Ray to import
-    from ray.job_submission import JobSubmissionClient
-
-    client = JobSubmissionClient(resolve_address(address), headers=dict(headers or {}))
-    job_id = submit(client, spec)
-    if not wait:
-        return LaunchResult(job_id, "PENDING")
-    return follow(client, job_id, out)
+    client = connect(address, headers)
+    return follow(client, submit(client, spec), out, spec.output_key)
 
 
 # ----------------------------------------------------------------------------------- CLI
@@ -296,7 +327,9 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
         help="cluster: http://HEAD:8265 (dashboard) or ray://HEAD:10001; "
         "default $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS",
     )
-    parser.add_argument("--command", choices=COMMANDS, default="train", help="what the job runs")
+    parser.add_argument(  # dest: the CLI's subcommand name already lives in args.command
+        "--command", dest="job_command", choices=COMMANDS, default="train", help="what the job runs"
+    )
     parser.add_argument(
         "--storage-path", help="shared storage for checkpoints (NFS path or s3://...)"
     )
@@ -305,7 +338,7 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
         "--env", action="append", default=[], metavar="KEY=VALUE", help="extra job env var"
     )
     parser.add_argument("--job-id", help="submission id; default ensemble-<command>-<name>-<rand>")
-    parser.add_argument("--no-wait", action="store_true", help="submit, print the id, return")
+    parser.add_argument("--no-wait", action="store_true", help="submit, print JOB_ID=..., return")
     parser.add_argument("--quiet", action="store_true", help="don't stream the job's logs")
 
 
@@ -348,39 +381,48 @@ def _parse_env(pairs: list[str]) -> dict[str, str]:
     return dict(p.split("=", 1) for p in pairs)
 
 
+def job_from_args(args: argparse.Namespace) -> JobSpec:
+    """The JobSpec of parsed `ensemble launch` arguments (no cluster contact).
+
+    Raises:
+        ValueError: bad options, overrides or config (see `build_job`).
+    """
+    overrides = _parse_late_options(args)
+    return build_job(
+        args.config,
+        command=args.job_command,
+        overrides=overrides,
+        storage_path=args.storage_path,
+        working_dir=args.working_dir,
+        env=_parse_env(args.env),
+        submission_id=args.job_id,
+    )
+
+
 def _cmd_launch(args: argparse.Namespace) -> int:
     try:
-        overrides = _parse_late_options(args)
-        spec = build_job(
-            args.config,
-            command=args.command,
-            overrides=overrides,
-            storage_path=args.storage_path,
-            working_dir=args.working_dir,
-            env=_parse_env(args.env),
-            submission_id=args.job_id,
-        )
-        result = launch(
-            spec, args.address, wait=not args.no_wait, out=None if args.quiet else sys.stdout
-        )
-    except ValueError as err:  # includes ConfigError
+        spec = job_from_args(args)
+        client = connect(args.address)
+    except (ValueError, ConnectionError) as err:  # ValueError includes ConfigError
         print(f"ensemble launch: {err}", file=sys.stderr)
         return 2
+    job_id = submit(client, spec)
+    if args.no_wait:
+        print(f"JOB_ID={job_id}")
+        return 0
+    try:
+        result = follow(client, job_id, None if args.quiet else sys.stdout, spec.output_key)
     except KeyboardInterrupt:
         print(
-            "\ninterrupted; the job keeps running (`ray job stop JOB_ID` ends it)", file=sys.stderr
+            f"\ninterrupted; job {job_id} keeps running (`ray job stop {job_id}` ends it)",
+            file=sys.stderr,
         )
         return 130
-    if args.no_wait:
-        print(f"JOB_ID={result.job_id}")
-        return 0
     if not result.ok:
-        print(f"job {result.job_id} {result.status}: {result.message}", file=sys.stderr)
+        print(f"job {job_id} {result.status}: {result.message}", file=sys.stderr)
         return 1
     if result.run_dir is None:
-        print(
-            f"job {result.job_id} succeeded but printed no {RUN_DIR_PREFIX} line", file=sys.stderr
-        )
+        print(f"job {job_id} succeeded but printed no {spec.output_key}= line", file=sys.stderr)
         return 1
-    print(f"{RUN_DIR_PREFIX}{result.run_dir}")
+    print(f"{spec.output_key}={result.run_dir}")
     return 0

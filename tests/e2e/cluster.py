@@ -30,7 +30,6 @@ import logging
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -55,64 +54,59 @@ _SCRUBBED_ENV = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY
 
 @dataclass(frozen=True)
 class NodePorts:
-    """The fixed ports of one node; only the head uses `gcs`, `dashboard` and `client`."""
+    """The fixed ports of one node; only the head uses the first five."""
 
-    base: int
+    gcs: int
+    dashboard: int
+    client: int
+    autoscaler_metrics: int
+    dashboard_metrics: int
+    node_manager: int
+    object_manager: int
+    agent_http: int
+    agent_grpc: int
+    runtime_env_agent: int
+    metrics_export: int
+    min_worker: int
+    max_worker: int
 
-    @property
-    def gcs(self) -> int:
-        return self.base + 1
+    @classmethod
+    def block(cls, base: int) -> NodePorts:
+        """The ports of the node that owns [base, base + PORT_BLOCK)."""
+        return cls(
+            gcs=base + 1,
+            dashboard=base + 2,
+            client=base + 3,
+            autoscaler_metrics=base + 4,
+            dashboard_metrics=base + 5,
+            node_manager=base + 10,
+            object_manager=base + 11,
+            agent_http=base + 12,
+            agent_grpc=base + 13,
+            runtime_env_agent=base + 14,
+            metrics_export=base + 15,
+            min_worker=base + 100,
+            max_worker=base + PORT_BLOCK - 1,
+        )
 
-    @property
-    def dashboard(self) -> int:
-        return self.base + 2
-
-    @property
-    def client(self) -> int:
-        return self.base + 3
-
-    @property
-    def autoscaler_metrics(self) -> int:
-        return self.base + 4
-
-    @property
-    def dashboard_metrics(self) -> int:
-        return self.base + 5
-
-    @property
-    def node_manager(self) -> int:
-        return self.base + 10
-
-    @property
-    def object_manager(self) -> int:
-        return self.base + 11
-
-    @property
-    def agent_http(self) -> int:
-        return self.base + 12
-
-    @property
-    def agent_grpc(self) -> int:
-        return self.base + 13
-
-    @property
-    def runtime_env_agent(self) -> int:
-        return self.base + 14
-
-    @property
-    def metrics_export(self) -> int:
-        return self.base + 15
-
-    @property
-    def worker_range(self) -> tuple[int, int]:
-        return self.base + 100, self.base + PORT_BLOCK - 1
-
-    def all(self, head: bool) -> list[int]:
-        ports = [self.node_manager, self.object_manager, self.agent_http, self.agent_grpc,
-                 self.runtime_env_agent, self.metrics_export]
+    def listening(self, head: bool) -> list[int]:
+        """The fixed ports this node listens on (not the worker range)."""
+        ports = [
+            self.node_manager,
+            self.object_manager,
+            self.agent_http,
+            self.agent_grpc,
+            self.runtime_env_agent,
+            self.metrics_export,
+        ]
         if head:
-            ports += [self.gcs, self.dashboard, self.client, self.autoscaler_metrics,
-                      self.dashboard_metrics]
+            ports += [
+                self.gcs,
+                self.dashboard,
+                self.client,
+                self.autoscaler_metrics,
+                self.dashboard_metrics,
+            ]
         return ports
 
 
@@ -121,7 +115,7 @@ class _Node:
     index: int  # 0 = head
     ip: str
     ports: NodePorts
-    temp_dir: Path
+    temp_dir: Path = Path("/nonexistent")  # set by LocalCluster.start
     session: int | None = None  # session id (= pid of the `ray start` that created it)
 
     @property
@@ -155,7 +149,7 @@ class LocalCluster:
         head_ip: str = HEAD_IP,
         worker_ips: tuple[str, ...] = WORKER_IPS,
         port_base: int = PORT_BASE,
-        startup_timeout_s: float = 90.0,
+        startup_timeout_s: float = 120.0,
     ) -> None:
         if not 0 <= num_workers <= len(worker_ips):
             raise ValueError(
@@ -174,12 +168,10 @@ class LocalCluster:
         self.object_store_mb = object_store_mb
         self.startup_timeout_s = startup_timeout_s
         ips = (head_ip, *worker_ips[:num_workers])
-        self._root = Path(tempfile.mkdtemp(prefix="enscl-", dir="/tmp"))  # short: socket paths
         self.nodes = [
-            _Node(k, ip, NodePorts(port_base + k * PORT_BLOCK), self._root / f"n{k}")
-            for k, ip in enumerate(ips)
+            _Node(k, ip, NodePorts.block(port_base + k * PORT_BLOCK)) for k, ip in enumerate(ips)
         ]
-        self.token_path = self._root / "auth_token"
+        self._root = Path("/nonexistent")  # a fresh temp dir per start()
         self._token = secrets.token_hex(32)
         self._started = False
 
@@ -202,6 +194,11 @@ class LocalCluster:
     def client_address(self) -> str:
         """Ray Client address (`ray://host:port`)."""
         return f"ray://{self.head.ip}:{self.head.ports.client}"
+
+    @property
+    def token_path(self) -> Path:
+        """The file holding the cluster's auth token (RAY_AUTH_TOKEN_PATH)."""
+        return self._root / "auth_token"
 
     @property
     def env(self) -> dict[str, str]:
@@ -231,6 +228,9 @@ class LocalCluster:
         if self._started:
             raise RuntimeError("this LocalCluster is already started")
         self._check_ports_free()
+        self._root = Path(tempfile.mkdtemp(prefix="enscl-", dir="/tmp"))  # short: socket paths
+        for node in self.nodes:
+            node.temp_dir = self._root / f"n{node.index}"
         self.token_path.write_text(self._token)
         self.token_path.chmod(0o600)
         self._started = True
@@ -246,12 +246,12 @@ class LocalCluster:
             raise
         logger.info("local cluster up: %s (%d nodes)", self.address, len(self.nodes))
 
-    def stop(self, timeout_s: float = 15.0) -> None:
+    def stop(self, timeout_s: float = 5.0) -> None:
         """Terminate every node (workers first), SIGKILL what is left, delete the temp dir."""
         if not self._started:
             return
         for node in reversed(self.nodes):
-            self._terminate(node, timeout_s)
+            self._end_node(node, grace_s=timeout_s)
         self._started = False
         atexit.unregister(self.stop)
         shutil.rmtree(self._root, ignore_errors=True)
@@ -262,15 +262,9 @@ class LocalCluster:
         Returns:
             The pids that were killed.
         """
-        node = self._node(index)
-        procs = self.node_processes(index)
-        for proc in procs:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.kill()
-        psutil.wait_procs(procs, timeout=10)
-        node.session = None
-        logger.info("killed node %d (%s): %d processes", index, node.ip, len(procs))
-        return [p.pid for p in procs]
+        pids = self._end_node(self._node(index), grace_s=0)
+        logger.info("killed node %d (%s): %d processes", index, self.nodes[index].ip, len(pids))
+        return pids
 
     def restart_node(self, index: int) -> None:
         """Start worker node `index` again (after `kill_node`) and wait until it registers."""
@@ -346,7 +340,6 @@ class LocalCluster:
 
     def _start_args(self, node: _Node) -> list[str]:
         p = node.ports
-        low, high = p.worker_range
         args = [
             f"--node-ip-address={node.ip}",
             f"--temp-dir={node.temp_dir}",
@@ -355,8 +348,8 @@ class LocalCluster:
             f"--object-store-memory={self.object_store_mb * 1024**2}",
             f"--node-manager-port={p.node_manager}",
             f"--object-manager-port={p.object_manager}",
-            f"--min-worker-port={low}",
-            f"--max-worker-port={high}",
+            f"--min-worker-port={p.min_worker}",
+            f"--max-worker-port={p.max_worker}",
             f"--dashboard-agent-listen-port={p.agent_http}",
             f"--dashboard-agent-grpc-port={p.agent_grpc}",
             f"--runtime-env-agent-port={p.runtime_env_agent}",
@@ -374,37 +367,58 @@ class LocalCluster:
             ]
         return [f"--address={self.address}", *args]
 
-    def _start_node(self, node: _Node) -> None:
+    def _start_node(self, node: _Node, attempts: int = 2) -> None:
+        """`ray start` one node; a worker gets a second try (on a loaded machine its raylet can
+        miss `ray start`'s fixed 30 s registration deadline)."""
         node.temp_dir.mkdir(parents=True, exist_ok=True)
         log = node.temp_dir.parent / f"start-n{node.index}.log"
         cmd = [_ray_executable(), "start", *self._start_args(node)]
-        with open(log, "ab") as out:
-            # a new session per node: everything `ray start` spawns for this node stays in it
-            proc = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, env=self._node_env(),
-                start_new_session=True,
-            )
-            node.session = proc.pid
-            try:
-                rc = proc.wait(timeout=self.startup_timeout_s)
-            except subprocess.TimeoutExpired:
-                rc = None
-        if rc != 0:
-            tail = log.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"`ray start` of node {node.index} ({node.ip}) failed "
-                               f"(rc={rc}); its output:\n{tail}")
+        for attempt in range(1, (1 if node.is_head else attempts) + 1):
+            with open(log, "ab") as out:
+                # a new session per node: everything `ray start` spawns stays in it
+                proc = subprocess.Popen(
+                    cmd,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env=self._node_env(),
+                    start_new_session=True,
+                )
+                node.session = proc.pid
+                try:
+                    rc = proc.wait(timeout=self.startup_timeout_s)
+                except subprocess.TimeoutExpired:
+                    rc = None
+            if rc == 0:
+                return
+            logger.warning("`ray start` of node %d failed (attempt %d)", node.index, attempt)
+            self._end_node(node, grace_s=0)
+        tail = log.read_text(errors="replace")[-3000:]
+        raise RuntimeError(
+            f"`ray start` of node {node.index} ({node.ip}) failed (rc={rc}); its output:\n{tail}"
+        )
 
-    def _terminate(self, node: _Node, timeout_s: float) -> None:
-        procs = self.node_processes(node.index)
-        for proc in procs:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.send_signal(signal.SIGTERM)
-        _, alive = psutil.wait_procs(procs, timeout=timeout_s)
-        for proc in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.kill()
-        psutil.wait_procs(alive, timeout=5)
+    def _end_node(self, node: _Node, grace_s: float) -> list[int]:
+        """SIGTERM the node's processes (when grace_s > 0), then SIGKILL what is left."""
+        ended: list[int] = []
+        if grace_s > 0:
+            procs = self.node_processes(node.index)
+            for proc in procs:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    proc.terminate()
+            psutil.wait_procs(procs, timeout=grace_s)
+            ended += [p.pid for p in procs]
+        # repeat: a raylet can fork a worker between our scan and its death
+        for _ in range(5):
+            procs = self.node_processes(node.index)
+            if not procs:
+                break
+            for proc in procs:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    proc.kill()
+            psutil.wait_procs(procs, timeout=5)
+            ended += [p.pid for p in procs]
         node.session = None
+        return sorted(set(ended))
 
     def _wait_dashboard(self) -> None:
         def up() -> bool:
@@ -415,7 +429,9 @@ class LocalCluster:
 
         self._wait_for(up, f"the dashboard at {self.dashboard_url}")
 
-    def _wait_for(self, check: Callable[[], bool], what: str, timeout_s: float | None = None) -> None:
+    def _wait_for(
+        self, check: Callable[[], bool], what: str, timeout_s: float | None = None
+    ) -> None:
         deadline = time.monotonic() + (timeout_s or self.startup_timeout_s)
         while True:
             try:
@@ -430,8 +446,10 @@ class LocalCluster:
     def _check_ports_free(self) -> None:
         busy = []
         for node in self.nodes:
-            for port in node.ports.all(node.is_head):
+            for port in node.ports.listening(node.is_head):
                 with socket.socket() as sock:
+                    # as servers do: TIME_WAIT leftovers of a previous cluster don't count
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                     try:
                         sock.bind((node.ip, port))
                     except OSError:
@@ -450,4 +468,3 @@ def _ray_executable() -> str:
     if not found:
         raise RuntimeError("the `ray` command is not installed; pip install 'ray[default]'")
     return found
-
