@@ -1,0 +1,110 @@
+"""Helpers shared by the benchmark scripts: paths, machine facts, a loopback Ray, result files.
+
+Benchmarks are run by hand (`python benchmarks/<name>.py`), never by the test suite. Each one
+writes `benchmarks/results/<name>.json` (every number, plus the machine and its load) and
+`benchmarks/results/<name>.md` (a table for people).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+DATA = REPO / ".." / "shared" / "data"  # CI clones the repo with shared/ beside it
+
+
+def sst_dir(root: Path | None = None) -> Path:
+    """The SST-5 csv directory (train/dev/test.csv).
+
+    Raises:
+        FileNotFoundError: the data is missing; the message says where it was looked for.
+    """
+    path = (root or DATA / "sst").resolve()
+    if not (path / "train.csv").is_file():
+        raise FileNotFoundError(
+            f"no SST data at {path}; put shared/ beside the repo or pass --data-dir DIR"
+        )
+    return path
+
+
+def load_average() -> list[float]:
+    """1, 5 and 15 minute load averages (what else ran on the machine while measuring)."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def machine() -> dict[str, Any]:
+    """Versions and hardware facts that a benchmark number depends on."""
+    import deepspeed
+    import ray
+    import torch
+    import transformers
+
+    return {
+        "cpu_count": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        "deepspeed": deepspeed.__version__,
+        "transformers": transformers.__version__,
+        "cuda": torch.cuda.is_available(),
+        "git_commit": _git_commit(),
+    }
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, check=True,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+@contextlib.contextmanager
+def local_ray(num_cpus: int, node_ip: str = "127.0.0.3") -> Iterator[None]:
+    """A local Ray bound to a loopback address (127.0.0.2-254 stays off the network)."""
+    import ray
+
+    if ray.is_initialized():
+        raise RuntimeError("Ray is already initialised; the benchmark needs its own local Ray")
+    ray.init(num_cpus=num_cpus, _node_ip_address=node_ip, include_dashboard=False,
+             log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@contextlib.contextmanager
+def scratch_dir(prefix: str) -> Iterator[str]:
+    """A temporary directory (Ray Train storage, checkpoints) removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as d:
+        yield d
+
+
+def summary(values: Sequence[float]) -> dict[str, float]:
+    """Median, min and max of repeated measurements."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def write_results(name: str, data: dict[str, Any], markdown: str,
+                  directory: Path | None = None) -> tuple[Path, Path]:
+    """Write `<name>.json` and `<name>.md` atomically; returns both paths."""
+    from ensemble.rundir import atomic_write_json, atomic_write_text
+
+    out = directory or RESULTS
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out / f"{name}.json", out / f"{name}.md"
+    atomic_write_json(json_path, data)
+    atomic_write_text(md_path, markdown)
+    return json_path, md_path
