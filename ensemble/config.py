@@ -290,6 +290,17 @@ class TuneConfig:
     space: dict[str, TuneSpace] = field(default_factory=dict)
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        problems = []
+        if self.cpus_per_trial <= 0:
+            problems.append(f"tune.cpus_per_trial={self.cpus_per_trial} must be > 0; the trial "
+                            "only coordinates, so a fraction like 0.1 is enough")
+        if self.num_samples < 1 or self.max_concurrent_trials < 1:
+            problems.append("tune.num_samples and tune.max_concurrent_trials must be >= 1")
+        if not 0.0 < self.quantile_fraction <= 0.5:
+            problems.append(f"tune.quantile_fraction={self.quantile_fraction} must be in (0, 0.5]")
+        _check(problems)
+
 
 @dataclass(frozen=True)
 class RunConfig:
