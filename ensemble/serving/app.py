@@ -184,6 +184,7 @@ class Combiner:
         self._spec = self._base
         self._requests = 0
         self._reconfigures = 0
+        self._fanouts: Counter[int] = Counter()
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         settings = s.CombinerSettings.model_validate(user_config)
@@ -197,6 +198,8 @@ class Combiner:
             student_of(spec)
         # swap both at once: a request in flight keeps the pair it started with
         self._settings, self._spec = settings, spec
+        self._answer_batched.set_max_batch_size(settings.max_batch_size)
+        self._answer_batched.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
         self._reconfigures += 1
         logger.info("combiner now %s (revision %s)", settings.method, _revision(settings))
 
@@ -231,7 +234,20 @@ class Combiner:
             raise HTTPException(500, f"a member failed: {err.cause!r}") from None
 
     async def _answer(self, texts: list[str]) -> tuple[Answer, Combination]:
+        if len(texts) >= self._settings.max_batch_size:  # fills a batch alone (or batching off)
+            return await self._answer_now(texts)
+        return await self._answer_batched(texts)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, batch_size_fn=_count_texts)
+    async def _answer_batched(self, requests: list[list[str]]) -> list[tuple[Answer, Combination]]:
+        """Concurrent requests share one fan-out: one member call per batch, not per request."""
+        answer, spec = await self._answer_now([t for texts in requests for t in texts])
+        bounds = np.cumsum([0] + [len(texts) for texts in requests])
+        return [(answer.rows(a, b), spec) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+    async def _answer_now(self, texts: list[str]) -> tuple[Answer, Combination]:
         settings, spec = self._settings, self._spec  # one consistent pair per request
+        self._fanouts[len(texts)] += 1
         if not settings.cascade:
             outputs = await self._call(list(spec.members), texts, settings.sequential)
             return ensemble_answer(outputs, spec), spec
@@ -342,6 +358,7 @@ class Combiner:
             replica_id=_replica_id(),
             requests=self._requests,
             reconfigures=self._reconfigures,
+            fanout_sizes=dict(self._fanouts),
             revision=_revision(self._settings),
         )
         return s.StatsResponse(combiner=combiner, members=dict(zip(names, got, strict=True)))

@@ -213,6 +213,14 @@ class Answer:
     outputs: dict[str, np.ndarray]  # member outputs; NaN rows where a member was not asked
     answered_by: list[str]  # "ensemble" or "student", per text
 
+    def rows(self, start: int, stop: int) -> Answer:
+        """The answer for texts ``start:stop`` (splitting a batch back into requests)."""
+        part = slice(start, stop)
+        comb = Combined(
+            **{f.name: getattr(self.combined, f.name)[part] for f in dataclasses.fields(Combined)}
+        )
+        return Answer(comb, {n: v[part] for n, v in self.outputs.items()}, self.answered_by[part])
+
 
 def ensemble_answer(outputs: Mapping[str, np.ndarray], spec: Combination) -> Answer:
     """Every member answered every text: the plain ensemble."""

@@ -126,6 +126,8 @@ def combiner_settings(
         max_texts=cfg.max_texts,
         max_text_chars=cfg.max_text_chars,
         request_timeout_s=cfg.request_timeout_s,
+        max_batch_size=cfg.max_batch_size,
+        batch_wait_timeout_s=cfg.batch_wait_timeout_s,
     )
 
 

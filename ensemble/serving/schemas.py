@@ -172,6 +172,7 @@ class CombinerStats(BaseModel):
     replica_id: str
     requests: int
     reconfigures: int
+    fanout_sizes: dict[int, int] = Field(description="texts per member fan-out -> how many")
     revision: str
 
 
@@ -203,6 +204,9 @@ class CombinerSettings(BaseModel):
     max_texts: int = Field(64, ge=1)
     max_text_chars: int = Field(2000, ge=1)
     request_timeout_s: float = Field(10.0, gt=0.0)
+    # requests are batched here too, so N concurrent requests fan out once with N texts
+    max_batch_size: int = Field(16, ge=1, description="Texts per fan-out; 1 = no batching.")
+    batch_wait_timeout_s: float = Field(0.01, ge=0.0)
 
     @model_validator(mode="after")
     def _cascade_has_threshold(self) -> CombinerSettings:

@@ -217,13 +217,8 @@ def _fire(served: Served, n: int) -> list[int]:
         return [f.result().status_code for f in futures]
 
 
-def _new_batches(before, after, member: str) -> dict[int, int]:
-    old = before.members[member].batch_sizes
-    return {
-        k: v - old.get(k, 0)
-        for k, v in after.members[member].batch_sizes.items()
-        if v - old.get(k, 0) > 0
-    }
+def _new(old: dict[int, int], new: dict[int, int]) -> dict[int, int]:
+    return {k: v - old.get(k, 0) for k, v in new.items() if v - old.get(k, 0) > 0}
 
 
 def test_concurrent_requests_are_batched_and_batching_can_be_turned_off(served):
@@ -231,14 +226,20 @@ def test_concurrent_requests_are_batched_and_batching_can_be_turned_off(served):
     before = _stats(served)
     assert _fire(served, 24) == [200] * 24
     mid = _stats(served)
-    batched = _new_batches(before, mid, "teacher")
+    # the combiner fans out once per batch of requests ...
+    fanouts = _new(before.combiner.fanout_sizes, mid.combiner.fanout_sizes)
+    assert sum(k * v for k, v in fanouts.items()) == 24 and max(fanouts) > 1, fanouts
+    # ... and a member runs one forward pass per batch of texts
+    batched = _new(before.members["teacher"].batch_sizes, mid.members["teacher"].batch_sizes)
     assert sum(k * v for k, v in batched.items()) == 24  # every text went through once
     assert max(batched) > 1, f"no batching happened: {batched}"
 
     served.push(max_batch_size=1)
     assert served.client.stats().members["teacher"].max_batch_size == 1
     assert _fire(served, 12) == [200] * 12
-    assert _new_batches(mid, _stats(served), "teacher") == {1: 12}
+    after = _stats(served)
+    assert _new(mid.combiner.fanout_sizes, after.combiner.fanout_sizes) == {1: 12}
+    assert _new(mid.members["teacher"].batch_sizes, after.members["teacher"].batch_sizes) == {1: 12}
     served.push()
 
 

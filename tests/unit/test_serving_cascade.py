@@ -216,6 +216,21 @@ def test_cascade_extremes_equal_student_alone_and_full_ensemble():
     assert ans.answered_by == ["student"] * 5
 
 
+def test_answer_rows_split_a_batch_back_into_requests():
+    spec = _spec()
+    out = _outputs(5, seed=5)
+    hard = cascade.hard_examples(out["stud"], threshold=0.5)
+    whole = cascade.cascade_answer(
+        spec, out["stud"], hard, {n: v[hard] for n, v in out.items() if n != "stud"}
+    )
+    part = whole.rows(1, 3)
+    assert part.answered_by == whole.answered_by[1:3]
+    np.testing.assert_array_equal(part.combined.probs, whole.combined.probs[1:3])
+    np.testing.assert_array_equal(part.combined.intensity, whole.combined.intensity[1:3])
+    assert set(part.outputs) == set(whole.outputs)
+    np.testing.assert_array_equal(part.outputs["reg"], whole.outputs["reg"][1:3])
+
+
 def test_cascade_needs_a_student():
     with pytest.raises(ValueError, match="kind 'student'"):
         cascade.student_of(_spec(members={"clf": "classifier", "reg": "regressor"}))

@@ -1,0 +1,385 @@
+"""Serving load test: latency and throughput of members, the ensemble, its sequential baseline,
+the cascade, and batching on vs off.
+
+    python benchmarks/serve_load.py RUN_DIR [--concurrency 1 8 32] [--max-seconds 8]
+
+Deploys RUN_DIR on a local Ray (127.0.0.5, HTTP on 127.0.0.1:18452), then for every scenario
+switches the running app's settings live (no restarts) and drives it from a separate load
+generator process (this script with ``--load``: asyncio + httpx, ``concurrency`` workers, bounded
+request count and time, loopback only). Scenarios:
+
+* ``member:<name>``: one member alone (``POST /members/<name>/predict``);
+* ``ensemble``: all members in parallel (the default);
+* ``sequential``: the same members called one after another;
+* ``cascade``: the student first, the ensemble only when the student is unsure;
+* ``ensemble-nobatch`` / ``member:<name>-nobatch``: ``max_batch_size=1``.
+
+Writes ``benchmarks/results/serve_load.{json,md}`` with p50/p99/mean latency and throughput per
+scenario and concurrency, plus the ratios the issue sets targets for, and the cascade's dev
+accuracy loss computed from ``predictions/dev.npz`` with the fitted threshold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PORT = 18452
+TARGETS = {  # ratio -> (target, "<=" or ">=")
+    "parallel_over_sequential_p50_c1": (0.7, "<="),
+    "batching_throughput_ratio_c32": (3.0, ">="),
+    "cascade_over_ensemble_mean_latency_c1": (0.5, "<="),
+    "cascade_dev_accuracy_loss_points": (0.5, "<="),
+}
+
+
+# ------------------------------------------------------------------ load generator (subprocess)
+
+
+async def _load(
+    url: str,
+    texts: list[str],
+    concurrency: int,
+    max_requests: int,
+    max_seconds: float,
+    timeout: float,
+) -> dict[str, Any]:
+    import httpx
+
+    latencies: list[float] = []
+    statuses: dict[str, int] = {}
+    answered: dict[str, int] = {}
+    counter = iter(range(max_requests))
+    deadline = time.perf_counter() + max_seconds
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        for i in counter:
+            if time.perf_counter() > deadline:
+                return
+            start = time.perf_counter()
+            try:
+                r = await client.post(url, json={"text": texts[i % len(texts)]})
+                key = str(r.status_code)
+            except httpx.HTTPError as err:
+                key, r = type(err).__name__, None
+            statuses[key] = statuses.get(key, 0) + 1
+            if r is not None and r.status_code == 200:
+                latencies.append(time.perf_counter() - start)
+                body = r.json()
+                for p in body.get("predictions", []) if isinstance(body, dict) else []:
+                    answered[p["answered_by"]] = answered.get(p["answered_by"], 0) + 1
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    ms = np.array(latencies) * 1000.0
+    ok = len(latencies)
+    return {
+        "concurrency": concurrency,
+        "requests": sum(statuses.values()),
+        "ok": ok,
+        "errors": sum(statuses.values()) - ok,
+        "statuses": statuses,
+        "elapsed_s": elapsed,
+        "throughput_rps": ok / elapsed if elapsed > 0 else 0.0,
+        "p50_ms": float(np.percentile(ms, 50)) if ok else None,
+        "p99_ms": float(np.percentile(ms, 99)) if ok else None,
+        "mean_ms": float(ms.mean()) if ok else None,
+        "answered_by": answered,
+    }
+
+
+def _load_main(args: argparse.Namespace) -> int:
+    host = urlparse(args.url).hostname or ""
+    if not (host == "localhost" or host.startswith("127.")):
+        print(f"refusing to load {args.url}: loopback addresses only", file=sys.stderr)
+        return 2
+    texts = json.loads(Path(args.texts_file).read_text())
+    result = asyncio.run(
+        _load(
+            args.url, texts, args.concurrency[0], args.max_requests, args.max_seconds, args.timeout
+        )
+    )
+    print(json.dumps(result))
+    return 0
+
+
+def run_load(
+    url: str,
+    texts_file: str,
+    concurrency: int,
+    max_requests: int,
+    max_seconds: float,
+    timeout: float = 30.0,
+) -> dict[str, Any]:
+    """One load run in a separate process (so the client's CPU work is not ours to measure)."""
+    cmd = [
+        sys.executable,
+        __file__,
+        "--load",
+        "--url",
+        url,
+        "--texts-file",
+        texts_file,
+        "--concurrency",
+        str(concurrency),
+        "--max-requests",
+        str(max_requests),
+        "--max-seconds",
+        str(max_seconds),
+        "--timeout",
+        str(timeout),
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=max_seconds + timeout + 60)
+    if out.returncode != 0:
+        raise RuntimeError(f"load generator failed ({out.returncode}): {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------------- driver
+
+
+def _texts(path: Path | None, n: int = 400) -> list[str]:
+    csv_path = path or ROOT / ".." / "shared" / "data" / "sst" / "dev.csv"
+    if csv_path.is_file():
+        with open(csv_path, newline="", encoding="utf-8") as f:
+            return [row["text"] for row in csv.DictReader(f)][:n]
+    words = "good bad film plot actors boring moving funny slow brilliant".split()
+    rng = np.random.default_rng(0)
+    return [" ".join(rng.choice(words, 12)) for _ in range(n)]
+
+
+def _scenarios(members: dict[str, str]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(name, path, live overrides) in run order."""
+    biggest = next((n for n, k in members.items() if k == "teacher"), next(iter(members)))
+    out = [(f"member:{n}", f"/members/{n}/predict", {}) for n in members]
+    out += [
+        (f"member:{biggest}-nobatch", f"/members/{biggest}/predict", {"max_batch_size": 1}),
+        ("ensemble", "/predict", {}),
+        ("ensemble-nobatch", "/predict", {"max_batch_size": 1}),
+        ("sequential", "/predict", {"sequential": True}),
+    ]
+    if "student" in members.values():
+        out.append(("cascade", "/predict", {"cascade": True}))
+    return out
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def ratios(
+    results: dict[str, dict[int, dict[str, Any]]], accuracy: dict[str, Any] | None
+) -> dict[str, float | None]:
+    """The headline ratios (see TARGETS) from the per-scenario results."""
+
+    def get(s: str, c: int, key: str) -> float | None:
+        return results.get(s, {}).get(c, {}).get(key)
+
+    return {
+        "parallel_over_sequential_p50_c1": _ratio(
+            get("ensemble", 1, "p50_ms"), get("sequential", 1, "p50_ms")
+        ),
+        "batching_throughput_ratio_c32": _ratio(
+            get("ensemble", 32, "throughput_rps"), get("ensemble-nobatch", 32, "throughput_rps")
+        ),
+        "cascade_over_ensemble_mean_latency_c1": _ratio(
+            get("cascade", 1, "mean_ms"), get("ensemble", 1, "mean_ms")
+        ),
+        "cascade_dev_accuracy_loss_points": None
+        if accuracy is None
+        else 100.0 * accuracy["dev"]["accuracy_loss"],
+    }
+
+
+def cascade_quality(run_dir: Path) -> dict[str, Any] | None:
+    """Fit the threshold on dev predictions; report dev (in-sample) and test (held-out)."""
+    from ensemble.rundir import Manifest
+    from ensemble.serving import cascade
+
+    spec = cascade.combination_from_manifest(Manifest.load(run_dir))
+    try:
+        threshold, dev = cascade.fit_threshold_from_run(run_dir, spec)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"no cascade accuracy: {err}", file=sys.stderr)
+        return None
+    out: dict[str, Any] = {"threshold": threshold, "method": spec.method, "dev": dev}
+    try:
+        test = cascade.load_predictions(run_dir, "test")
+        ens = cascade.combine_outputs(test, spec).probs
+        student = cascade.student_of(spec)
+        out["test"] = cascade.cascade_accuracy(
+            test[student], ens, test["labels"].astype(int), threshold
+        )
+    except FileNotFoundError:
+        pass
+    return out
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _markdown(data: dict[str, Any]) -> str:
+    lines = [
+        "# Serving load test",
+        "",
+        f"Run dir `{data['run_dir']}` ({data['members']}); {data['machine'].get('cpu_count')} "
+        f"CPUs, load average before/after {data['load_before']} / {data['load_after']}; "
+        f"{data['settings']}.",
+        "",
+        "| scenario | c | ok | errors | p50 ms | p99 ms | mean ms | req/s | student share |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, by_c in data["results"].items():
+        for c, r in by_c.items():
+            total = sum(r["answered_by"].values())
+            share = f"{r['answered_by'].get('student', 0) / total:.2f}" if total else "-"
+            cells = [
+                name,
+                c,
+                r["ok"],
+                r["errors"],
+                _ms(r["p50_ms"]),
+                _ms(r["p99_ms"]),
+                _ms(r["mean_ms"]),
+                f"{r['throughput_rps']:.1f}",
+                share if name == "cascade" else "-",
+            ]
+            lines.append("| " + " | ".join(map(str, cells)) + " |")
+    lines += ["", "| ratio | value | target | met |", "|---|---:|---:|:---:|"]
+    for key, value in data["ratios"].items():
+        target, op = TARGETS[key]
+        met = (
+            "-"
+            if value is None
+            else ("yes" if (value <= target if op == "<=" else value >= target) else "no")
+        )
+        shown = "-" if value is None else f"{value:.3f}"
+        lines.append(f"| {key} | {shown} | {op} {target} | {met} |")
+    acc = data.get("cascade_accuracy")
+    if acc:
+        lines += [
+            "",
+            f"Cascade threshold {acc['threshold']:.4f} (fitted on dev, method "
+            f"{acc['method']}): dev accuracy {acc['dev']['accuracy']:.4f} vs ensemble "
+            f"{acc['dev']['ensemble_accuracy']:.4f}, student answers "
+            f"{acc['dev']['student_fraction']:.1%}.",
+        ]
+        if "test" in acc:
+            t = acc["test"]
+            lines.append(
+                f"Held-out test: accuracy {t['accuracy']:.4f} vs ensemble "
+                f"{t['ensemble_accuracy']:.4f} (loss {100 * t['accuracy_loss']:.2f} "
+                f"points), student answers {t['student_fraction']:.1%}."
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run_dir", nargs="?", type=Path)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--max-requests", type=int, default=400, help="per scenario and concurrency")
+    p.add_argument("--max-seconds", type=float, default=8.0, help="per scenario and concurrency")
+    p.add_argument("--port", type=int, default=PORT)
+    p.add_argument("--num-cpus", type=float, default=0.2, help="CPUs per member replica")
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
+    p.add_argument("--texts", type=Path, help="CSV with a text column (default SST dev)")
+    p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--only", nargs="*", help="run only these scenarios")
+    # load-generator mode (internal)
+    p.add_argument("--load", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--url", help=argparse.SUPPRESS)
+    p.add_argument("--texts-file", help=argparse.SUPPRESS)
+    p.add_argument("--timeout", type=float, default=30.0, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.load:
+        return _load_main(args)
+    if args.run_dir is None:
+        p.error("RUN_DIR is required")
+    return _bench(args)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from benchmarks.common import load_average, local_ray, machine, write_results
+    from ensemble.rundir import Manifest
+    from ensemble.serving import commands
+
+    run_dir = args.run_dir.resolve()
+    manifest = Manifest.load(run_dir)
+    members = {n: e.kind for n, e in manifest.members.items()}
+    base = {
+        "port": args.port,
+        "num_cpus": args.num_cpus,
+        "max_batch_size": args.max_batch_size,
+        "max_ongoing_requests": max(64, args.max_batch_size),
+        "batch_wait_timeout_s": args.batch_wait_timeout_s,
+    }
+    texts = _texts(args.texts)
+    results: dict[str, dict[int, dict[str, Any]]] = {}
+    load_before = load_average()
+    with (
+        local_ray(num_cpus=2, node_ip="127.0.0.5"),
+        tempfile.NamedTemporaryFile("w", suffix=".json") as tf,
+    ):
+        json.dump(texts, tf)
+        tf.flush()
+        url = commands.deploy(run_dir, commands.serve_config_for(run_dir, base), timeout_s=600)
+        for name, path, overrides in _scenarios(members):
+            if args.only and name not in args.only:
+                continue
+            commands.update(run_dir, commands.serve_config_for(run_dir, {**base, **overrides}))
+            run_load(url + path, tf.name, 4, 16, 10.0)  # warm-up (tokenizer caches, routers)
+            results[name] = {}
+            for c in args.concurrency:
+                r = run_load(url + path, tf.name, c, args.max_requests, args.max_seconds)
+                results[name][c] = r
+                print(
+                    f"{name:>24} c={c:<3} p50={r['p50_ms'] or 0:8.1f}ms "
+                    f"p99={r['p99_ms'] or 0:8.1f}ms {r['throughput_rps']:7.1f} req/s "
+                    f"errors={r['errors']}",
+                    flush=True,
+                )
+        from ray import serve
+
+        serve.shutdown()
+    accuracy = cascade_quality(run_dir)
+    data = {
+        "run_dir": str(run_dir),
+        "members": members,
+        "machine": machine(),
+        "load_before": load_before,
+        "load_after": load_average(),
+        "settings": {**base, "max_requests": args.max_requests, "max_seconds": args.max_seconds},
+        "results": results,
+        "cascade_accuracy": accuracy,
+        "ratios": ratios(results, accuracy),
+        "targets": TARGETS,
+    }
+    json_path, md_path = write_results("serve_load", data, _markdown(data), args.out_dir)
+    print(f"wrote {json_path} and {md_path}")
+    for key, value in data["ratios"].items():
+        print(f"{key}: {value if value is None else round(value, 3)} (target {TARGETS[key]})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
