@@ -211,23 +211,58 @@ def _app_status(app_name: str) -> Any:
     return serve.status().applications.get(app_name)
 
 
-def apply(config: dict[str, Any], app_name: str = APP_NAME, timeout_s: float = 600.0) -> None:
+def running_http_options() -> dict[str, Any] | None:
+    """Host and port of the Serve proxy already running on the connected cluster, if any."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        http = _get_global_client().http_config
+    except RayServeException:
+        return None
+    return {"host": http.host, "port": http.port}
+
+
+def apply(
+    config: dict[str, Any],
+    app_name: str = APP_NAME,
+    timeout_s: float = 600.0,
+    check_http: bool = True,
+) -> None:
     """Apply a Serve config to the connected cluster and wait until the app is RUNNING.
 
+    Like ``serve deploy``, the config replaces the set of config-deployed apps on the cluster.
+
+    Args:
+        config: a `deploy_config` dict.
+        app_name: the app to wait for.
+        timeout_s: how long to wait.
+        check_http: fail if Serve already runs with other HTTP options (they cannot change
+            without a Serve restart, and the app would not be where the caller expects it).
+
     Raises:
-        RuntimeError: if the app fails to deploy or is not running within ``timeout_s``.
+        RuntimeError: on an HTTP options clash, if the app fails to deploy, or if it is not
+            running within ``timeout_s``.
     """
     from ray import serve
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 
     schema = ServeDeploySchema.model_validate(config)
-    serve.start(http_options=config["http_options"])
+    running = running_http_options()
+    if running is None:
+        serve.start(http_options=config["http_options"])
+    elif check_http and running != config["http_options"]:
+        raise RuntimeError(
+            f"Serve already runs on this cluster with HTTP {running}, not "
+            f"{config['http_options']}; pass --host/--port to match, or stop it (serve shutdown)"
+        )
     before = _app_status(app_name)
     previous = before.last_deployed_time_s if before is not None else -1.0
     # the same controller call `serve deploy` / `serve run CONFIG` make
     _get_global_client().deploy_apps(schema)
     deadline = time.monotonic() + timeout_s
+    status = None
     while time.monotonic() < deadline:
         status = _app_status(app_name)
         if status is not None and status.last_deployed_time_s > previous:
@@ -274,7 +309,7 @@ def update(
             "`ensemble serve RUN_DIR` (and pass --ray-address of that cluster to --update)"
         )
     config = deploy_config(run_dir, cfg, method, app_name)
-    apply(config, app_name, timeout_s)
+    apply(config, app_name, timeout_s, check_http=False)  # the proxy keeps its host and port
     return config["applications"][0]["deployments"][0]["user_config"]
 
 
@@ -327,19 +362,14 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--app-name", default=APP_NAME, help="Serve application name")
     p.add_argument("--ray-address", help="Ray cluster to join (default: start a local one)")
     p.add_argument("--node-ip-address", help="loopback IP for a local Ray (default from run)")
-    mode = p.add_mutually_exclusive_group()
+    mode = p.add_mutually_exclusive_group()  # default: block until Ctrl-C, then remove the app
     mode.add_argument(
-        "--blocking",
-        dest="detach",
-        action="store_false",
-        default=False,
-        help="block until Ctrl-C, then remove the app (default)",
+        "--blocking", dest="detach", action="store_false", default=False, help="(default)"
     )
     mode.add_argument(
         "--detach",
-        dest="detach",
         action="store_true",
-        help="return once running (needs a Ray cluster that outlives the command)",
+        help="return once running (needs a Ray cluster that outlives this command: --ray-address)",
     )
     p.set_defaults(func=_serve)
 
@@ -363,13 +393,27 @@ def _connect(args: argparse.Namespace, run_dir: str) -> bool:
 
     if ray.is_initialized():
         return False
-    address = args.ray_address or ("auto" if args.update else None)
+    address = args.ray_address or os.environ.get("RAY_ADDRESS")
+    if address is None and args.update:
+        # never "auto": with several Ray instances on a machine it may pick someone else's
+        raise ValueError(
+            "--update needs the cluster serving the app: pass --ray-address "
+            "(`ensemble serve` prints it) or set RAY_ADDRESS"
+        )
     if address is not None:
-        ray.init(address=address, log_to_driver=False)
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except ConnectionError as err:
+            # Ray >= 2.5x turns token auth on for local clusters, but a driver joining by an
+            # explicit address presents the token only in token mode
+            raise RuntimeError(
+                f"{err}; if the cluster uses token authentication (the default "
+                "for a local ray.init), run with RAY_AUTH_MODE=token"
+            ) from None
         return False
     ray_cfg = Manifest.load(run_dir).config.get("ray") or {}
     ip = args.node_ip_address or ray_cfg.get("node_ip_address") or "127.0.0.2"
-    # a loopback node IP keeps every Ray port off the network (see RayConfig.node_ip_address)
+    # a loopback node IP keeps Ray's addresses on loopback (see RayConfig.node_ip_address)
     ray.init(_node_ip_address=ip, include_dashboard=False, num_cpus=ray_cfg.get("num_cpus"))
     return True
 
@@ -381,7 +425,9 @@ def _serve(args: argparse.Namespace) -> int:
             config = deploy_config(args.run_dir, cfg, args.method, args.app_name)
             print(f"wrote {write_deploy_config(args.write_config, config)}")
             return 0
-        if args.detach and not (args.ray_address or _ray_running()):
+        import ray
+
+        if args.detach and not (args.ray_address or ray.is_initialized()):
             print(
                 "--detach needs a Ray cluster that outlives this command: `ray start --head "
                 "--node-ip-address=127.0.0.1`, then pass --ray-address auto",
@@ -400,16 +446,15 @@ def _serve(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    import ray
+
+    gcs = ray.get_runtime_context().gcs_address
     print(f"serving {args.run_dir} at {url} (POST {url}/predict, GET {url}/info)")
+    auth = "RAY_AUTH_MODE=token " if os.environ.get("RAY_AUTH_MODE") == "token" else ""
+    print(f"push new weights: {auth}ensemble serve {args.run_dir} --update --ray-address {gcs}")
     if args.detach:
         return 0
     return _block(args.app_name, started)
-
-
-def _ray_running() -> bool:
-    import ray
-
-    return ray.is_initialized()
 
 
 def _block(app_name: str, started_ray: bool) -> int:
@@ -460,6 +505,7 @@ __all__ = [
     "deploy_config",
     "members_fingerprint",
     "resolve_threshold",
+    "running_http_options",
     "serve_config_for",
     "update",
     "url_for",

@@ -65,14 +65,23 @@ def served(tmp_path_factory):
     from ensemble.serving import commands
 
     run_dir = make_run_dir(tmp_path_factory.mktemp("serve") / "run")
-    ray.init(num_cpus=2, _node_ip_address="127.0.0.5", include_dashboard=False)
+    # reuse a Ray (and Serve proxy) another fixture of the session started; else start ours
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, _node_ip_address="127.0.0.5", include_dashboard=False)
+    running = commands.running_http_options()
+    if running is not None:
+        _BASE["port"] = running["port"]
     try:
         url = commands.deploy(run_dir, commands.serve_config_for(run_dir, _BASE), timeout_s=300)
         with EnsembleClient(url, timeout=20) as client:
             yield Served(run_dir, url, client)
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        if started:
+            serve.shutdown()
+            ray.shutdown()
+        else:
+            serve.delete(commands.APP_NAME)
 
 
 def _member_arrays(pred) -> dict[str, np.ndarray]:
