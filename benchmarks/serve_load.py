@@ -2,6 +2,7 @@
 the cascade, and batching on vs off.
 
     python benchmarks/serve_load.py RUN_DIR [--concurrency 1 8 32] [--max-seconds 8]
+    python benchmarks/serve_load.py --tiny     # tiny random-init members (tests/helpers_serve)
 
 Deploys RUN_DIR on a local Ray (127.0.0.5, HTTP on 127.0.0.1:18452), then for every scenario
 switches the running app's settings live (no restarts) and drives it from a separate load
@@ -295,6 +296,11 @@ def _markdown(data: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run_dir", nargs="?", type=Path)
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="build and serve the tiny random-init run of tests/helpers_serve.py",
+    )
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--max-requests", type=int, default=400, help="per scenario and concurrency")
     p.add_argument("--max-seconds", type=float, default=8.0, help="per scenario and concurrency")
@@ -313,8 +319,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.load:
         return _load_main(args)
+    if args.tiny:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from helpers_serve import make_run_dir
+
+        with tempfile.TemporaryDirectory(prefix="serve_load_") as tmp:
+            args.run_dir = make_run_dir(Path(tmp) / "tiny-run")
+            return _bench(args)
     if args.run_dir is None:
-        p.error("RUN_DIR is required")
+        p.error("RUN_DIR (or --tiny) is required")
     return _bench(args)
 
 

@@ -76,7 +76,7 @@ def _replica_id() -> str:
 class MemberModel:
     """One exported member; batched inference on CPU or GPU."""
 
-    def __init__(self, run_dir: str, name: str, num_threads: int = 1) -> None:
+    def __init__(self, run_dir: str, name: str, num_threads: int = 1, gpu: bool = False) -> None:
         import torch  # the combiner replica never needs torch or transformers
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -85,7 +85,12 @@ class MemberModel:
         path = manifest.member_path(run_dir, name)
         torch.set_num_threads(max(1, num_threads))
         self._torch = torch
-        self._device = "cuda" if torch.cuda.is_available() else "cpu"
+        if gpu and not torch.cuda.is_available():
+            raise RuntimeError(
+                f"member {name} asked for a GPU (serve.num_gpus > 0) but CUDA is "
+                "not available in its replica; set serve.num_gpus=0"
+            )
+        self._device = "cuda" if gpu else "cpu"
         self._tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True)
         self._model = model.eval().to(self._device)
@@ -404,7 +409,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
             user_config=member_cfg,
             ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
             **common,
-        ).bind(run_dir, name, threads)
+        ).bind(run_dir, name, threads, cfg.num_gpus > 0)
         for name in manifest.members
     }
     settings = combiner_settings(run_dir, manifest, cfg, method)

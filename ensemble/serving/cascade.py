@@ -7,7 +7,9 @@ run directory's view of the members (a mapping ``name -> output``) to it:
 * classification members (classifier, teacher, student) output ``(B, C)`` probabilities;
 * the regressor outputs ``(B,)`` intensities and votes through `combine.regressor_probs`;
 * the ensemble intensity is `combine.combine_intensity` over the regressor's intensity and each
-  classification member's `combine.expected_intensity`, with the same member weights.
+  classification member's `combine.expected_intensity`, weighted as `evaluate.ensemble_intensity`
+  does (the regressor half, the classification members the other half), so Serve returns what
+  the run's metrics describe.
 
 The cascade lets the (cheap) student answer alone when its confidence reaches a threshold;
 `fit_threshold` picks the lowest threshold whose dev accuracy stays within a tolerance of the
@@ -34,6 +36,7 @@ __all__ = [
     "cascade_answer",
     "ensemble_answer",
     "hard_examples",
+    "intensity_weights",
     "Combination",
     "Combined",
     "cascade_accuracy",
@@ -171,6 +174,22 @@ def stack_member_probs(
     return np.stack(stacked)  # (M, B, C)
 
 
+def intensity_weights(spec: Combination) -> np.ndarray:
+    """(M,) weights of the members' intensity estimates, the rule of `evaluate.ensemble_intensity`.
+
+    The regressor is trained for intensity, so it gets as much weight as all classification
+    members together; the classification members share the rest equally. (Same numbers as the
+    evaluation reports; a unit test holds the two together.)
+    """
+    kinds = list(spec.members.values())
+    n_reg = sum(k == "regressor" for k in kinds)
+    n_cls = len(kinds) - n_reg
+    reg_share = 0.5 if n_reg and n_cls else (1.0 if n_reg else 0.0)
+    return np.array(
+        [reg_share / n_reg if k == "regressor" else (1.0 - reg_share) / n_cls for k in kinds]
+    )
+
+
 def combine_outputs(outputs: Mapping[str, np.ndarray], spec: Combination) -> Combined:
     """Combine every member's output into the served prediction.
 
@@ -200,7 +219,7 @@ def combine_outputs(outputs: Mapping[str, np.ndarray], spec: Combination) -> Com
         probs=final,
         label_ids=final.argmax(axis=1),
         confidence=combine.confidence(final),
-        intensity=combine.combine_intensity(intensities, weights),
+        intensity=combine.combine_intensity(intensities, intensity_weights(spec)),
         disagreement=combine.disagreement(probs),
     )
 
@@ -385,8 +404,15 @@ def combination_from_manifest(manifest: Manifest, method: str | None = None) -> 
         ValueError: if the manifest's combine section is inconsistent with its members.
     """
     comb = manifest.combine or {}
+    # stacking coefficients are laid out in the order the combiner was fitted in
+    order = list(comb.get("members") or manifest.members)
+    if sorted(order) != sorted(manifest.members):
+        raise ValueError(
+            f"combine.members {order} differ from the manifest's members "
+            f"{list(manifest.members)}; refit the combiner on the current members"
+        )
     return Combination(
-        members={name: entry.kind for name, entry in manifest.members.items()},
+        members={name: manifest.members[name].kind for name in order},
         label_names=list(manifest.label_names),
         class_intensity=[float(v) for v in manifest.class_intensity],
         intensity_edges=[float(v) for v in manifest.intensity_edges],

@@ -137,15 +137,54 @@ def test_combine_outputs_is_combine_apply_on_the_stacked_members(method):
     np.testing.assert_array_equal(got.label_ids, expected.argmax(1))
     np.testing.assert_allclose(got.confidence, expected.max(1))
     np.testing.assert_allclose(got.disagreement, combine.disagreement(probs))
-    intensities = np.stack(
-        [
-            combine.expected_intensity(out["clf"], [-2, 0, 2]),
-            out["reg"],
-            combine.expected_intensity(out["teach"], [-2, 0, 2]),
-            combine.expected_intensity(out["stud"], [-2, 0, 2]),
-        ]
+    # the regressor half, the three classification members a sixth each
+    expected_cls = [
+        combine.expected_intensity(out[n], [-2, 0, 2]) for n in ("clf", "teach", "stud")
+    ]
+    np.testing.assert_allclose(got.intensity, 0.5 * out["reg"] + np.mean(expected_cls, axis=0) / 2)
+
+
+@pytest.mark.parametrize(
+    "members",
+    [
+        MEMBERS,
+        {"a": "classifier", "b": "teacher"},
+        {"r": "regressor"},
+        {"r1": "regressor", "r2": "regressor", "c": "student"},
+    ],
+)
+def test_served_intensity_is_the_evaluated_intensity(members):
+    """Serving and `ensemble.evaluate` (the run's reported metrics) weigh intensities alike."""
+    from ensemble import evaluate
+
+    spec = _spec(members=members)
+    rng = np.random.default_rng(2)
+    out = {
+        n: rng.uniform(-3, 3, 6) if k == "regressor" else rng.dirichlet(np.ones(3), 6)
+        for n, k in members.items()
+    }
+    estimates = evaluate.intensity_estimates(out, members, spec.class_intensity)
+    np.testing.assert_allclose(
+        cascade.combine_outputs(out, spec).intensity,
+        evaluate.ensemble_intensity(estimates, members),
     )
-    np.testing.assert_allclose(got.intensity, combine.combine_intensity(intensities, w))
+
+
+def test_stacking_member_order_comes_from_the_fitted_combiner(tmp_path):
+    _manifest_run(
+        tmp_path,
+        {
+            "method": "soft_vote",
+            "weights": {},
+            "params": {},
+            "members": ["stud", "reg", "clf", "teach"],
+        },
+    )
+    spec = cascade.combination_from_manifest(Manifest.load(tmp_path))
+    assert list(spec.members) == ["stud", "reg", "clf", "teach"]
+    _manifest_run(tmp_path / "other", {"method": "soft_vote", "members": ["stud", "reg"]})
+    with pytest.raises(ValueError, match="refit the combiner"):
+        cascade.combination_from_manifest(Manifest.load(tmp_path / "other"))
 
 
 def test_regressor_sharpness_param_gives_a_soft_vote():
@@ -265,7 +304,7 @@ def _manifest_run(tmp_path, combine_section):
         logits = rng.normal(size=(300, 3)) + strength * np.eye(3)[y]
         preds[n] = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     preds["reg"] = np.array([-2.0, 0.0, 2.0])[y] + rng.normal(0, 0.5, 300)
-    (tmp_path / "predictions").mkdir()
+    (tmp_path / "predictions").mkdir(parents=True)
     np.savez(tmp_path / "predictions" / "dev.npz", **preds)
     return preds
 
