@@ -13,6 +13,7 @@ import platform
 import statistics
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,33 @@ def scratch_dir(prefix: str) -> Iterator[str]:
     """A temporary directory (Ray Train storage, checkpoints) removed afterwards."""
     with tempfile.TemporaryDirectory(prefix=prefix) as d:
         yield d
+
+
+def single_process_group() -> None:
+    """Env for a one-process torch.distributed group on loopback (DeepSpeed outside Ray Train)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
+           "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
+    for key, value in env.items():
+        os.environ.setdefault(key, value)
+
+
+def time_method(obj: Any, name: str, sink: dict[str, list[float]], key: str) -> None:
+    """Wrap `obj.name` on this instance only, adding each call's wall time to `sink[key][-1]`."""
+    fn = getattr(obj, name)
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            sink[key][-1] += time.perf_counter() - t0
+
+    setattr(obj, name, timed)
 
 
 def summary(values: Sequence[float]) -> dict[str, float]:
