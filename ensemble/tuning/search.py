@@ -68,6 +68,7 @@ def _save_checkpoint(run_dir: Path, state: dict[str, Any]) -> tune.Checkpoint:
     """A self-contained checkpoint: state.json + each member's latest Ray Train checkpoint."""
     tmp = Path(tempfile.mkdtemp(prefix="tune-ckpt-"))
     copied = json.loads(json.dumps(state))
+    copied["saved_by_trial"] = tune.get_context().get_trial_id()
     for name, member in copied["members"].items():
         shutil.copytree(member["checkpoint"], tmp / "members" / name)
         member["checkpoint"] = f"members/{name}"  # relative: resolved on restore
@@ -87,6 +88,7 @@ def _restore_checkpoint(checkpoint: tune.Checkpoint, run_dir: Path) -> None:
         member["checkpoint"] = str(target / member["checkpoint"])
     state["round_done"] = {}
     state["restored_from_round"] = state["rounds_completed"]
+    state["restored_from_trial"] = state.get("saved_by_trial")
     atomic_write_json(run_dir / STATE_FILE, state)
 
 
@@ -105,11 +107,14 @@ def joint_trial(config: dict[str, Any], base: C.RunConfig, splits: Splits) -> No
     if checkpoint is not None:
         _restore_checkpoint(checkpoint, run_dir)
     run = JointRun(cfg, run_dir, splits, progress=False)
+    run.state["trial_id"] = tune.get_context().get_trial_id()
     try:
         while not run.done():
             row = run.run_round()
             metrics = _flat_metrics(row)
             metrics["restored_from_round"] = run.state.get("restored_from_round", 0)
+            metrics["restored_from_trial"] = run.state.get("restored_from_trial") or ""
+            metrics["trial_id"] = tune.get_context().get_trial_id()
             last = run.done()
             if last:
                 manifest = run.publish(wall_s=time.time() - start)
@@ -176,6 +181,11 @@ def run_tune(cfg: C.RunConfig, resume: bool = True) -> Path:
 
     check_config(cfg)
     check_space(cfg)
+    if cfg.tune.scheduler in ("pbt", "pb2") and cfg.tune.max_concurrent_trials < cfg.tune.num_samples:
+        raise C.ConfigError(
+            f"tune.scheduler={cfg.tune.scheduler} exploits within a population that trains "
+            f"together: set tune.max_concurrent_trials={cfg.tune.num_samples} (= num_samples) "
+            "and shrink members' cpus_per_worker so the population fits")
     out_dir = Path(cfg.output_dir).resolve()
     exp_path = out_dir / "tune" / cfg.name
     splits = load_splits(cfg.data)
