@@ -31,9 +31,9 @@ from ensemble import config as C
 
 logger = logging.getLogger(__name__)
 
-COMMANDS = ("train", "tune")
-# the line a command prints last, naming its output directory: KEY=<path>
+# command -> the line it prints last, naming its output directory: KEY=<path>
 OUTPUT_KEYS = {"train": "RUN_DIR", "tune": "TUNE_DIR"}
+COMMANDS = tuple(OUTPUT_KEYS)
 # never uploaded: outputs and history can be large and are not code
 DEFAULT_EXCLUDES = (
     "runs/",
@@ -45,8 +45,8 @@ DEFAULT_EXCLUDES = (
     ".ruff_cache",
     ".venv",
 )
-# client env vars the job gets as well; secrets (RAY_AUTH_TOKEN, HF_TOKEN) are not copied into
-# the job's metadata: cluster nodes carry their own token and credentials
+# client env vars the job gets as well. Never secrets (RAY_AUTH_TOKEN, HF_TOKEN): a job's
+# runtime_env is readable in the dashboard, and cluster nodes carry their own credentials
 PASSTHROUGH_ENV = (
     "RAY_AUTH_MODE",
     "RAY_TRAIN_V2_ENABLED",
@@ -60,7 +60,6 @@ PASSTHROUGH_ENV = (
 )
 PASSTHROUGH_PREFIX = "ENSEMBLE_"
 _ADDRESS_ENV = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")  # JobSubmissionClient prefers these
-_TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
 @dataclass(frozen=True)
@@ -137,17 +136,13 @@ def build_job(
         The job's entrypoint, runtime_env, id and metadata.
 
     Raises:
-        ValueError: unknown command, malformed override, config outside the working dir.
-        ConfigError: the config (with overrides) does not validate.
+        ValueError: unknown command, missing config or one outside the working dir.
+        ConfigError: the config with its overrides does not load (malformed override, unknown
+            key, bad value).
     """
     if command not in COMMANDS:
         raise ValueError(f"--command {command!r} is not one of {COMMANDS}")
-    overrides = list(overrides)
-    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
-    if bad:
-        raise ValueError(f"overrides {bad} are not key=value (e.g. training.rounds=2)")
-    if storage_path:
-        overrides.append(f"ray.storage_path={storage_path}")
+    overrides = [*overrides, f"ray.storage_path={storage_path}"] if storage_path else [*overrides]
     working_dir = find_project_dir() if working_dir is None else Path(working_dir).resolve()
     config_path = Path(config).resolve()
     if not config_path.is_file():
@@ -255,13 +250,13 @@ def follow(
     if out is not None:
         try:
             asyncio.run(_tail(client, job_id, out))
-        except RuntimeError as err:  # websocket dropped; the job goes on, so poll instead
+        except (RuntimeError, OSError) as err:  # the stream broke, not the job: poll instead
             logger.warning("log stream of %s broke (%s); waiting for the job to end", job_id, err)
-    while (status := str(client.get_job_status(job_id).value)) not in _TERMINAL:
+    while not (status := client.get_job_status(job_id)).is_terminal():
         time.sleep(poll_s)
-    info = client.get_job_info(job_id)
+    message = client.get_job_info(job_id).message
     run_dir = parse_run_dir(client.get_job_logs(job_id), key)
-    return LaunchResult(job_id, status, run_dir, getattr(info, "message", None))
+    return LaunchResult(job_id, str(status.value), run_dir, message)
 
 
 async def _tail(client: Any, job_id: str, out: TextIO) -> None:

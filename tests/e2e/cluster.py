@@ -28,6 +28,7 @@ import atexit
 import contextlib
 import logging
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -48,79 +49,42 @@ HEAD_IP = "127.0.0.6"
 WORKER_IPS = ("127.0.0.7", "127.0.0.8")
 PORT_BASE = 26000
 PORT_BLOCK = 200  # node k owns ports PORT_BASE + k*PORT_BLOCK ... + PORT_BLOCK - 1
+_TEMP_PREFIX = "/tmp/enscl-"  # every LocalCluster's temp dir; short: Ray's socket paths
 # env vars of the caller that would point our nodes at another cluster or token
 _SCRUBBED_ENV = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 
 
-@dataclass(frozen=True)
-class NodePorts:
-    """The fixed ports of one node; only the head uses the first five."""
-
-    gcs: int
-    dashboard: int
-    client: int
-    autoscaler_metrics: int
-    dashboard_metrics: int
-    node_manager: int
-    object_manager: int
-    agent_http: int
-    agent_grpc: int
-    runtime_env_agent: int
-    metrics_export: int
-    min_worker: int
-    max_worker: int
-
-    @classmethod
-    def block(cls, base: int) -> NodePorts:
-        """The ports of the node that owns [base, base + PORT_BLOCK)."""
-        return cls(
-            gcs=base + 1,
-            dashboard=base + 2,
-            client=base + 3,
-            autoscaler_metrics=base + 4,
-            dashboard_metrics=base + 5,
-            node_manager=base + 10,
-            object_manager=base + 11,
-            agent_http=base + 12,
-            agent_grpc=base + 13,
-            runtime_env_agent=base + 14,
-            metrics_export=base + 15,
-            min_worker=base + 100,
-            max_worker=base + PORT_BLOCK - 1,
-        )
-
-    def listening(self, head: bool) -> list[int]:
-        """The fixed ports this node listens on (not the worker range)."""
-        ports = [
-            self.node_manager,
-            self.object_manager,
-            self.agent_http,
-            self.agent_grpc,
-            self.runtime_env_agent,
-            self.metrics_export,
-        ]
-        if head:
-            ports += [
-                self.gcs,
-                self.dashboard,
-                self.client,
-                self.autoscaler_metrics,
-                self.dashboard_metrics,
-            ]
-        return ports
+# ports as offsets inside a node's block: `ray start --<flag>=<base + offset>`
+HEAD_PORTS = {"port": 1, "dashboard-port": 2, "ray-client-server-port": 3}  # GCS, Jobs API
+NODE_PORTS = {
+    "node-manager-port": 10,
+    "object-manager-port": 11,
+    "dashboard-agent-listen-port": 12,
+    "dashboard-agent-grpc-port": 13,
+    "runtime-env-agent-port": 14,
+    "metrics-export-port": 15,
+}
+# the head's Prometheus endpoints, which default to fixed ports shared by every Ray
+HEAD_METRICS_ENV = {"AUTOSCALER_METRIC_PORT": 4, "DASHBOARD_METRIC_PORT": 5}
+WORKER_PORTS = (100, PORT_BLOCK - 1)  # --min/max-worker-port: one port per worker process
 
 
 @dataclass
 class _Node:
     index: int  # 0 = head
     ip: str
-    ports: NodePorts
+    base: int  # first port of the node's block
     temp_dir: Path = Path("/nonexistent")  # set by LocalCluster.start
     session: int | None = None  # session id (= pid of the `ray start` that created it)
 
     @property
     def is_head(self) -> bool:
         return self.index == 0
+
+    def fixed_ports(self) -> dict[str, int]:
+        """`ray start` port flag -> port, for this node."""
+        table = {**HEAD_PORTS, **NODE_PORTS} if self.is_head else NODE_PORTS
+        return {flag: self.base + offset for flag, offset in table.items()}
 
 
 class LocalCluster:
@@ -168,9 +132,7 @@ class LocalCluster:
         self.object_store_mb = object_store_mb
         self.startup_timeout_s = startup_timeout_s
         ips = (head_ip, *worker_ips[:num_workers])
-        self.nodes = [
-            _Node(k, ip, NodePorts.block(port_base + k * PORT_BLOCK)) for k, ip in enumerate(ips)
-        ]
+        self.nodes = [_Node(k, ip, port_base + k * PORT_BLOCK) for k, ip in enumerate(ips)]
         self._root = Path("/nonexistent")  # a fresh temp dir per start()
         self._token = secrets.token_hex(32)
         self._started = False
@@ -183,17 +145,12 @@ class LocalCluster:
     @property
     def address(self) -> str:
         """GCS address `host:port`, for `ray start --address` / `ray.init(address=...)`."""
-        return f"{self.head.ip}:{self.head.ports.gcs}"
+        return f"{self.head.ip}:{self.head.base + HEAD_PORTS['port']}"
 
     @property
     def dashboard_url(self) -> str:
         """Dashboard / Jobs API URL, for `JobSubmissionClient` and `ensemble launch`."""
-        return f"http://{self.head.ip}:{self.head.ports.dashboard}"
-
-    @property
-    def client_address(self) -> str:
-        """Ray Client address (`ray://host:port`)."""
-        return f"ray://{self.head.ip}:{self.head.ports.client}"
+        return f"http://{self.head.ip}:{self.head.base + HEAD_PORTS['dashboard-port']}"
 
     @property
     def token_path(self) -> Path:
@@ -228,7 +185,7 @@ class LocalCluster:
         if self._started:
             raise RuntimeError("this LocalCluster is already started")
         self._check_ports_free()
-        self._root = Path(tempfile.mkdtemp(prefix="enscl-", dir="/tmp"))  # short: socket paths
+        self._root = Path(tempfile.mkdtemp(prefix=Path(_TEMP_PREFIX).name, dir="/tmp"))
         for node in self.nodes:
             node.temp_dir = self._root / f"n{node.index}"
         self.token_path.write_text(self._token)
@@ -242,19 +199,22 @@ class LocalCluster:
                 self._start_node(node)
             self.wait_for_nodes(len(self.nodes))
         except BaseException:
-            self.stop()
+            self.stop(keep_temp=True)
+            logger.error("local cluster failed to start; its logs stay in %s", self._root)
             raise
         logger.info("local cluster up: %s (%d nodes)", self.address, len(self.nodes))
 
-    def stop(self, timeout_s: float = 5.0) -> None:
-        """Terminate every node (workers first), SIGKILL what is left, delete the temp dir."""
+    def stop(self, timeout_s: float = 5.0, keep_temp: bool = False) -> None:
+        """Terminate every node (workers first), SIGKILL what is left, delete the temp dir
+        (with its logs) unless `keep_temp`."""
         if not self._started:
             return
         for node in reversed(self.nodes):
             self._end_node(node, grace_s=timeout_s)
         self._started = False
         atexit.unregister(self.stop)
-        shutil.rmtree(self._root, ignore_errors=True)
+        if not keep_temp:
+            shutil.rmtree(self._root, ignore_errors=True)
 
     def kill_node(self, index: int) -> list[int]:
         """SIGKILL every process of node `index` (0 = head): raylet, agents, workers, jobs.
@@ -284,12 +244,10 @@ class LocalCluster:
             return []
         found: dict[int, psutil.Process] = {}
         for proc in psutil.process_iter():
-            try:
-                if os.getsid(proc.pid) == session:
-                    found[proc.pid] = proc
+            if _session_of(proc) == session:
+                found[proc.pid] = proc
+                with contextlib.suppress(psutil.NoSuchProcess):
                     found.update((c.pid, c) for c in proc.children(recursive=True))
-            except (ProcessLookupError, psutil.NoSuchProcess, PermissionError):
-                continue
         return list(found.values())
 
     def alive_node_ips(self) -> list[str]:
@@ -313,7 +271,10 @@ class LocalCluster:
             ips = self.alive_node_ips()
             return len(ips) == count
 
-        self._wait_for(ready, f"{count} alive nodes (last seen: {ips})", timeout_s)
+        try:
+            self._wait_for(ready, f"{count} alive nodes", timeout_s)
+        except TimeoutError as err:
+            raise TimeoutError(f"{err} (alive: {ips})") from None
         return ips
 
     def log_dir(self, index: int) -> Path:
@@ -329,51 +290,42 @@ class LocalCluster:
         return self.nodes[index]
 
     def _node_env(self) -> dict[str, str]:
-        env = self.client_environ()
-        env.update(
-            RAY_USAGE_STATS_ENABLED="0",
-            # the head's Prometheus endpoints default to fixed ports shared by every Ray
-            AUTOSCALER_METRIC_PORT=str(self.head.ports.autoscaler_metrics),
-            DASHBOARD_METRIC_PORT=str(self.head.ports.dashboard_metrics),
-        )
+        env = {**self.client_environ(), "RAY_USAGE_STATS_ENABLED": "0"}
+        env.update((k, str(self.head.base + off)) for k, off in HEAD_METRICS_ENV.items())
         return env
 
     def _start_args(self, node: _Node) -> list[str]:
-        p = node.ports
+        low, high = (node.base + offset for offset in WORKER_PORTS)
+        cpus = self.head_cpus if node.is_head else self.cpus_per_node
         args = [
+            *(f"--{flag}={port}" for flag, port in node.fixed_ports().items()),
             f"--node-ip-address={node.ip}",
             f"--temp-dir={node.temp_dir}",
-            f"--num-cpus={self.head_cpus if node.is_head else self.cpus_per_node}",
+            f"--num-cpus={cpus}",
             "--num-gpus=0",
             f"--object-store-memory={self.object_store_mb * 1024**2}",
-            f"--node-manager-port={p.node_manager}",
-            f"--object-manager-port={p.object_manager}",
-            f"--min-worker-port={p.min_worker}",
-            f"--max-worker-port={p.max_worker}",
-            f"--dashboard-agent-listen-port={p.agent_http}",
-            f"--dashboard-agent-grpc-port={p.agent_grpc}",
-            f"--runtime-env-agent-port={p.runtime_env_agent}",
-            f"--metrics-export-port={p.metrics_export}",
+            f"--min-worker-port={low}",
+            f"--max-worker-port={high}",
             "--disable-usage-stats",
         ]
         if node.is_head:
-            return [
-                "--head",
-                f"--port={p.gcs}",
-                f"--dashboard-host={node.ip}",
-                f"--dashboard-port={p.dashboard}",
-                f"--ray-client-server-port={p.client}",
-                *args,
-            ]
+            return ["--head", f"--dashboard-host={node.ip}", *args]
         return [f"--address={self.address}", *args]
 
-    def _start_node(self, node: _Node, attempts: int = 2) -> None:
-        """`ray start` one node; a worker gets a second try (on a loaded machine its raylet can
-        miss `ray start`'s fixed 30 s registration deadline)."""
+    def _start_node(self, node: _Node, attempts: int = 3) -> None:
+        """`ray start` one node, tolerant of a loaded machine.
+
+        `ray start` gives the raylet a fixed 30 s to register with the GCS and exits 1 when it
+        misses that, leaving the processes running; on a busy machine they often register a bit
+        later. So a failed `ray start` counts only if the node is not ALIVE within
+        `startup_timeout_s` either. The raylet itself aborts when its dashboard agent takes more
+        than ~15 s to import and report its ports (seen at load averages of 40+ on 2 cores);
+        then, and after a late registration that never came, the node gets a clean new try.
+        """
         node.temp_dir.mkdir(parents=True, exist_ok=True)
         log = node.temp_dir.parent / f"start-n{node.index}.log"
         cmd = [_ray_executable(), "start", *self._start_args(node)]
-        for attempt in range(1, (1 if node.is_head else attempts) + 1):
+        for attempt in range(1, attempts + 1):
             with open(log, "ab") as out:
                 # a new session per node: everything `ray start` spawns stays in it
                 proc = subprocess.Popen(
@@ -388,14 +340,25 @@ class LocalCluster:
                     rc = proc.wait(timeout=self.startup_timeout_s)
                 except subprocess.TimeoutExpired:
                     rc = None
-            if rc == 0:
+            if rc == 0 or self._registers_late(node):
                 return
             logger.warning("`ray start` of node %d failed (attempt %d)", node.index, attempt)
             self._end_node(node, grace_s=0)
-        tail = log.read_text(errors="replace")[-3000:]
+        raylet = self.log_dir(node.index) / "raylet.out"
         raise RuntimeError(
-            f"`ray start` of node {node.index} ({node.ip}) failed (rc={rc}); its output:\n{tail}"
+            f"`ray start` of node {node.index} ({node.ip}) failed (rc={rc}); its output:\n"
+            f"{_tail(log)}\n{raylet}:\n{_tail(raylet)}"
         )
+
+    def _registers_late(self, node: _Node) -> bool:
+        if not any(_name(p) == "raylet" for p in self.node_processes(node.index)):
+            return False  # it crashed (raylet.out says why); only a new try can help
+        try:
+            self._wait_for(lambda: node.ip in self.alive_node_ips(), f"node {node.index}")
+        except TimeoutError:
+            return False
+        logger.warning("node %d registered after `ray start` gave up on it", node.index)
+        return True
 
     def _end_node(self, node: _Node, grace_s: float) -> list[int]:
         """SIGTERM the node's processes (when grace_s > 0), then SIGKILL what is left."""
@@ -421,13 +384,8 @@ class LocalCluster:
         return sorted(set(ended))
 
     def _wait_dashboard(self) -> None:
-        def up() -> bool:
-            try:
-                return requests.get(f"{self.dashboard_url}/api/gcs_healthz", timeout=2).ok
-            except requests.RequestException:
-                return False
-
-        self._wait_for(up, f"the dashboard at {self.dashboard_url}")
+        url = f"{self.dashboard_url}/api/gcs_healthz"
+        self._wait_for(lambda: requests.get(url, timeout=2).ok, f"the dashboard at {url}")
 
     def _wait_for(
         self, check: Callable[[], bool], what: str, timeout_s: float | None = None
@@ -446,7 +404,10 @@ class LocalCluster:
     def _check_ports_free(self) -> None:
         busy = []
         for node in self.nodes:
-            for port in node.ports.listening(node.is_head):
+            ports = list(node.fixed_ports().values())
+            if node.is_head:
+                ports += [node.base + offset for offset in HEAD_METRICS_ENV.values()]
+            for port in ports:
                 with socket.socket() as sock:
                     # as servers do: TIME_WAIT leftovers of a previous cluster don't count
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -457,8 +418,62 @@ class LocalCluster:
         if busy:
             raise RuntimeError(
                 f"ports {busy} are in use: another LocalCluster (maybe left by a crashed test) "
-                "holds them; end its processes by pid (see `ss -ltnp`), not with `ray stop`"
+                "holds them; `python -c 'import cluster; cluster.kill_stale_clusters()'` in "
+                "tests/e2e ends leftovers (never `ray stop`: it ends every Ray on the machine)"
             )
+
+
+def kill_stale_clusters() -> list[int]:
+    """SIGKILL the nodes of LocalClusters whose test process died without stopping them.
+
+    Finds them by their temp dirs (/tmp/enscl-*) in the command lines of Ray's processes, kills
+    those processes' whole sessions (nothing else on the machine) and deletes the temp dirs.
+
+    Returns:
+        The pids killed.
+    """
+    sessions, roots = set(), set()
+    for proc in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(ProcessLookupError, psutil.Error):
+            found = re.findall(rf"{_TEMP_PREFIX}\w+", " ".join(proc.info["cmdline"] or ()))
+            if found:
+                sessions.add(os.getsid(proc.pid))
+                roots.update(found)
+    sessions.discard(os.getsid(0))  # never our own session
+    victims: dict[int, psutil.Process] = {}
+    for proc in psutil.process_iter():
+        if _session_of(proc) in sessions:  # with descendants: job entrypoints have own sessions
+            victims[proc.pid] = proc
+            with contextlib.suppress(psutil.NoSuchProcess):
+                victims.update((c.pid, c) for c in proc.children(recursive=True))
+    for proc in victims.values():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(list(victims.values()), timeout=10)
+    for root in roots:
+        shutil.rmtree(root, ignore_errors=True)
+    return sorted(victims)
+
+
+def _tail(path: Path, chars: int = 3000) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError as err:
+        return f"(unreadable: {err})"
+
+
+def _name(proc: psutil.Process) -> str:
+    try:
+        return proc.name()
+    except psutil.Error:
+        return ""
+
+
+def _session_of(proc: psutil.Process) -> int | None:
+    try:
+        return os.getsid(proc.pid)
+    except (ProcessLookupError, PermissionError):
+        return None
 
 
 def _ray_executable() -> str:

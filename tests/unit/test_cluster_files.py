@@ -272,7 +272,7 @@ def test_build_job_rejects_bad_input_with_the_fix(project, tmp_path_factory):
     cfg = project / "configs" / "run.yaml"
     with pytest.raises(ValueError, match="not one of"):
         launch.build_job(cfg, command="serve", working_dir=project)
-    with pytest.raises(ValueError, match="not key=value"):
+    with pytest.raises(C.ConfigError, match="must look like key=value"):
         launch.build_job(cfg, overrides=["training.rounds"], working_dir=project)
     with pytest.raises(ValueError, match="does not exist"):
         launch.build_job(project / "nope.yaml", working_dir=project)
