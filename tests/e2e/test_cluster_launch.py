@@ -109,25 +109,15 @@ def test_wrong_token_is_refused(cluster, project):
         )
 
 
-CLI = """
-import argparse, sys
-from ensemble import launch
-parser = argparse.ArgumentParser(prog="ensemble")
-launch.add_commands(parser.add_subparsers(dest="command_name", required=True))
-args = parser.parse_args(sys.argv[1:])
-sys.exit(args.func(args))
-"""
-
-
 def test_cli_submits_with_token_from_env(cluster, project):
-    """The `launch` subcommand in a fresh process: token from the env, options after CONFIG,
-    `--` before the overrides; the submitted job is checked, then stopped.
+    """`python -m ensemble.cli launch` in a fresh process: token from the env, options after
+    CONFIG, `--` before the overrides; the submitted job is checked, then stopped.
 
     (A ray:// address works too, but Ray Client's per-connection servers take fixed ports
     23000-24000 that other Ray users of this machine may hold, so the test stays on HTTP.)
     """
     argv = [
-        sys.executable, "-c", CLI, "launch", "configs/run.yaml",
+        sys.executable, "-m", "ensemble.cli", "launch", "configs/run.yaml",
         "--address", cluster.dashboard_url,
         "--command", "tune",
         "--storage-path", "/tmp/shared-storage",
