@@ -47,7 +47,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = C.load(args.config, _overrides(args))
     run_dir = train(cfg, address=args.address, verbose=args.verbose,
                     progress=not args.no_progress)
-    print(f"run directory: {run_dir}")
+    print(f"RUN_DIR={run_dir}", flush=True)  # `ensemble launch` reads this line
     return 0
 
 

@@ -200,8 +200,7 @@ def train(cfg: C.RunConfig, address: str | None = None, verbose: bool = False,
     splits = load_splits(cfg.data)  # bad data fails here, before Ray starts
     state = _load_state(run_dir)
     if state["rounds_completed"] >= cfg.training.rounds and (run_dir / "manifest.json").is_file():
-        logger.info("%s already holds %d completed rounds", run_dir, state["rounds_completed"])
-        print(f"RUN_DIR={run_dir}", flush=True)
+        print(f"{run_dir} already holds {state['rounds_completed']} completed round(s)", flush=True)
         return run_dir
     init_ray(cfg.ray, address, verbose)
     run = JointRun(cfg, run_dir, splits, progress)

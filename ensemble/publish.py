@@ -139,4 +139,4 @@ def print_summary(test_rows: dict[str, Any], info: dict[str, Any], run_dir: Path
     print(report.render(report.metrics_table(rows, "test")), flush=True)
     speed = {n: f"{i.get('samples_per_s', 0):.1f}" for n, i in info.items()}
     print(f"training samples/s per member: {speed}", flush=True)
-    print(f"RUN_DIR={run_dir}", flush=True)
+    print(f"run directory: {run_dir}", flush=True)
