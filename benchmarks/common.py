@@ -21,6 +21,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 DATA = REPO / ".." / "shared" / "data"  # CI clones the repo with shared/ beside it
+WORKER_NICENESS = "RAY_worker_niceness"  # Ray's knob; its workers run at nice 15 by default
 
 
 def sst_dir(root: Path | None = None) -> Path:
@@ -72,18 +73,41 @@ def _git_commit() -> str | None:
 
 
 @contextlib.contextmanager
-def local_ray(num_cpus: int, node_ip: str = "127.0.0.3") -> Iterator[None]:
-    """A local Ray bound to a loopback address (127.0.0.2-254 stays off the network)."""
+def local_ray(num_cpus: int, node_ip: str = "127.0.0.3",
+              worker_niceness: int | None = None) -> Iterator[None]:
+    """A local Ray bound to a loopback address (127.0.0.2-254 stays off the network).
+
+    Args:
+        num_cpus: CPUs Ray may schedule.
+        node_ip: the loopback address Ray binds.
+        worker_niceness: nice value of Ray's worker processes. Ray's default is 15, so on a busy
+            machine its workers get a small share of the CPU next to a driver at nice 0; pass
+            the driver's niceness to compare the two on equal terms.
+    """
     import ray
 
     if ray.is_initialized():
         raise RuntimeError("Ray is already initialised; the benchmark needs its own local Ray")
-    ray.init(num_cpus=num_cpus, _node_ip_address=node_ip, include_dashboard=False,
-             log_to_driver=False)
+    old = os.environ.get(WORKER_NICENESS)
+    if worker_niceness is not None:
+        os.environ[WORKER_NICENESS] = str(worker_niceness)  # read by the raylet it starts
+    try:
+        ray.init(num_cpus=num_cpus, _node_ip_address=node_ip, include_dashboard=False,
+                 log_to_driver=False)
+    finally:
+        if old is None:
+            os.environ.pop(WORKER_NICENESS, None)
+        else:
+            os.environ[WORKER_NICENESS] = old
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def niceness() -> int:
+    """This process's nice value."""
+    return os.getpriority(os.PRIO_PROCESS, 0)
 
 
 @contextlib.contextmanager

@@ -61,25 +61,34 @@ def rows_of(metrics: dict) -> dict[str, dict[str, float]]:
 
 
 def markdown(result: dict) -> str:
-    lines = ["| model | training | SST-5 test acc | macro-F1 | intensity Pearson r |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| model | training | SST-5 test acc | macro-F1 | intensity Pearson r |",
+        "|---|---|---|---|---|",
+    ]
     b = result["tfidf"]
-    lines.append(f"| TF-IDF + logistic / ridge | - | {b['accuracy']:.3f} | {b['macro_f1']:.3f} | "
-                 f"{b['pearson']:.3f} |")
+    lines.append(
+        f"| TF-IDF + logistic / ridge | - | {b['accuracy']:.3f} | {b['macro_f1']:.3f} | "
+        f"{b['pearson']:.3f} |"
+    )
     for mode in ("independent", "joint"):
         for name, row in result[mode]["test"].items():
-            cells = [f"{row[k]:.3f}" if row.get(k) is not None else "-"
-                     for k in ("accuracy", "macro_f1", "pearson")]
+            cells = [
+                f"{row[k]:.3f}" if row.get(k) is not None else "-"
+                for k in ("accuracy", "macro_f1", "pearson")
+            ]
             lines.append(f"| {name} | {mode} | " + " | ".join(cells) + " |")
     t = result["targets"]
-    lines += ["", f"- joint ensemble ({t['ensemble_row']}) vs best joint member "
-                  f"({t['best_member']}): {t['ensemble_acc']:.3f} vs {t['best_member_acc']:.3f} "
-                  f"→ {'met' if t['ensemble_beats_best_member'] else 'missed'}",
-              f"- joint vs independent classifier: {t['joint_classifier_acc']:.3f} vs "
-              f"{t['independent_classifier_acc']:.3f} → "
-              f"{'met' if t['joint_classifier_beats_independent'] else 'missed'}",
-              f"- wall time: independent {result['independent']['wall_s']:.0f} s, joint "
-              f"{result['joint']['wall_s']:.0f} s"]
+    lines += [
+        "",
+        f"- joint ensemble ({t['ensemble_row']}) vs best joint member "
+        f"({t['best_member']}): {t['ensemble_acc']:.3f} vs {t['best_member_acc']:.3f} "
+        f"→ {'met' if t['ensemble_beats_best_member'] else 'missed'}",
+        f"- joint vs independent classifier: {t['joint_classifier_acc']:.3f} vs "
+        f"{t['independent_classifier_acc']:.3f} → "
+        f"{'met' if t['joint_classifier_beats_independent'] else 'missed'}",
+        f"- wall time: independent {result['independent']['wall_s']:.0f} s, joint "
+        f"{result['joint']['wall_s']:.0f} s",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -89,13 +98,15 @@ def targets(indep: dict, joint: dict, kinds: dict[str, str]) -> dict:
     ens = {n: r for n, r in joint.items() if n.startswith("ensemble/")}
     ens_row = max(ens, key=lambda n: ens[n]["accuracy"])
     return {
-        "best_member": best_member, "best_member_acc": members[best_member]["accuracy"],
-        "ensemble_row": ens_row, "ensemble_acc": ens[ens_row]["accuracy"],
+        "best_member": best_member,
+        "best_member_acc": members[best_member]["accuracy"],
+        "ensemble_row": ens_row,
+        "ensemble_acc": ens[ens_row]["accuracy"],
         "ensemble_beats_best_member": ens[ens_row]["accuracy"] > members[best_member]["accuracy"],
         "joint_classifier_acc": joint["classifier"]["accuracy"],
         "independent_classifier_acc": indep["classifier"]["accuracy"],
-        "joint_classifier_beats_independent":
-            joint["classifier"]["accuracy"] > indep["classifier"]["accuracy"],
+        "joint_classifier_beats_independent": joint["classifier"]["accuracy"]
+        > indep["classifier"]["accuracy"],
     }
 
 
@@ -105,28 +116,44 @@ def main() -> None:
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "sst"))
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--epochs", type=float, default=1.0)
-    ap.add_argument("--guidance", nargs="*", default=[
-        "training.guidance.classifier_from_regressor=0.3",
-        "training.guidance.regressor_from_classifier=0.3",
-        "training.guidance.mutual=0.3", "training.guidance.student_from_ensemble=0.3"])
+    ap.add_argument(
+        "--guidance",
+        nargs="*",
+        default=[
+            "training.guidance.classifier_from_regressor=0.3",
+            "training.guidance.regressor_from_classifier=0.3",
+            "training.guidance.mutual=0.3",
+            "training.guidance.student_from_ensemble=0.3",
+        ],
+    )
     ap.add_argument("--work-dir", default=str(ROOT / "runs" / "bench_sst_quality"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--address", default=None)
     ap.add_argument("extra", nargs="*", help="more dotted overrides for both runs")
     args = ap.parse_args()
 
-    common = [f"data.source={args.data}", f"training.rounds={args.rounds}",
-              *[f"members.{m}.epochs={args.epochs}" for m in
-                C.load(args.config).members], *args.extra]
-    result: dict = {"config": args.config, "rounds": args.rounds, "epochs": args.epochs,
-                    "guidance": args.guidance, "extra": args.extra, "cpus": os.cpu_count()}
+    common = [
+        f"data.source={args.data}",
+        f"training.rounds={args.rounds}",
+        *[f"members.{m}.epochs={args.epochs}" for m in C.load(args.config).members],
+        *args.extra,
+    ]
+    result: dict = {
+        "config": args.config,
+        "rounds": args.rounds,
+        "epochs": args.epochs,
+        "guidance": args.guidance,
+        "extra": args.extra,
+        "cpus": os.cpu_count(),
+    }
     result["tfidf"] = tfidf_baseline(args.data)
-    indep, t_indep = run(args.config, [*common, f"output_dir={args.work_dir}/independent"],
-                         args.address)
-    joint, t_joint = run(args.config, [*common, *args.guidance,
-                                       f"output_dir={args.work_dir}/joint"], args.address)
-    result["independent"] = {"test": rows_of(indep), "wall_s": t_indep,
-                             "combine": indep["combine"]}
+    indep, t_indep = run(
+        args.config, [*common, f"output_dir={args.work_dir}/independent"], args.address
+    )
+    joint, t_joint = run(
+        args.config, [*common, *args.guidance, f"output_dir={args.work_dir}/joint"], args.address
+    )
+    result["independent"] = {"test": rows_of(indep), "wall_s": t_indep, "combine": indep["combine"]}
     result["joint"] = {"test": rows_of(joint), "wall_s": t_joint, "combine": joint["combine"]}
     kinds = {n: i["kind"] for n, i in joint["members"].items()}
     result["targets"] = targets(result["independent"]["test"], result["joint"]["test"], kinds)

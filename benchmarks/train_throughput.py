@@ -324,7 +324,8 @@ def ray_runs(b: Bench, splits: Splits, args: argparse.Namespace) -> list[dict[st
     import ray
 
     runs: list[dict[str, Any]] = []
-    with common.local_ray(args.ray_cpus, args.node_ip), common.scratch_dir("bench-") as storage:
+    with (common.local_ray(args.ray_cpus, args.node_ip, args.worker_niceness),
+          common.scratch_dir("bench-") as storage):
         splits_ref = ray.put(splits)
         for i, (kind, zero) in enumerate(schedule(args.zero, args.backends, args.repeats)):
             label = "plain" if kind == "plain" else (
@@ -496,9 +497,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-ray", action="store_true", help="only inference and the profile")
     p.add_argument("--ray-cpus", type=int, default=2)
     p.add_argument("--node-ip", default="127.0.0.3", help="loopback address for the local Ray")
+    p.add_argument("--worker-niceness", type=int, default=None,
+                   help="nice value of Ray's workers; default: this process's, so that the plain "
+                        "loop and the worker get the same CPU share on a busy machine (Ray's own "
+                        "default is 15)")
     p.add_argument("--data-dir", type=Path, default=None, help="SST csv dir (default ../shared)")
     p.add_argument("--out-dir", type=Path, default=None, help="default benchmarks/results")
     args = p.parse_args(argv)
+    if args.worker_niceness is None:
+        args.worker_niceness = common.niceness()
     if args.warmup < WORKER_WARMUP or args.steps < 2:
         p.error(f"--warmup must be >= {WORKER_WARMUP} and --steps >= 2")
     if args.threads > args.ray_cpus:
@@ -515,7 +522,9 @@ def main(argv: list[str] | None = None) -> int:
     start_load = common.load_average()
     t0 = time.perf_counter()
     results = run_all(b, args)
-    data = {"bench": {**b.__dict__, "lr": LR, "worker_warmup": WORKER_WARMUP},
+    data = {"bench": {**b.__dict__, "lr": LR, "worker_warmup": WORKER_WARMUP,
+                      "driver_niceness": common.niceness(),
+                      "ray_worker_niceness": args.worker_niceness},
             "machine": common.machine(), "loadavg_start": start_load,
             "loadavg_end": common.load_average(), "total_s": time.perf_counter() - t0, **results}
     md = markdown(data)

@@ -1,8 +1,8 @@
 """`ensemble` command line: a thin dispatcher over the library.
 
-    ensemble validate CONFIG [key=value ...]
-    ensemble train CONFIG [--address ADDR] [--output-dir DIR] [key=value ...]
-    ensemble serve RUN_DIR ... | ensemble query TEXT ... | ensemble launch CONFIG ...
+ensemble validate CONFIG [key=value ...]
+ensemble train CONFIG [--address ADDR] [--output-dir DIR] [key=value ...]
+ensemble serve RUN_DIR ... | ensemble query TEXT ... | ensemble launch CONFIG ...
 """
 
 from __future__ import annotations
@@ -29,8 +29,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     cfg = C.load(args.config, _overrides(args))
     check_config(cfg)
-    print(f"config OK: {len(cfg.members)} members ({', '.join(cfg.members)}), "
-          f"{cfg.training.rounds} round(s)")
+    print(
+        f"config OK: {len(cfg.members)} members ({', '.join(cfg.members)}), "
+        f"{cfg.training.rounds} round(s)"
+    )
     if args.data:
         try:
             summary = load_splits(cfg.data).summary()
@@ -45,8 +47,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ensemble.orchestrate import train
 
     cfg = C.load(args.config, _overrides(args))
-    run_dir = train(cfg, address=args.address, verbose=args.verbose,
-                    progress=not args.no_progress)
+    run_dir = train(cfg, address=args.address, verbose=args.verbose, progress=not args.no_progress)
     print(f"RUN_DIR={run_dir}", flush=True)  # `ensemble launch` reads this line
     return 0
 
@@ -65,8 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train the ensemble's members in rounds on Ray")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.rounds=2")
-    p.add_argument("--address", default=None,
-                   help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)",
+    )
     p.add_argument("--output-dir", default=None, help="run directory (resumes if it exists)")
     p.add_argument("--verbose", action="store_true", help="forward Ray worker logs")
     p.add_argument("--no-progress", action="store_true", help="no live progress table")
@@ -91,8 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides or []) + extra
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     for noisy in ("ray", "deepspeed", "DeepSpeed", "transformers", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:

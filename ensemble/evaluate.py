@@ -17,23 +17,30 @@ from ensemble.metrics import classification_metrics, regression_metrics
 FIXED_METHODS = ("hard_vote", "soft_vote")
 
 
-def vote_probs(outputs: Mapping[str, np.ndarray], kinds: Mapping[str, str],
-               edges: Sequence[float], num_classes: int) -> tuple[list[str], np.ndarray]:
+def vote_probs(
+    outputs: Mapping[str, np.ndarray],
+    kinds: Mapping[str, str],
+    edges: Sequence[float],
+    num_classes: int,
+) -> tuple[list[str], np.ndarray]:
     """Member names and their class votes stacked as (M, N, C); the regressor votes by its bin."""
     names = list(outputs)
     stacked = [
-        combine.regressor_probs(outputs[n], edges, num_classes) if kinds[n] == "regressor"
+        combine.regressor_probs(outputs[n], edges, num_classes)
+        if kinds[n] == "regressor"
         else np.asarray(outputs[n], dtype=np.float64)
         for n in names
     ]
     return names, np.stack(stacked)
 
 
-def intensity_estimates(outputs: Mapping[str, np.ndarray], kinds: Mapping[str, str],
-                        class_intensity: Sequence[float]) -> dict[str, np.ndarray]:
+def intensity_estimates(
+    outputs: Mapping[str, np.ndarray], kinds: Mapping[str, str], class_intensity: Sequence[float]
+) -> dict[str, np.ndarray]:
     """Each member's intensity estimate: the regressor's output or a classifier's expectation."""
     return {
-        n: np.asarray(out, dtype=np.float64) if kinds[n] == "regressor"
+        n: np.asarray(out, dtype=np.float64)
+        if kinds[n] == "regressor"
         else combine.expected_intensity(out, class_intensity)
         for n, out in outputs.items()
     }
@@ -49,7 +56,8 @@ def ensemble_intensity(estimates: Mapping[str, np.ndarray], kinds: Mapping[str, 
     reg = [n for n in names if kinds[n] == "regressor"]
     cls = [n for n in names if kinds[n] != "regressor"]
     weights = [
-        (0.5 / len(reg) if cls else 1.0 / len(reg)) if kinds[n] == "regressor"
+        (0.5 / len(reg) if cls else 1.0 / len(reg))
+        if kinds[n] == "regressor"
         else (0.5 / len(cls) if reg else 1.0 / len(cls))
         for n in names
     ]
@@ -90,9 +98,12 @@ def evaluate_split(
     ens_intensity = ensemble_intensity(estimates, kinds) if intensity is not None else None
     methods: dict[str, np.ndarray] = {m: combine.apply(m, probs) for m in FIXED_METHODS}
     if learned and learned.get("method") not in FIXED_METHODS:
-        weights = [learned["weights"].get(n, 0.0) for n in names] if learned.get("weights") else None
-        methods[learned["method"]] = combine.apply(learned["method"], probs, weights,
-                                                    learned.get("params"))
+        weights = (
+            [learned["weights"].get(n, 0.0) for n in names] if learned.get("weights") else None
+        )
+        methods[learned["method"]] = combine.apply(
+            learned["method"], probs, weights, learned.get("params")
+        )
     for method, combined in methods.items():
         row = classification_metrics(labels, combined, label_names)
         if ens_intensity is not None:

@@ -38,32 +38,42 @@ def loss_weights(cfg: RunConfig, name: str, available: bool) -> LossWeights:
     m, g = cfg.members[name], cfg.training.guidance
     on = 1.0 if available else 0.0
     if m.kind == "regressor":
-        return LossWeights(from_classifier=on * g.regressor_from_classifier,
-                           guidance_temperature=g.temperature)
+        return LossWeights(
+            from_classifier=on * g.regressor_from_classifier, guidance_temperature=g.temperature
+        )
     if m.kind == "student":
-        return LossWeights(distill_alpha=m.distill_alpha, distill_temperature=m.distill_temperature,
-                           from_ensemble=on * g.student_from_ensemble,
-                           guidance_temperature=g.temperature)
+        return LossWeights(
+            distill_alpha=m.distill_alpha,
+            distill_temperature=m.distill_temperature,
+            from_ensemble=on * g.student_from_ensemble,
+            guidance_temperature=g.temperature,
+        )
     from_regressor = g.classifier_from_regressor if m.kind == "classifier" else 0.0
-    return LossWeights(from_regressor=on * from_regressor, from_ensemble=on * g.mutual,
-                       guidance_temperature=g.temperature)
+    return LossWeights(
+        from_regressor=on * from_regressor,
+        from_ensemble=on * g.mutual,
+        guidance_temperature=g.temperature,
+    )
 
 
-def _ensemble_probs(train: dict[str, np.ndarray], kinds: dict[str, str], splits: Splits,
-                    temperature: float) -> np.ndarray:
+def _ensemble_probs(
+    train: dict[str, np.ndarray], kinds: dict[str, str], splits: Splits, temperature: float
+) -> np.ndarray:
     """The members' soft vote on the training texts (regressor votes by its bin)."""
     stacked = []
     for name, out in train.items():
         if kinds[name] == "regressor":
-            stacked.append(combine.regressor_probs(out, splits.intensity_edges(),
-                                                   splits.num_labels()))
+            stacked.append(
+                combine.regressor_probs(out, splits.intensity_edges(), splits.num_labels())
+            )
         else:
             stacked.append(softmax(out / temperature))
     return combine.soft_vote(np.stack(stacked)).astype(np.float32)
 
 
-def build(cfg: RunConfig, splits: Splits, kinds: dict[str, str],
-          outputs: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
+def build(
+    cfg: RunConfig, splits: Splits, kinds: dict[str, str], outputs: dict[str, dict[str, np.ndarray]]
+) -> dict[str, Any]:
     """Object refs of each member's guidance arrays for the next round (None: nothing to send)."""
     g = cfg.training.guidance
     train = {n: o["train"] for n, o in outputs.items() if "train" in o}
@@ -85,15 +95,20 @@ def build(cfg: RunConfig, splits: Splits, kinds: dict[str, str],
             arrays["ensemble_probs"] = ray.get(ensemble)
         missing = _missing(w, arrays)
         if missing:
-            raise ValueError(f"member {name}: guidance {missing} is on but no member produces it; "
-                             "add that member or set its weight to 0 in training.guidance")
+            raise ValueError(
+                f"member {name}: guidance {missing} is on but no member produces it; "
+                "add that member or set its weight to 0 in training.guidance"
+            )
         refs[name] = ray.put(arrays) if arrays else None
     return refs
 
 
 def _missing(w: LossWeights, arrays: dict[str, Any]) -> list[str]:
-    need = {"regressor_intensity": w.from_regressor, "classifier_probs": w.from_classifier,
-            "ensemble_probs": w.from_ensemble}
+    need = {
+        "regressor_intensity": w.from_regressor,
+        "classifier_probs": w.from_classifier,
+        "ensemble_probs": w.from_ensemble,
+    }
     return [k for k, v in need.items() if v > 0 and k not in arrays]
 
 

@@ -53,7 +53,10 @@ def table(points: dict[str, dict[str, Any]], status: dict[str, str], title: str)
     for member in sorted(status):
         p = points.get(member, {})
         t.add_row(
-            member, status[member], str(p.get("stage", "-")), str(p.get("step", "-")),
+            member,
+            status[member],
+            str(p.get("stage", "-")),
+            str(p.get("step", "-")),
             f"{100 * p['progress']:.0f}%" if "progress" in p else "-",
             f"{p['loss']:.4f}" if "loss" in p else "-",
             f"{p['lr']:.2e}" if "lr" in p else "-",

@@ -40,8 +40,9 @@ def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     os.replace(tmp, path)
 
 
-def fit_combiner(dev_probs: dict[str, np.ndarray], kinds: dict[str, str], splits: Splits,
-                 seed: int) -> dict[str, Any]:
+def fit_combiner(
+    dev_probs: dict[str, np.ndarray], kinds: dict[str, str], splits: Splits, seed: int
+) -> dict[str, Any]:
     """Choose the combination method on dev (learned methods scored out-of-fold)."""
     names, probs = E.vote_probs(dev_probs, kinds, splits.intensity_edges(), splits.num_labels())
     best, results = choose(probs, splits.labels["dev"], seed=seed)
@@ -50,9 +51,15 @@ def fit_combiner(dev_probs: dict[str, np.ndarray], kinds: dict[str, str], splits
     return entry
 
 
-def publish(cfg: C.RunConfig, run_dir: Path, splits: Splits, kinds: dict[str, str],
-            outputs: dict[str, dict[str, np.ndarray]], state: dict[str, Any],
-            wall_s: float) -> Manifest:
+def publish(
+    cfg: C.RunConfig,
+    run_dir: Path,
+    splits: Splits,
+    kinds: dict[str, str],
+    outputs: dict[str, dict[str, np.ndarray]],
+    state: dict[str, Any],
+    wall_s: float,
+) -> Manifest:
     """Evaluate the final members and the ensemble; write metrics, plots and the manifest."""
     probs = {s: to_probs({n: o[s] for n, o in outputs.items()}, kinds) for s in ("dev", "test")}
     for split in ("dev", "test"):
@@ -62,32 +69,51 @@ def publish(cfg: C.RunConfig, run_dir: Path, splits: Splits, kinds: dict[str, st
             arrays["intensity"] = splits.intensity[split]
         save_npz(run_dir / "predictions" / f"{split}.npz", arrays)
     combine = fit_combiner(probs["dev"], kinds, splits, cfg.training.seed)
-    common = dict(kinds=kinds, label_names=splits.label_names,
-                  class_intensity=splits.class_intensity(), edges=splits.intensity_edges(),
-                  learned=combine)
+    common = dict(
+        kinds=kinds,
+        label_names=splits.label_names,
+        class_intensity=splits.class_intensity(),
+        edges=splits.intensity_edges(),
+        learned=combine,
+    )
     results = {}
     for split in ("dev", "test"):
         intensity = splits.intensity[split] if splits.intensity is not None else None
-        results[split] = E.evaluate_split(probs[split], labels=splits.labels[split],
-                                          intensity=intensity, **common)
+        results[split] = E.evaluate_split(
+            probs[split], labels=splits.labels[split], intensity=intensity, **common
+        )
     info = dict(state.get("member_info", {}))
     _student_ratios(cfg, info)
-    metrics = {"dev": results["dev"], "test": results["test"], "members": info,
-               "combine": combine, "wall_s": wall_s, "rounds": state["rounds_completed"],
-               "data": splits.summary()}
+    metrics = {
+        "dev": results["dev"],
+        "test": results["test"],
+        "members": info,
+        "combine": combine,
+        "wall_s": wall_s,
+        "rounds": state["rounds_completed"],
+        "data": splits.summary(),
+    }
     atomic_write_json(run_dir / "metrics.json", metrics)
     _plots(run_dir, splits, probs["test"], kinds, results["test"], state, combine)
     manifest = Manifest(
-        name=cfg.name, label_names=list(splits.label_names),
-        class_intensity=splits.class_intensity(), intensity_edges=splits.intensity_edges(),
+        name=cfg.name,
+        label_names=list(splits.label_names),
+        class_intensity=splits.class_intensity(),
+        intensity_edges=splits.intensity_edges(),
         intensity_range=list(splits.intensity_range()),
-        members={n: MemberEntry(kind=kinds[n], path=f"members/{n}/export",
-                                num_labels=1 if kinds[n] == "regressor" else splits.num_labels(),
-                                max_length=cfg.data.max_length,
-                                metrics=E.compact({n: results["test"][n]})[n],
-                                params=int(info.get(n, {}).get("params", 0)))
-                 for n in kinds},
-        combine=combine, rounds_completed=state["rounds_completed"],
+        members={
+            n: MemberEntry(
+                kind=kinds[n],
+                path=f"members/{n}/export",
+                num_labels=1 if kinds[n] == "regressor" else splits.num_labels(),
+                max_length=cfg.data.max_length,
+                metrics=E.compact({n: results["test"][n]})[n],
+                params=int(info.get(n, {}).get("params", 0)),
+            )
+            for n in kinds
+        },
+        combine=combine,
+        rounds_completed=state["rounds_completed"],
         rounds_planned=cfg.training.rounds,
         metrics=E.compact({k: v for k, v in results["test"].items() if k.startswith("ensemble")}),
         config=C.to_dict(cfg),
@@ -118,11 +144,18 @@ def _plots(run_dir: Path, splits: Splits, test_probs, kinds, test_rows, state, c
     key = f"ensemble/{combine['method']}"
     for name, p in [*zip(names, stacked, strict=True), (key, ens)]:
         slug = name.replace("/", "_")
-        report.plot_confusion(test_rows[name]["confusion"], splits.label_names,
-                              plots / f"confusion_{slug}.png", f"{name} (test)")
+        report.plot_confusion(
+            test_rows[name]["confusion"],
+            splits.label_names,
+            plots / f"confusion_{slug}.png",
+            f"{name} (test)",
+        )
         if kinds.get(name) != "regressor":
-            report.plot_roc(roc_curves(splits.labels["test"], p, splits.label_names),
-                            plots / f"roc_{slug}.png", f"{name} (test)")
+            report.plot_roc(
+                roc_curves(splits.labels["test"], p, splits.label_names),
+                plots / f"roc_{slug}.png",
+                f"{name} (test)",
+            )
 
 
 def print_round(row: dict[str, Any]) -> None:
@@ -133,9 +166,14 @@ def print_round(row: dict[str, Any]) -> None:
 def print_summary(test_rows: dict[str, Any], info: dict[str, Any], run_dir: Path) -> None:
     rows = {}
     for name, r in test_rows.items():
-        rows[name] = {**E.compact({name: r})[name], **{k: info.get(name, {}).get(k) for k in
-                                                      ("size_ratio", "speedup") if k in
-                                                      info.get(name, {})}}
+        rows[name] = {
+            **E.compact({name: r})[name],
+            **{
+                k: info.get(name, {}).get(k)
+                for k in ("size_ratio", "speedup")
+                if k in info.get(name, {})
+            },
+        }
     print(report.render(report.metrics_table(rows, "test")), flush=True)
     speed = {n: f"{i.get('samples_per_s', 0):.1f}" for n, i in info.items()}
     print(f"training samples/s per member: {speed}", flush=True)

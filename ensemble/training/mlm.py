@@ -30,8 +30,13 @@ def _corpus(job: Any, splits: Any) -> list[str]:
 def _mlm_batch(ids, index, tokenizer, probability: float, generator: torch.Generator):
     inputs = collate([ids[i] for i in index], tokenizer.pad_token_id)
     masked, labels = mask_tokens(
-        inputs["input_ids"], inputs["attention_mask"], tokenizer.mask_token_id,
-        len(tokenizer), tokenizer.all_special_ids, probability, generator,
+        inputs["input_ids"],
+        inputs["attention_mask"],
+        tokenizer.mask_token_id,
+        len(tokenizer),
+        tokenizer.all_special_ids,
+        probability,
+        generator,
     )
     return {"input_ids": masked, "attention_mask": inputs["attention_mask"], "labels": labels}
 
@@ -72,8 +77,9 @@ def train_mlm_stage(job, splits, rank: int, world: int, build_model, load_tok, r
         n = len(ids)
         per_epoch = steps_per_epoch(n, world, job.member.micro_batch_size, job.member.grad_accum)
         job_steps = stage_micro_steps(job.stage.epochs, per_epoch, job.member.grad_accum)
-        engine = make_engine(mlm, _settings(job, job_steps // job.member.grad_accum),
-                             job.backend, world)
+        engine = make_engine(
+            mlm, _settings(job, job_steps // job.member.grad_accum), job.backend, world
+        )
         state: dict[str, Any] = {"micro": 0, "history": []}
         if restored:
             state = engine.load(init_dir)
@@ -91,15 +97,22 @@ def train_mlm_stage(job, splits, rank: int, world: int, build_model, load_tok, r
             engine.step()
             micro += 1
             if micro % job.log_every == 0 or micro == job_steps:
-                state["history"].append({"round": job.round, "stage": "mlm",
-                                         "step": micro, "loss": float(loss)})
+                state["history"].append(
+                    {"round": job.round, "stage": "mlm", "step": micro, "loss": float(loss)}
+                )
             if micro >= job_steps or micro % per_epoch == 0:
                 break
         state["micro"] = micro
-        metrics = {"round": job.round, "stage": "mlm", "micro": micro, "job_steps": job_steps,
-                   "history": state["history"], "done": micro >= job_steps,
-                   "loss": state["history"][-1]["loss"] if state["history"] else math.nan,
-                   "dev_mlm_loss_before": state["dev_mlm_loss_before"]}
+        metrics = {
+            "round": job.round,
+            "stage": "mlm",
+            "micro": micro,
+            "job_steps": job_steps,
+            "history": state["history"],
+            "done": micro >= job_steps,
+            "loss": state["history"][-1]["loss"] if state["history"] else math.nan,
+            "dev_mlm_loss_before": state["dev_mlm_loss_before"],
+        }
         if micro >= job_steps:
             metrics["dev_mlm_loss_after"] = masked_lm_loss(engine.model, dev_ids, tokenizer, p)
 

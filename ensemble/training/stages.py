@@ -41,16 +41,20 @@ def validate(name: str, member: MemberConfig) -> list[str]:
     problems = []
     stages = plan(member)
     if stages[-1].name not in SUPERVISED:
-        problems.append(f"members.{name}.stages must end with a supervised stage "
-                        f"({', '.join(SUPERVISED)}), not {stages[-1].name!r}")
+        problems.append(
+            f"members.{name}.stages must end with a supervised stage "
+            f"({', '.join(SUPERVISED)}), not {stages[-1].name!r}"
+        )
     for i, stage in enumerate(stages):
         if stage.name == "mlm" and i > 0 and stages[i - 1].name != "mlm":
             problems.append(f"members.{name}.stages[{i}]: mlm must come before supervised stages")
         if stage.name == "distill" and member.kind != "student":
             problems.append(f"members.{name}.stages[{i}]: distill is for kind=student members")
         if stage.name == "mlm" and member.kind == "student":
-            problems.append(f"members.{name}.stages[{i}]: a student starts from its teacher; "
-                            "put the mlm stage on the teacher")
+            problems.append(
+                f"members.{name}.stages[{i}]: a student starts from its teacher; "
+                "put the mlm stage on the teacher"
+            )
         if stage.corpus is not None and not Path(stage.corpus).is_file():
             problems.append(f"members.{name}.stages[{i}].corpus={stage.corpus!r} is not a file")
     return problems
@@ -74,17 +78,22 @@ def unfreeze_steps(model: nn.Module, stage: StageConfig, steps_per_epoch: int) -
         return {}
     layers = int(model.config.num_hidden_layers)
     top = layers + 1
-    return {n: (top - layer_index(n, layers)) * steps_per_epoch for n, _ in model.named_parameters()}
+    return {
+        n: (top - layer_index(n, layers)) * steps_per_epoch for n, _ in model.named_parameters()
+    }
 
 
-def difficulty(stage: StageConfig, intensity: np.ndarray | None,
-               teacher_logits: np.ndarray | None) -> np.ndarray:
+def difficulty(
+    stage: StageConfig, intensity: np.ndarray | None, teacher_logits: np.ndarray | None
+) -> np.ndarray:
     """Per-example difficulty (higher = harder)."""
     if stage.difficulty == "teacher_confidence":
         if teacher_logits is None:
-            raise ValueError("curriculum difficulty=teacher_confidence needs a teacher's logits "
-                             "(a teacher member trained in an earlier round); use "
-                             "intensity_extremity for the first round")
+            raise ValueError(
+                "curriculum difficulty=teacher_confidence needs a teacher's logits "
+                "(a teacher member trained in an earlier round); use "
+                "intensity_extremity for the first round"
+            )
         z = teacher_logits - teacher_logits.max(axis=1, keepdims=True)
         p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
         return 1.0 - p.max(axis=1)
@@ -112,8 +121,9 @@ def pacing_fraction(stage: StageConfig, epoch: int, epochs: int) -> float:
     return s + (1 - s) * t
 
 
-def paced_order(order: np.ndarray, stage: StageConfig, epoch: int, epochs: int,
-                seed: int) -> np.ndarray:
+def paced_order(
+    order: np.ndarray, stage: StageConfig, epoch: int, epochs: int, seed: int
+) -> np.ndarray:
     """This epoch's examples: the easiest fraction, shuffled, repeated to a full epoch's length.
 
     Every epoch keeps the same number of steps, so checkpoints and LR schedules line up.

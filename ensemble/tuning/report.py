@@ -21,8 +21,16 @@ def mutation_history(*dirs: Path) -> list[dict[str, Any]]:
             rows = []
             for line in path.read_text().splitlines():
                 target, donor, target_iter, donor_iter, old, new = json.loads(line)
-                rows.append({"trial": target, "cloned_from": donor, "trial_round": target_iter,
-                             "donor_round": donor_iter, "donor_config": old, "new_config": new})
+                rows.append(
+                    {
+                        "trial": target,
+                        "cloned_from": donor,
+                        "trial_round": target_iter,
+                        "donor_round": donor_iter,
+                        "donor_config": old,
+                        "new_config": new,
+                    }
+                )
             return rows
     return []
 
@@ -32,17 +40,22 @@ def trial_rows(results: Any, metric: str) -> list[dict[str, Any]]:
     for result in results:
         df = result.metrics_dataframe
         per_round = [] if df is None or metric not in df else [float(x) for x in df[metric]]
-        restored = [] if df is None or "restored_from_round" not in df else [
-            int(x) for x in df["restored_from_round"]]
-        rows.append({
-            "trial": Path(result.path).name if result.path else "?",
-            "config": result.config,
-            "metric_per_round": per_round,
-            "restored_from_round": restored,
-            "final": per_round[-1] if per_round else None,
-            "error": str(result.error) if result.error else None,
-            "run_dir": str(Path(result.path) / "run") if result.path else None,
-        })
+        restored = (
+            []
+            if df is None or "restored_from_round" not in df
+            else [int(x) for x in df["restored_from_round"]]
+        )
+        rows.append(
+            {
+                "trial": Path(result.path).name if result.path else "?",
+                "config": result.config,
+                "metric_per_round": per_round,
+                "restored_from_round": restored,
+                "final": per_round[-1] if per_round else None,
+                "error": str(result.error) if result.error else None,
+                "run_dir": str(Path(result.path) / "run") if result.path else None,
+            }
+        )
     return rows
 
 
@@ -51,8 +64,12 @@ def markdown(rows: list[dict[str, Any]], metric: str) -> str:
     head = ["trial", *keys, f"{metric} per round", "final"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["trial"], *[_fmt(r["config"].get(k)) for k in keys],
-                 " → ".join(f"{x:.3f}" for x in r["metric_per_round"]), _fmt(r["final"])]
+        cells = [
+            r["trial"],
+            *[_fmt(r["config"].get(k)) for k in keys],
+            " → ".join(f"{x:.3f}" for x in r["metric_per_round"]),
+            _fmt(r["final"]),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -72,8 +89,12 @@ def plot_trials(rows: list[dict[str, Any]], metric: str, path: Path) -> None:
     ax = fig.add_subplot(1, 1, 1)
     for r in rows:
         if r["metric_per_round"]:
-            ax.plot(range(1, len(r["metric_per_round"]) + 1), r["metric_per_round"], marker="o",
-                    label=r["trial"][-24:])
+            ax.plot(
+                range(1, len(r["metric_per_round"]) + 1),
+                r["metric_per_round"],
+                marker="o",
+                label=r["trial"][-24:],
+            )
     ax.set_xlabel("round")
     ax.set_ylabel(metric)
     ax.legend(fontsize=6)
@@ -83,22 +104,32 @@ def plot_trials(rows: list[dict[str, Any]], metric: str, path: Path) -> None:
     tmp.replace(path)
 
 
-def write_report(cfg: C.RunConfig, results: Any, metric: str, exp_path: Path,
-                 out_dir: Path) -> dict[str, Any]:
+def write_report(
+    cfg: C.RunConfig, results: Any, metric: str, exp_path: Path, out_dir: Path
+) -> dict[str, Any]:
     rows = trial_rows(results, metric)
     history = mutation_history(exp_path, Path(results.experiment_path))
     best = results.get_best_result(metric=metric, mode=cfg.tune.mode, scope="last")
     best_cfg = C.replace(cfg, {**best.config, "output_dir": f"{cfg.output_dir}/best"})
     atomic_write_text(out_dir / "best_config.yaml", C.to_yaml(best_cfg))
-    summary = {"metric": metric, "mode": cfg.tune.mode, "scheduler": cfg.tune.scheduler,
-               "best_config": best.config, "best_metric": best.metrics.get(metric),
-               "best_run_dir": str(Path(best.path) / "run"), "trials": rows,
-               "mutations": history}
+    summary = {
+        "metric": metric,
+        "mode": cfg.tune.mode,
+        "scheduler": cfg.tune.scheduler,
+        "best_config": best.config,
+        "best_metric": best.metrics.get(metric),
+        "best_run_dir": str(Path(best.path) / "run"),
+        "trials": rows,
+        "mutations": history,
+    }
     atomic_write_json(out_dir / "tune_results.json", summary)
     atomic_write_text(out_dir / "trials.md", markdown(rows, metric))
     plot_trials(rows, metric, out_dir / "trials.png")
     print(markdown(rows, metric), flush=True)
-    print(f"{len(history)} PBT mutation(s); best {metric}={best.metrics.get(metric)} "
-          f"config={best.config}", flush=True)
+    print(
+        f"{len(history)} PBT mutation(s); best {metric}={best.metrics.get(metric)} "
+        f"config={best.config}",
+        flush=True,
+    )
     print(f"best config: {out_dir / 'best_config.yaml'}; best run: {summary['best_run_dir']}")
     return summary

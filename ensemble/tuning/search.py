@@ -48,10 +48,14 @@ def sample_space(space: dict[str, C.TuneSpace]) -> dict[str, Any]:
 def check_space(cfg: C.RunConfig) -> None:
     """Every searched key must be a real config key (so a typo fails before any trial starts)."""
     if not cfg.tune.space:
-        raise C.ConfigError("tune.space is empty; add e.g. "
-                            "tune.space.training.guidance.mutual: {kind: uniform, low: 0, high: 1}")
-    probe = {key: (s.values[0] if s.kind == "choice" and s.values else s.low)
-             for key, s in cfg.tune.space.items()}
+        raise C.ConfigError(
+            "tune.space is empty; add e.g. "
+            "tune.space.training.guidance.mutual: {kind: uniform, low: 0, high: 1}"
+        )
+    probe = {
+        key: (s.values[0] if s.kind == "choice" and s.values else s.low)
+        for key, s in cfg.tune.space.items()
+    }
     C.replace(cfg, probe)
 
 
@@ -132,20 +136,33 @@ def make_scheduler(cfg: C.RunConfig, space: dict[str, Any]):
         from ray.tune.schedulers import PopulationBasedTraining
 
         return PopulationBasedTraining(
-            time_attr="training_iteration", perturbation_interval=t.perturbation_interval,
-            hyperparam_mutations=space, quantile_fraction=t.quantile_fraction,
-            resample_probability=t.resample_probability, synch=True)
+            time_attr="training_iteration",
+            perturbation_interval=t.perturbation_interval,
+            hyperparam_mutations=space,
+            quantile_fraction=t.quantile_fraction,
+            resample_probability=t.resample_probability,
+            synch=True,
+        )
     if t.scheduler == "pb2":
         from ray.tune.schedulers.pb2 import PB2
 
         bounds = {k: [s.low, s.high] for k, s in t.space.items() if s.kind != "choice"}
-        return PB2(time_attr="training_iteration", perturbation_interval=t.perturbation_interval,
-                   hyperparam_bounds=bounds, quantile_fraction=t.quantile_fraction, synch=True)
+        return PB2(
+            time_attr="training_iteration",
+            perturbation_interval=t.perturbation_interval,
+            hyperparam_bounds=bounds,
+            quantile_fraction=t.quantile_fraction,
+            synch=True,
+        )
     if t.scheduler == "asha":
         from ray.tune.schedulers import ASHAScheduler
 
-        return ASHAScheduler(time_attr="training_iteration", max_t=cfg.training.rounds,
-                             grace_period=1, reduction_factor=2)
+        return ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=cfg.training.rounds,
+            grace_period=1,
+            reduction_factor=2,
+        )
     return None
 
 
@@ -181,19 +198,23 @@ def run_tune(cfg: C.RunConfig, resume: bool = True) -> Path:
 
     check_config(cfg)
     check_space(cfg)
-    if cfg.tune.scheduler in ("pbt", "pb2") and cfg.tune.max_concurrent_trials < cfg.tune.num_samples:
+    if (
+        cfg.tune.scheduler in ("pbt", "pb2")
+        and cfg.tune.max_concurrent_trials < cfg.tune.num_samples
+    ):
         raise C.ConfigError(
             f"tune.scheduler={cfg.tune.scheduler} exploits within a population that trains "
             f"together: set tune.max_concurrent_trials={cfg.tune.num_samples} (= num_samples) "
-            "and shrink members' cpus_per_worker so the population fits")
+            "and shrink members' cpus_per_worker so the population fits"
+        )
     out_dir = Path(cfg.output_dir).resolve()
     exp_path = out_dir / "tune" / cfg.name
     splits = load_splits(cfg.data)
     space = sample_space(cfg.tune.space)
     metric = cfg.tune.metric
     trainable = tune.with_resources(
-        tune.with_parameters(joint_trial, base=cfg, splits=splits),
-        {"cpu": cfg.tune.cpus_per_trial})
+        tune.with_parameters(joint_trial, base=cfg, splits=splits), {"cpu": cfg.tune.cpus_per_trial}
+    )
     if resume and tune.Tuner.can_restore(str(exp_path)):
         print(f"resuming the Tune experiment at {exp_path}", flush=True)
         tuner = tune.Tuner.restore(str(exp_path), trainable=trainable, resume_errored=True)
@@ -203,19 +224,26 @@ def run_tune(cfg: C.RunConfig, resume: bool = True) -> Path:
             trainable,
             param_space=space,
             tune_config=tune.TuneConfig(
-                metric=metric, mode=cfg.tune.mode, scheduler=scheduler,
-                search_alg=make_search_alg(cfg), num_samples=cfg.tune.num_samples,
+                metric=metric,
+                mode=cfg.tune.mode,
+                scheduler=scheduler,
+                search_alg=make_search_alg(cfg),
+                num_samples=cfg.tune.num_samples,
                 max_concurrent_trials=cfg.tune.max_concurrent_trials,
-                reuse_actors=False),
+                reuse_actors=False,
+            ),
             run_config=tune.RunConfig(
-                name=cfg.name, storage_path=str(out_dir / "tune"), callbacks=callbacks(cfg),
+                name=cfg.name,
+                storage_path=str(out_dir / "tune"),
+                callbacks=callbacks(cfg),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                failure_config=tune.FailureConfig(max_failures=1), verbose=1),
+                failure_config=tune.FailureConfig(max_failures=1),
+                verbose=1,
+            ),
         )
     results = tuner.fit()
     write_report(cfg, results, metric, exp_path, out_dir)
     return out_dir
-
 
 
 def _weight_trial(config: dict[str, Any], probs: Any, labels: Any, metric: str) -> None:
@@ -227,8 +255,9 @@ def _weight_trial(config: dict[str, Any], probs: Any, labels: Any, metric: str) 
     tune.report({"score": score(weights, probs, labels, metric)})
 
 
-def tune_weights(probs: Any, labels: Any, num_samples: int = 32, metric: str = "accuracy",
-                 seed: int = 0):
+def tune_weights(
+    probs: Any, labels: Any, num_samples: int = 32, metric: str = "accuracy", seed: int = 0
+):
     """Weighted soft vote whose member weights Ray Tune searches (random search on [0, 1]^M).
 
     The dev probabilities travel once to the object store (`tune.with_parameters`); each trial
@@ -246,16 +275,30 @@ def tune_weights(probs: Any, labels: Any, num_samples: int = 32, metric: str = "
     m = probs.shape[0]
     space = {f"w{i}": tune.uniform(0.0, 1.0) for i in range(m)}
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(_weight_trial, probs=probs, labels=labels,
-                                                 metric=metric), {"cpu": 0.25}),
+        tune.with_resources(
+            tune.with_parameters(_weight_trial, probs=probs, labels=labels, metric=metric),
+            {"cpu": 0.25},
+        ),
         param_space=space,
-        tune_config=tune.TuneConfig(metric="score", mode="max", num_samples=num_samples,
-                                    search_alg=BasicVariantGenerator(random_state=seed)),
-        run_config=tune.RunConfig(name="combiner-weights", verbose=0,
-                                  storage_path=tempfile.mkdtemp(prefix="tune-weights-")),
+        tune_config=tune.TuneConfig(
+            metric="score",
+            mode="max",
+            num_samples=num_samples,
+            search_alg=BasicVariantGenerator(random_state=seed),
+        ),
+        run_config=tune.RunConfig(
+            name="combiner-weights",
+            verbose=0,
+            storage_path=tempfile.mkdtemp(prefix="tune-weights-"),
+        ),
     )
     best = tuner.fit().get_best_result()
     w = np.array([best.config[f"w{i}"] for i in range(m)])
     w = w / w.sum() if w.sum() > 0 else np.full(m, 1.0 / m)
-    return FitResult(method="weighted", weights=w.tolist(), params={"searched_by": "ray_tune"},
-                     dev_score=float(best.metrics["score"]), metric=metric)
+    return FitResult(
+        method="weighted",
+        weights=w.tolist(),
+        params={"searched_by": "ray_tune"},
+        dev_score=float(best.metrics["score"]),
+        metric=metric,
+    )

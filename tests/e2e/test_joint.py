@@ -18,9 +18,11 @@ from ensemble.cli import main
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-TINY = ("pretrained: false, arch: {num_hidden_layers: 1, hidden_size: 32, num_attention_heads: 2,"
-        " intermediate_size: 64, hidden_dropout_prob: 0.0, attention_probs_dropout_prob: 0.0},"
-        " lr: 3.0e-3, warmup_ratio: 0.0, micro_batch_size: 32, cpus_per_worker: 1")
+TINY = (
+    "pretrained: false, arch: {num_hidden_layers: 1, hidden_size: 32, num_attention_heads: 2,"
+    " intermediate_size: 64, hidden_dropout_prob: 0.0, attention_probs_dropout_prob: 0.0},"
+    " lr: 3.0e-3, warmup_ratio: 0.0, micro_batch_size: 32, cpus_per_worker: 1"
+)
 
 
 def _config(tmp: Path, sst: Path, members: str, guidance: str = "{}", rounds: int = 2) -> Path:
@@ -28,7 +30,8 @@ def _config(tmp: Path, sst: Path, members: str, guidance: str = "{}", rounds: in
     path.write_text(
         f"name: t\noutput_dir: {tmp / 'run'}\n"
         f"data: {{source: {sst}, max_train_samples: 96, max_eval_samples: 64, max_length: 16}}\n"
-        f"members: {members}\ntraining: {{rounds: {rounds}, guidance: {guidance}}}\n")
+        f"members: {members}\ntraining: {{rounds: {rounds}, guidance: {guidance}}}\n"
+    )
     return path
 
 
@@ -48,12 +51,19 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 def test_zero_guidance_equals_independent_training(ray_local, sst_dir, tmp_path):
     alone = _train(tmp_path / "alone", sst_dir, f"{{classifier: {{kind: classifier, {TINY}}}}}")
-    pair = (f"{{classifier: {{kind: classifier, {TINY}}}, "
-            f"regressor: {{kind: regressor, {TINY}}}}}")
-    zero = _train(tmp_path / "zero", sst_dir, pair,
-                  "{classifier_from_regressor: 0.0, regressor_from_classifier: 0.0}")
-    guided = _train(tmp_path / "guided", sst_dir, pair,
-                    "{classifier_from_regressor: 1.0, regressor_from_classifier: 0.0}")
+    pair = f"{{classifier: {{kind: classifier, {TINY}}}, regressor: {{kind: regressor, {TINY}}}}}"
+    zero = _train(
+        tmp_path / "zero",
+        sst_dir,
+        pair,
+        "{classifier_from_regressor: 0.0, regressor_from_classifier: 0.0}",
+    )
+    guided = _train(
+        tmp_path / "guided",
+        sst_dir,
+        pair,
+        "{classifier_from_regressor: 1.0, regressor_from_classifier: 0.0}",
+    )
     w_alone, w_zero, w_guided = (_weights(r, "classifier") for r in (alone, zero, guided))
     assert _same(w_alone, w_zero), "weight-0 guidance changed the classifier"
     assert not _same(w_alone, w_guided), "guidance weight 1.0 had no effect"
@@ -63,10 +73,16 @@ def test_zero_guidance_equals_independent_training(ray_local, sst_dir, tmp_path)
 
 
 def test_finetune_stage_starts_from_mlm_stage(ray_local, sst_dir, tmp_path):
-    stages = ("[{name: mlm, epochs: 3, lr: 3.0e-3}, "
-              "{name: finetune, epochs: 1, lr: 1.0e-12}]")  # ~no change after the MLM stage
-    run = _train(tmp_path, sst_dir,
-                 f"{{classifier: {{kind: classifier, {TINY}, stages: {stages}}}}}", rounds=1)
+    stages = (
+        "[{name: mlm, epochs: 3, lr: 3.0e-3}, "
+        "{name: finetune, epochs: 1, lr: 1.0e-12}]"
+    )  # ~no change after the MLM stage
+    run = _train(
+        tmp_path,
+        sst_dir,
+        f"{{classifier: {{kind: classifier, {TINY}, stages: {stages}}}}}",
+        rounds=1,
+    )
     info = json.loads((run / "state.json").read_text())["member_info"]["classifier"]
     mlm, finetune = info["stages"]
     assert (mlm["stage"], finetune["stage"]) == ("mlm", "finetune")

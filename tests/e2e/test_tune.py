@@ -96,5 +96,6 @@ def test_rerun_resumes_and_keeps_finished_trials(pbt_run):
     after = json.loads((out / "tune_results.json").read_text())
     assert [t["trial"] for t in after["trials"]] == [t["trial"] for t in before["trials"]]
     assert [t["metric_per_round"] for t in after["trials"]] == [
-        t["metric_per_round"] for t in before["trials"]]
+        t["metric_per_round"] for t in before["trials"]
+    ]
     assert time.time() - start < 120  # nothing retrained
