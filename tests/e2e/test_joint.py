@@ -26,6 +26,7 @@ TINY = (
 
 
 def _config(tmp: Path, sst: Path, members: str, guidance: str = "{}", rounds: int = 2) -> Path:
+    tmp.mkdir(parents=True, exist_ok=True)
     path = tmp / "config.yaml"
     path.write_text(
         f"name: t\noutput_dir: {tmp / 'run'}\n"
