@@ -9,6 +9,7 @@ lost worker, or the same command run again) training continues from the last che
 from __future__ import annotations
 
 import contextlib
+import zlib
 import logging
 import math
 import shutil
@@ -152,7 +153,8 @@ def train_member(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(job.member.cpus_per_worker)))
-    torch.manual_seed(job.seed + 1000 * job.round)
+    # per-member seed: two members of the same shape still start (and shuffle) differently
+    torch.manual_seed(job.seed + 1000 * job.round + zlib.crc32(job.name.encode()) % 997)
     splits = ray.get(job.splits)
     guidance = ray.get(job.guidance) if job.guidance is not None else None
     if job.stage.name == "mlm":
