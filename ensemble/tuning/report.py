@@ -36,26 +36,37 @@ def mutation_history(*dirs: Path) -> list[dict[str, Any]]:
 
 
 def trial_rows(results: Any, metric: str) -> list[dict[str, Any]]:
+    """One row per trial: config, the metric after each round, where it was restored from.
+
+    Per-round values come from the trial's own run state (`run/state.json`), which holds one row
+    per completed round even when PBT restarted the trial from another trial's checkpoint; Tune's
+    progress table is the fallback.
+    """
+    from ensemble.tuning.search import flat_metrics
+
     rows = []
     for result in results:
+        state_path = Path(result.path) / "run" / "state.json" if result.path else None
+        per_round: list[float] = []
+        state: dict[str, Any] = {}
+        if state_path is not None and state_path.is_file():
+            state = json.loads(state_path.read_text())
+            per_round = [float(flat_metrics(r)[metric]) for r in state.get("rounds", [])
+                         if metric in flat_metrics(r)]
         df = result.metrics_dataframe
-        per_round = [] if df is None or metric not in df else [float(x) for x in df[metric]]
-        restored = (
-            []
-            if df is None or "restored_from_round" not in df
-            else [int(x) for x in df["restored_from_round"]]
-        )
-        rows.append(
-            {
-                "trial": Path(result.path).name if result.path else "?",
-                "config": result.config,
-                "metric_per_round": per_round,
-                "restored_from_round": restored,
-                "final": per_round[-1] if per_round else None,
-                "error": str(result.error) if result.error else None,
-                "run_dir": str(Path(result.path) / "run") if result.path else None,
-            }
-        )
+        if not per_round and df is not None and metric in df:
+            per_round = [float(x) for x in df[metric]]
+        rows.append({
+            "trial": Path(result.path).name if result.path else "?",
+            "trial_id": state.get("trial_id"),
+            "config": result.config,
+            "metric_per_round": per_round,
+            "restored_from_trial": state.get("restored_from_trial"),
+            "restored_from_round": state.get("restored_from_round", 0),
+            "final": per_round[-1] if per_round else None,
+            "error": str(result.error) if result.error else None,
+            "run_dir": str(Path(result.path) / "run") if result.path else None,
+        })
     return rows
 
 

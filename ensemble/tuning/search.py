@@ -59,7 +59,7 @@ def check_space(cfg: C.RunConfig) -> None:
     C.replace(cfg, probe)
 
 
-def _flat_metrics(row: dict[str, Any]) -> dict[str, float]:
+def flat_metrics(row: dict[str, Any]) -> dict[str, float]:
     out = {"round": row["round"]}
     for name, metrics in row["dev"].items():
         slug = name.replace("/", "_")
@@ -93,6 +93,7 @@ def _restore_checkpoint(checkpoint: tune.Checkpoint, run_dir: Path) -> None:
     state["round_done"] = {}
     state["restored_from_round"] = state["rounds_completed"]
     state["restored_from_trial"] = state.get("saved_by_trial")
+    state["trial_id"] = tune.get_context().get_trial_id()
     atomic_write_json(run_dir / STATE_FILE, state)
 
 
@@ -115,7 +116,7 @@ def joint_trial(config: dict[str, Any], base: C.RunConfig, splits: Splits) -> No
     try:
         while not run.done():
             row = run.run_round()
-            metrics = _flat_metrics(row)
+            metrics = flat_metrics(row)
             metrics["restored_from_round"] = run.state.get("restored_from_round", 0)
             metrics["restored_from_trial"] = run.state.get("restored_from_trial") or ""
             metrics["trial_id"] = tune.get_context().get_trial_id()

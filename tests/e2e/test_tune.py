@@ -67,7 +67,7 @@ def test_pbt_exploits_and_clone_continues_from_donor(pbt_run):
     summary = json.loads((out / "tune_results.json").read_text())
     assert len(summary["trials"]) == 4
     assert all(t["error"] is None for t in summary["trials"])
-    assert all(len(t["metric_per_round"]) == 3 for t in summary["trials"])
+    assert all(len(t["metric_per_round"]) == 3 for t in summary["trials"]), summary["trials"]
     assert summary["mutations"], "PBT never exploited a trial"
     states = _trial_states(out)
     assert len(states) == 4
