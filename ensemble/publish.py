@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,7 @@ from ensemble import report
 from ensemble.data import Splits
 from ensemble.guidance import to_probs
 from ensemble.metrics import roc_curves
-from ensemble.rundir import Manifest, MemberEntry, atomic_write_json
+from ensemble.rundir import Manifest, MemberEntry, atomic_write_bytes, atomic_write_json
 from ensemble.tuning.weights import choose
 
 logger = logging.getLogger(__name__)
@@ -29,15 +27,9 @@ logger = logging.getLogger(__name__)
 
 def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """np.savez through a temp file + rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "wb") as f:
-        f.write(buf.getvalue())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def fit_combiner(

@@ -15,10 +15,7 @@ from __future__ import annotations
 import io
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,6 +23,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from rich.console import Console
 from rich.table import Table
+
+from ensemble.rundir import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -339,19 +338,10 @@ def _figure(figsize: tuple[float, float], nrows: int = 1, ncols: int = 1) -> tup
 
 def _save(fig: Figure, path: Any) -> None:
     """Write `fig` as PNG atomically: temp file in the same directory, fsync, rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    buf = io.BytesIO()
     try:
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; plots are for everyone who reads the run
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        fig.savefig(buf, format="png")
     finally:
         fig.clear()
+    atomic_write_bytes(path, buf.getvalue())
     logger.debug("wrote %s", path)
