@@ -183,8 +183,9 @@ def train_member(config: dict[str, Any]) -> None:
                 # only our keys: DeepSpeed's load returns its own checkpoint metadata with the
                 # client state, and saving that again fails (reserved keys) or goes stale
                 state = {"micro": int(loaded["micro"]), "history": list(loaded["history"])}
-                logger.info("%s %s round %d: resuming at micro-step %d of %d", job.name,
-                            job.stage.name, job.round, state["micro"], job_steps)
+                if rank == 0:
+                    logger.info("%s %s round %d: resuming at micro-step %d of %d", job.name,
+                                job.stage.name, job.round, state["micro"], job_steps)
     targets = _targets(splits, guidance)
     weights = job.weights if job.stage.name == "distill" else replace(job.weights, distill_alpha=0.0)
     ci = torch.tensor(job.class_intensity, dtype=torch.float32)
