@@ -160,3 +160,66 @@ def write_results(name: str, data: dict[str, Any], markdown: str,
     atomic_write_json(json_path, data)
     atomic_write_text(md_path, markdown)
     return json_path, md_path
+
+
+def combiners_on_test(run_dir: Path, seed: int = 0) -> dict[str, Any]:
+    """Every combination method of a finished run, fitted on dev and scored on test.
+
+    Reads the run's `predictions/{dev,test}.npz` (member probabilities; the regressor's
+    intensities) and `manifest.json`, fits each method with `ensemble.tuning.weights.choose`
+    exactly as `ensemble train` does (learned methods scored out-of-fold on dev), and applies each
+    fitted combiner to test. Uniform voting (`soft_vote`, `hard_vote`) fits nothing.
+
+    Returns:
+        {"chosen": method picked on dev, "methods": {method: {"dev": score, "out_of_fold": bool,
+        "weights": {member: w}, "test_accuracy", "test_macro_f1"}}}
+    """
+    import numpy as np
+
+    from ensemble import combine
+    from ensemble import evaluate as E
+    from ensemble.metrics import classification_metrics
+    from ensemble.rundir import Manifest
+    from ensemble.tuning.weights import choose
+
+    manifest = Manifest.load(run_dir)
+    kinds = {n: m.kind for n, m in manifest.members.items()}
+    num_classes = len(manifest.label_names)
+    stacked, labels = {}, {}
+    for split in ("dev", "test"):
+        with np.load(run_dir / "predictions" / f"{split}.npz") as z:
+            outputs = {n: z[n] for n in kinds}
+            labels[split] = z["labels"]
+        names, stacked[split] = E.vote_probs(outputs, kinds, manifest.intensity_edges, num_classes)
+    methods = ("hard_vote", "soft_vote", "weighted", "caruana", "stacking")
+    best, fitted = choose(stacked["dev"], labels["dev"], methods=methods, seed=seed)
+    out: dict[str, Any] = {"chosen": best.method, "members": names, "methods": {}}
+    for method, fit in fitted.items():
+        probs = combine.apply(method, stacked["test"], fit.weights, fit.params)
+        m = classification_metrics(labels["test"], probs, manifest.label_names)
+        out["methods"][method] = {
+            "dev": fit.dev_score,
+            "out_of_fold": fit.out_of_fold,
+            "weights": dict(zip(names, (round(float(w), 4) for w in fit.weights), strict=True)),
+            "test_accuracy": m["accuracy"],
+            "test_macro_f1": m["macro_f1"],
+        }
+    return out
+
+
+def combiner_markdown(title: str, table: dict[str, Any]) -> str:
+    """A markdown table of `combiners_on_test` output."""
+    lines = [
+        f"**{title}** (chosen on dev: `{table['chosen']}`)",
+        "",
+        "| method | dev score | test acc | test macro-F1 | weights |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for method, r in table["methods"].items():
+        weights = ", ".join(f"{n} {w:.2f}" for n, w in r["weights"].items())
+        oof = " (out-of-fold)" if r["out_of_fold"] else ""
+        lines.append(
+            f"| {method} | {r['dev']:.3f}{oof} | {r['test_accuracy']:.3f} | "
+            f"{r['test_macro_f1']:.3f} | {weights} |"
+        )
+    return "\n".join(lines) + "\n"
