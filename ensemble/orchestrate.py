@@ -217,42 +217,50 @@ def train(cfg: C.RunConfig, address: str | None = None, verbose: bool = False,
 
 def _round(cfg, r, state, runners, outputs, splits, splits_ref, kinds, board_name, board,
            run_dir, progress) -> dict[str, dict[str, np.ndarray]]:
-    """Train every member for round r (students after their teacher in round 1)."""
+    """Train every member for round r; in round 1 a student starts once its teacher is done."""
     rounds = cfg.training.rounds
     done = state["round_done"].get(str(r), {})
     guidance_refs = G.build(cfg, splits, kinds, outputs) if outputs else {}
-    phases = [[n for n in cfg.members if kinds[n] != "student"],
-              [n for n in cfg.members if kinds[n] == "student"]]
-    if r > 1:
-        phases = [list(cfg.members)]
     new_outputs: dict[str, dict[str, np.ndarray]] = {}
-    for phase in phases:
-        futures = {}
-        for name in phase:
-            needs_train = r < rounds or any(kinds[s] == "student" for s in cfg.members
-                                            if cfg.members[s].teacher == name and r == 1)
-            if name in done:
-                futures[name] = runners[name].predict.remote(splits_ref, needs_train)
-                continue
-            teacher = cfg.members[name].teacher
-            g_ref = guidance_refs.get(name)
-            if teacher and teacher not in outputs and teacher in new_outputs:
-                g_ref = G.teacher_only(new_outputs[teacher]["train"])
-            teacher_ckpt = (ray.train.Checkpoint(state["members"][teacher]["checkpoint"])
-                            if teacher and r == 1 else None)
-            jobs = _jobs(cfg, name, r, state, splits_ref, g_ref, teacher_ckpt, board_name, splits)
-            futures[name] = runners[name].run_round.remote(jobs, needs_train)
-        view = LiveView(board, f"round {r}/{rounds}", enabled=progress)
-        for name, result in view.wait(futures).items():
-            new_outputs[name] = result["outputs"]
-            if name not in done:
-                state["members"][name] = {"checkpoint": result["checkpoint"],
-                                          "export": result["export"]}
-                state["history"].setdefault(name, []).extend(result["history"])
-                state.setdefault("member_info", {})[name] = result["info"]
-                done[name] = True
-                state["round_done"][str(r)] = done
-                atomic_write_json(run_dir / STATE, state)
+
+    def submit(name: str) -> Any:
+        needs_train = r < rounds or any(kinds[s] == "student" for s in cfg.members
+                                        if cfg.members[s].teacher == name and r == 1)
+        if name in done:
+            return runners[name].predict.remote(splits_ref, needs_train)
+        teacher = cfg.members[name].teacher
+        g_ref = guidance_refs.get(name)
+        if teacher and teacher not in outputs and teacher in new_outputs:
+            g_ref = G.teacher_only(new_outputs[teacher]["train"])
+        teacher_ckpt = (ray.train.Checkpoint(state["members"][teacher]["checkpoint"])
+                        if teacher and r == 1 else None)
+        jobs = _jobs(cfg, name, r, state, splits_ref, g_ref, teacher_ckpt, board_name, splits)
+        return runners[name].run_round.remote(jobs, needs_train)
+
+    # round 1: a student distils from its teacher's trained weights and logits of this round
+    waiting = {n: cfg.members[n].teacher for n in cfg.members
+               if kinds[n] == "student" and r == 1}
+
+    def record(name: str, result: dict[str, Any]) -> dict[str, Any]:
+        new_outputs[name] = result["outputs"]
+        if name not in done:
+            state["members"][name] = {"checkpoint": result["checkpoint"],
+                                      "export": result["export"]}
+            state["history"].setdefault(name, []).extend(result["history"])
+            state.setdefault("member_info", {})[name] = result["info"]
+            done[name] = True
+            state["round_done"][str(r)] = done
+            atomic_write_json(run_dir / STATE, state)
+        ready = [s for s, t in waiting.items() if t == name]
+        for s in ready:
+            del waiting[s]
+        return {s: submit(s) for s in ready}
+
+    futures = {name: submit(name) for name in cfg.members if name not in waiting}
+    LiveView(board, f"round {r}/{rounds}", enabled=progress).wait(futures, on_done=record)
+    if waiting:  # config checks make this unreachable: every student's teacher is a member
+        raise RuntimeError(f"students {sorted(waiting)} never got their teacher's round")
+    new_outputs = {n: new_outputs[n] for n in cfg.members}  # config order, not finishing order
     row = _round_row(cfg, r, splits, kinds, new_outputs, state)
     state["rounds"].append(row)
     state["rounds_completed"] = r

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -75,8 +76,17 @@ class LiveView:
         self.log_every_s = log_every_s
         self.tty = sys.stdout.isatty()
 
-    def wait(self, futures: dict[str, Any], poll_s: float = 1.0) -> dict[str, Any]:
-        """Block until every future is done; returns name -> result (raises the first error)."""
+    def wait(
+        self,
+        futures: dict[str, Any],
+        poll_s: float = 1.0,
+        on_done: Callable[[str, Any], dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
+        """Block until every future is done; returns name -> result (raises the first error).
+
+        `on_done(name, result)` runs as each result arrives and may return more futures
+        ({name: ref}) to wait on, so dependent work starts as soon as what it needs is there.
+        """
         status = {name: "running" for name in futures}
         pending = {ref: name for name, ref in futures.items()}
         results: dict[str, Any] = {}
@@ -91,6 +101,9 @@ class LiveView:
                     name = pending.pop(ref)
                     results[name] = ray.get(ref)
                     status[name] = "done"
+                    for more, more_ref in (on_done(name, results[name]) if on_done else {}).items():
+                        pending[more_ref] = more
+                        status[more] = "running"
                 points = self._points()
                 if live:
                     live.update(table(points, status, self.title))
