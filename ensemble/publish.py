@@ -75,7 +75,7 @@ def publish(
             probs[split], labels=splits.labels[split], intensity=intensity, **common
         )
     info = dict(state.get("member_info", {}))
-    _student_ratios(cfg, info)
+    _student_ratios(cfg, info, run_dir, splits.texts["dev"])
     metrics = {
         "dev": results["dev"],
         "test": results["test"],
@@ -115,12 +115,59 @@ def publish(
     return manifest
 
 
-def _student_ratios(cfg: C.RunConfig, info: dict[str, Any]) -> None:
+def _student_ratios(
+    cfg: C.RunConfig, info: dict[str, Any], run_dir: Path, texts: list[str]
+) -> None:
+    """Each student's size and inference speed relative to its teacher.
+
+    The speed is measured here, once training is over, on the exported models back to back
+    (`infer_ms`), not from the in-run predictions, which share the CPUs with members still
+    training.
+    """
     for name, m in cfg.members.items():
         if m.kind == "student" and m.teacher in info and name in info:
             s, t = info[name], info[m.teacher]
             s["size_ratio"] = s["params"] / max(1, t["params"])
-            s["speedup"] = t.get("infer_ms_per_text", 0) / max(1e-9, s.get("infer_ms_per_text", 1))
+            ms = infer_ms(
+                [run_dir / "members" / n / "export" for n in (m.teacher, name)],
+                texts[:SPEED_TEXTS],
+                cfg.data.max_length,
+                cfg.training.eval_batch_size,
+            )
+            t["infer_ms_per_text"], s["infer_ms_per_text"] = ms
+            s["speedup"] = ms[0] / max(1e-9, ms[1])
+            s["speed_texts"] = min(len(texts), SPEED_TEXTS)
+
+
+SPEED_TEXTS = 512  # dev texts timed per model for the student's speed-up
+
+
+def infer_ms(paths: list[Path], texts: list[str], max_length: int, batch_size: int,
+             repeats: int = 3) -> list[float]:
+    """Milliseconds per text of each exported model over `texts`: one warm-up pass each, then
+    `repeats` passes with the models interleaved (a busy machine slows them alike); the median."""
+    import time
+
+    import torch
+
+    from ensemble.models.members import load_exported
+    from ensemble.training.loop import encode, predict_logits
+
+    loaded = []
+    for path in paths:
+        model, tokenizer = load_exported(path)
+        ids = encode(tokenizer, texts, max_length)
+        loaded.append((model, ids, tokenizer.pad_token_id))
+    times: list[list[float]] = [[] for _ in paths]
+    with torch.inference_mode():
+        for model, ids, pad in loaded:
+            predict_logits(model, ids[:batch_size], pad, batch_size)
+        for _ in range(repeats):
+            for i, (model, ids, pad) in enumerate(loaded):
+                t0 = time.perf_counter()
+                predict_logits(model, ids, pad, batch_size)
+                times[i].append(1000 * (time.perf_counter() - t0) / max(1, len(ids)))
+    return [sorted(t)[len(t) // 2] for t in times]
 
 
 def _plots(run_dir: Path, splits: Splits, test_probs, kinds, test_rows, state, combine) -> None:
