@@ -147,7 +147,7 @@ def main() -> None:
     ap.add_argument("extra", nargs="*", help="more dotted overrides for both runs")
     args = ap.parse_args()
 
-    common = [
+    shared = [
         f"data.source={args.data}",
         f"training.rounds={args.rounds}",
         *[f"members.{m}.epochs={args.epochs}" for m in C.load(args.config).members],
@@ -165,10 +165,10 @@ def main() -> None:
     }
     result["tfidf"] = tfidf_baseline(args.data)
     indep, t_indep = run(
-        args.config, [*common, f"output_dir={args.work_dir}/independent"], args.address
+        args.config, [*shared, f"output_dir={args.work_dir}/independent"], args.address
     )
     joint, t_joint = run(
-        args.config, [*common, *args.guidance, f"output_dir={args.work_dir}/joint"], args.address
+        args.config, [*shared, *args.guidance, f"output_dir={args.work_dir}/joint"], args.address
     )
     result["independent"] = {"test": rows_of(indep), "wall_s": t_indep, "combine": indep["combine"]}
     result["joint"] = {"test": rows_of(joint), "wall_s": t_joint, "combine": joint["combine"]}

@@ -51,8 +51,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"# SST: tuned vs default guidance ({result['config']})",
         "",
-        f"Data: SST train subset of {result['train_samples']} examples, full dev "
-        f"({result['dev_samples']}) and test ({result['test_samples']}); members "
+        f"Data: {result['train_samples']} training examples, dev {result['dev_samples']}, "
+        f"test {result['test_samples']}; members "
         f"{', '.join(result['members'])} ({result['model']}), {result['rounds']} rounds. "
         f"{result['machine']['cpu_count']} CPUs, load {result['load_before']} before, "
         f"{result['load_after']} after.",
@@ -141,7 +141,7 @@ def main() -> None:
         run_dir = Path(row["run_dir"]) if row.get("run_dir") else None
         test = test_row(run_dir) if run_dir and (run_dir / "metrics.json").is_file() else {}
         trials.append({
-            "trial": row["trial"],
+            "trial": row.get("trial_id") or row["trial"][:32],
             "final": row["final"],
             "config": row["config"],
             "restored_from_trial": row["restored_from_trial"],
