@@ -9,11 +9,11 @@ lost worker, or the same command run again) training continues from the last che
 from __future__ import annotations
 
 import contextlib
-import zlib
 import logging
 import math
 import shutil
 import tempfile
+import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
