@@ -370,16 +370,7 @@ class LocalCluster:
                     proc.terminate()
             psutil.wait_procs(procs, timeout=grace_s)
             ended += [p.pid for p in procs]
-        # repeat: a raylet can fork a worker between our scan and its death
-        for _ in range(5):
-            procs = self.node_processes(node.index)
-            if not procs:
-                break
-            for proc in procs:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    proc.kill()
-            psutil.wait_procs(procs, timeout=5)
-            ended += [p.pid for p in procs]
+        ended += kill_until_gone(lambda: self.node_processes(node.index), timeout_s=5)
         node.session = None
         return sorted(set(ended))
 
@@ -453,6 +444,29 @@ def kill_stale_clusters() -> list[int]:
     for root in roots:
         shutil.rmtree(root, ignore_errors=True)
     return sorted(victims)
+
+
+def kill_until_gone(
+    find: Callable[[], list[psutil.Process]], timeout_s: float, attempts: int = 5
+) -> list[int]:
+    """SIGKILL what `find()` returns, again and again until it finds nothing (a raylet can fork a
+    worker between a scan and its death); returns the pids killed."""
+    killed: list[int] = []
+    for _ in range(attempts):
+        procs = find()
+        if not procs:
+            break
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        psutil.wait_procs(procs, timeout=timeout_s)
+        killed += [p.pid for p in procs]
+    return killed
+
+
+def session_processes(sid: int) -> list[psutil.Process]:
+    """Every process of session `sid`."""
+    return [proc for proc in psutil.process_iter() if _session_of(proc) == sid]
 
 
 def _tail(path: Path, chars: int = 3000) -> str:

@@ -27,10 +27,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 
-from cluster import LocalCluster  # tests/e2e is on sys.path (pytest rootdir-relative import)
+# tests/e2e is on sys.path (pytest rootdir-relative import)
+from cluster import LocalCluster, kill_until_gone, session_processes
 from ensemble.cli import main
 from ensemble.rundir import Manifest, read_json
 
@@ -305,15 +305,6 @@ def test_worker_node_killed_mid_round_job_completes(
 
 
 # -------------------------------------------------------------- 2. the driver dies between rounds
-def _session_pids(sid: int) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter():
-        with contextlib.suppress(psutil.Error, ProcessLookupError):
-            if os.getsid(proc.pid) == sid:
-                found.append(proc)
-    return found
-
-
 def _kill_session(driver: subprocess.Popen) -> None:
     """SIGKILL the driver, then everything it spawned (its own session).
 
@@ -322,15 +313,7 @@ def _kill_session(driver: subprocess.Popen) -> None:
     """
     driver.kill()
     driver.wait()
-    sid = driver.pid
-    for _ in range(5):
-        procs = _session_pids(sid)
-        if not procs:
-            return
-        for proc in procs:
-            with contextlib.suppress(psutil.Error):
-                proc.kill()
-        psutil.wait_procs(procs, timeout=10)
+    kill_until_gone(lambda: session_processes(driver.pid), timeout_s=10)
 
 
 def _ray_runs(run_dir: Path) -> dict[str, dict[str, int]]:
@@ -382,7 +365,7 @@ def test_driver_killed_after_round_one_resumes_and_matches_uninterrupted_run(
             t_kill = time.time()
             _kill_session(proc)
     assert proc.returncode == -9
-    assert not _session_pids(proc.pid)  # its Ray went down with it
+    assert not session_processes(proc.pid)  # its Ray went down with it
     killed = read_json(state_file)
     assert killed["rounds_completed"] == 1
     assert not (run_dir / "manifest.json").exists()
