@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ray import tune
+from ray.tune.schedulers import PopulationBasedTraining
 
 from ensemble import config as C
 from ensemble.data import Splits, load_splits
@@ -131,7 +132,7 @@ def joint_trial(config: dict[str, Any], base: C.RunConfig, splits: Splits) -> No
         run.close()
 
 
-def _synch_pbt():
+class SynchPBT(PopulationBasedTraining):
     """Ray's synchronous PBT with its restore deadlock fixed.
 
     After `Tuner.restore`, PBT's `_next_perturbation_sync` restarts from its constructor value
@@ -140,35 +141,29 @@ def _synch_pbt():
     trial stays PAUSED forever (ray-project/ray#48616). Once every live trial has reached the
     sync point, the next one must lie ahead of all of them.
     """
-    from ray.tune.schedulers import PopulationBasedTraining
 
-    class SynchPBT(PopulationBasedTraining):
-        def on_trial_result(self, tune_controller, trial, result):
-            decision = super().on_trial_result(tune_controller, trial, result)
-            times = [self._trial_state[t].last_train_time
-                     for t in tune_controller.get_live_trials() if t in self._trial_state]
-            if self._synch and times and min(times) >= self._next_perturbation_sync:
-                self._next_perturbation_sync = max(times) + self._perturbation_interval
-            return decision
-
-    return SynchPBT
+    def on_trial_result(self, tune_controller, trial, result):
+        decision = super().on_trial_result(tune_controller, trial, result)
+        times = [self._trial_state[t].last_train_time
+                 for t in tune_controller.get_live_trials() if t in self._trial_state]
+        if self._synch and times and min(times) >= self._next_perturbation_sync:
+            self._next_perturbation_sync = max(times) + self._perturbation_interval
+        return decision
 
 
 def _fix_restored_pbt(tuner: tune.Tuner) -> None:
-    """Give a restored experiment's synchronous PBT the fix of `_synch_pbt` (the scheduler comes
+    """Give a restored experiment's synchronous PBT the fix of `SynchPBT` (the scheduler comes
     back unpickled as it was saved, possibly as Ray's own class)."""
-    from ray.tune.schedulers import PopulationBasedTraining
-
     internal = getattr(tuner, "_local_tuner", None)
     scheduler = getattr(getattr(internal, "_tune_config", None), "scheduler", None)
     if type(scheduler) is PopulationBasedTraining and scheduler._synch:
-        scheduler.__class__ = _synch_pbt()
+        scheduler.__class__ = SynchPBT
 
 
 def make_scheduler(cfg: C.RunConfig, space: dict[str, Any]):
     t = cfg.tune
     if t.scheduler == "pbt":
-        return _synch_pbt()(
+        return SynchPBT(
             time_attr="training_iteration",
             perturbation_interval=t.perturbation_interval,
             hyperparam_mutations=space,
