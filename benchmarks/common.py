@@ -183,6 +183,7 @@ def combiners_on_test(run_dir: Path, seed: int = 0) -> dict[str, Any]:
     from ensemble.tuning.weights import choose
 
     manifest = Manifest.load(run_dir)
+    sharpness = (manifest.combine.get("params") or {}).get("regressor_sharpness")
     kinds = {n: m.kind for n, m in manifest.members.items()}
     num_classes = len(manifest.label_names)
     stacked, labels = {}, {}
@@ -190,7 +191,9 @@ def combiners_on_test(run_dir: Path, seed: int = 0) -> dict[str, Any]:
         with np.load(run_dir / "predictions" / f"{split}.npz") as z:
             outputs = {n: z[n] for n in kinds}
             labels[split] = z["labels"]
-        names, stacked[split] = E.vote_probs(outputs, kinds, manifest.intensity_edges, num_classes)
+        names, stacked[split] = E.vote_probs(
+            outputs, kinds, manifest.intensity_edges, num_classes, sharpness
+        )
     methods = ("hard_vote", "soft_vote", "weighted", "caruana", "stacking")
     best, fitted = choose(stacked["dev"], labels["dev"], methods=methods, seed=seed)
     out: dict[str, Any] = {"chosen": best.method, "members": names, "methods": {}}

@@ -26,6 +26,7 @@ __all__ = [
     "confidence",
     "disagreement",
     "expected_intensity",
+    "fit_regressor_sharpness",
     "hard_vote",
     "regressor_probs",
     "soft_vote",
@@ -90,6 +91,64 @@ def regressor_probs(
         x[:, None] - upper[None, :], 0.0
     )
     return _softmax(-sharpness * dist)  # (B, C)
+
+
+def fit_regressor_sharpness(
+    intensity: np.ndarray, labels: np.ndarray, edges: Sequence[float], num_classes: int
+) -> float:
+    """The `regressor_probs` sharpness that minimises the vote's log loss on labelled data.
+
+    A one-hot regressor vote is as confident as a vote can be, so in a soft vote it outweighs
+    members that give calibrated probabilities. Fitting the one sharpness parameter on dev labels
+    (like temperature scaling) makes the regressor's vote a calibrated distribution too; its
+    argmax stays the hard bin.
+
+    The search is scale-free: over ``[0.1, 1e4] / gap``, where ``gap`` is the median bin width, on
+    a log grid refined by golden-section search.
+
+    Args:
+        intensity: (N,) predicted intensities on held-out data.
+        labels: (N,) class ids.
+        edges: C-1 ascending bin edges.
+        num_classes: C.
+
+    Returns:
+        The fitted sharpness (> 0).
+
+    Raises:
+        ValueError: on mismatched or empty inputs, or labels outside ``[0, C)``.
+    """
+    x = np.asarray(intensity, dtype=np.float64)
+    y = np.asarray(labels)
+    if x.ndim != 1 or x.shape != y.shape or x.size == 0:
+        raise ValueError(
+            f"need matching non-empty (N,) intensities and labels, got {x.shape} and {y.shape}"
+        )
+    if y.min() < 0 or y.max() >= num_classes:
+        raise ValueError(f"labels must lie in [0, {num_classes}), got {y.min()}..{y.max()}")
+    gap = float(np.median(np.diff(np.asarray(edges, dtype=np.float64)))) if num_classes > 2 else 1.0
+
+    def nll(log_s: float) -> float:
+        p = regressor_probs(x, edges, num_classes, sharpness=float(np.exp(log_s)))
+        return float(-np.mean(np.log(p[np.arange(y.size), y] + 1e-12)))
+
+    grid = np.linspace(np.log(0.1 / gap), np.log(1e4 / gap), 41)
+    losses = [nll(g) for g in grid]
+    i = int(np.argmin(losses))
+    lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, grid.size - 1)]
+    ratio = (np.sqrt(5.0) - 1.0) / 2.0
+    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+    fa, fb = nll(a), nll(b)
+    for _ in range(30):
+        if fa < fb:
+            hi, b, fb = b, a, fa
+            a = hi - ratio * (hi - lo)
+            fa = nll(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + ratio * (hi - lo)
+            fb = nll(b)
+    return float(np.exp((lo + hi) / 2.0))
 
 
 def hard_vote(probs: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:

@@ -72,7 +72,9 @@ class DataConfig:
                 problems.append(f"data.{name}={value} must be >= 1 or null")
         unknown = set(self.files) - {"train", "dev", "test"}
         if unknown:
-            problems.append(f"data.files has unknown split(s) {sorted(unknown)}; use train/dev/test")
+            problems.append(
+                f"data.files has unknown split(s) {sorted(unknown)}; use train/dev/test"
+            )
         _check(problems)
 
 
@@ -210,6 +212,9 @@ class TrainingConfig:
     combine_method: Literal["hard_vote", "soft_vote", "weighted", "caruana", "stacking"] = (
         "soft_vote"
     )
+    # how the regressor votes among classifiers: "calibrated" softens its binned intensity with a
+    # sharpness fitted on dev (ensemble.combine.fit_regressor_sharpness); "one_hot" votes its bin
+    regressor_vote: Literal["calibrated", "one_hot"] = "calibrated"
     eval_batch_size: int = 64
     max_failures: int = 1  # Ray Train FailureConfig per member job
     log_every: int = 10
@@ -316,7 +321,9 @@ class RunConfig:
     def __post_init__(self) -> None:
         problems = []
         if not self.members:
-            problems.append("`members` is empty; define at least one member (see configs/base.yaml)")
+            problems.append(
+                "`members` is empty; define at least one member (see configs/base.yaml)"
+            )
         for name, member in self.members.items():
             if member.kind == "student":
                 teacher = self.members.get(member.teacher or "")
@@ -376,7 +383,9 @@ def load(path: str | os.PathLike | None = None, overrides: list[str] | None = No
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} not found; pass a YAML such as configs/tiny.yaml")
+            raise ConfigError(
+                f"config file {str(p)!r} not found; pass a YAML such as configs/tiny.yaml"
+            )
         raw = OmegaConf.load(p)
         if not isinstance(raw, DictConfig):
             raise ConfigError(f"{p} must hold a mapping at the top level")

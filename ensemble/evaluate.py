@@ -22,16 +22,42 @@ def vote_probs(
     kinds: Mapping[str, str],
     edges: Sequence[float],
     num_classes: int,
+    sharpness: float | None = None,
 ) -> tuple[list[str], np.ndarray]:
-    """Member names and their class votes stacked as (M, N, C); the regressor votes by its bin."""
+    """Member names and their class votes stacked as (M, N, C); the regressor votes by its bin.
+
+    ``sharpness`` is `combine.regressor_probs`'s: None for a one-hot regressor vote.
+    """
     names = list(outputs)
     stacked = [
-        combine.regressor_probs(outputs[n], edges, num_classes)
+        combine.regressor_probs(outputs[n], edges, num_classes, sharpness=sharpness)
         if kinds[n] == "regressor"
         else np.asarray(outputs[n], dtype=np.float64)
         for n in names
     ]
     return names, np.stack(stacked)
+
+
+def regressor_sharpness(
+    dev_outputs: Mapping[str, np.ndarray],
+    kinds: Mapping[str, str],
+    dev_labels: np.ndarray,
+    edges: Sequence[float],
+    num_classes: int,
+    vote: str = "calibrated",
+) -> float | None:
+    """The regressor vote's sharpness for ``training.regressor_vote``, fitted on dev outputs.
+
+    None (a one-hot vote) when the vote is ``one_hot`` or there is no regressor; with several
+    regressors, their intensities are pooled for one fit.
+    """
+    reg = [
+        np.asarray(o, dtype=np.float64) for n, o in dev_outputs.items() if kinds[n] == "regressor"
+    ]
+    if vote == "one_hot" or not reg:
+        return None
+    labels = np.concatenate([np.asarray(dev_labels)] * len(reg))
+    return combine.fit_regressor_sharpness(np.concatenate(reg), labels, edges, num_classes)
 
 
 def intensity_estimates(
@@ -73,6 +99,7 @@ def evaluate_split(
     class_intensity: Sequence[float],
     edges: Sequence[float],
     learned: Mapping[str, Any] | None = None,
+    sharpness: float | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Metrics of every member and of the ensemble under each combination method.
 
@@ -82,13 +109,14 @@ def evaluate_split(
         labels: (N,) class ids; intensity: (N,) targets or None.
         label_names, class_intensity, edges: the label space (see `Manifest`).
         learned: optional learned combiner {"method", "weights": {name: w}, "params"}.
+        sharpness: the regressor vote's sharpness (`regressor_sharpness`); None for one-hot.
 
     Returns:
         {name: metrics} for members and "ensemble/<method>" rows; each row has the
         classification metrics and, with intensities, pearson/spearman/mae of its intensity.
     """
     num_classes = len(label_names)
-    names, probs = vote_probs(outputs, kinds, edges, num_classes)
+    names, probs = vote_probs(outputs, kinds, edges, num_classes, sharpness)
     estimates = intensity_estimates(outputs, kinds, class_intensity)
     rows: dict[str, dict[str, Any]] = {}
     for i, name in enumerate(names):

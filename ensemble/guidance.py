@@ -17,6 +17,7 @@ import numpy as np
 import ray
 
 from ensemble import combine
+from ensemble import evaluate as E
 from ensemble.config import RunConfig
 from ensemble.data import Splits
 from ensemble.losses import LossWeights
@@ -56,15 +57,32 @@ def loss_weights(cfg: RunConfig, name: str, available: bool) -> LossWeights:
     )
 
 
+def regressor_sharpness(
+    cfg: RunConfig, splits: Splits, kinds: dict[str, str], outputs: dict[str, dict[str, np.ndarray]]
+) -> float | None:
+    """The regressor vote's sharpness for this round, fitted on the members' dev outputs."""
+    dev = {n: o["dev"] for n, o in outputs.items() if "dev" in o}
+    return E.regressor_sharpness(
+        dev, kinds, splits.labels["dev"], splits.intensity_edges(), splits.num_labels(),
+        cfg.training.regressor_vote,
+    )
+
+
 def _ensemble_probs(
-    train: dict[str, np.ndarray], kinds: dict[str, str], splits: Splits, temperature: float
+    train: dict[str, np.ndarray],
+    kinds: dict[str, str],
+    splits: Splits,
+    temperature: float,
+    sharpness: float | None,
 ) -> np.ndarray:
-    """The members' soft vote on the training texts (regressor votes by its bin)."""
+    """The members' soft vote on the training texts (the regressor votes by its bin)."""
     stacked = []
     for name, out in train.items():
         if kinds[name] == "regressor":
             stacked.append(
-                combine.regressor_probs(out, splits.intensity_edges(), splits.num_labels())
+                combine.regressor_probs(
+                    out, splits.intensity_edges(), splits.num_labels(), sharpness=sharpness
+                )
             )
         else:
             stacked.append(softmax(out / temperature))
@@ -81,7 +99,8 @@ def build(
     refs: dict[str, Any] = {}
     ensemble = None
     if (g.mutual > 0 or g.student_from_ensemble > 0) and train:
-        ensemble = ray.put(_ensemble_probs(train, kinds, splits, g.temperature))
+        sharpness = regressor_sharpness(cfg, splits, kinds, outputs)
+        ensemble = ray.put(_ensemble_probs(train, kinds, splits, g.temperature, sharpness))
     for name, m in cfg.members.items():
         arrays: dict[str, Any] = {}
         w = loss_weights(cfg, name, available=True)

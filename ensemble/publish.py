@@ -33,12 +33,26 @@ def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def fit_combiner(
-    dev_probs: dict[str, np.ndarray], kinds: dict[str, str], splits: Splits, seed: int
+    dev_probs: dict[str, np.ndarray],
+    kinds: dict[str, str],
+    splits: Splits,
+    seed: int,
+    regressor_vote: str = "calibrated",
 ) -> dict[str, Any]:
-    """Choose the combination method on dev (learned methods scored out-of-fold)."""
-    names, probs = E.vote_probs(dev_probs, kinds, splits.intensity_edges(), splits.num_labels())
+    """Choose the combination method on dev (learned methods scored out-of-fold).
+
+    The regressor vote's fitted sharpness goes into ``params["regressor_sharpness"]``, where
+    Serve reads it, so served votes equal the evaluated ones.
+    """
+    edges, num_classes = splits.intensity_edges(), splits.num_labels()
+    sharpness = E.regressor_sharpness(
+        dev_probs, kinds, splits.labels["dev"], edges, num_classes, regressor_vote
+    )
+    names, probs = E.vote_probs(dev_probs, kinds, edges, num_classes, sharpness)
     best, results = choose(probs, splits.labels["dev"], seed=seed)
     entry = best.to_manifest(names)
+    if sharpness is not None:
+        entry["params"] = {**entry["params"], "regressor_sharpness": sharpness}
     entry["candidates"] = {m: r.dev_score for m, r in results.items()}
     return entry
 
@@ -60,13 +74,16 @@ def publish(
         if splits.intensity is not None:
             arrays["intensity"] = splits.intensity[split]
         save_npz(run_dir / "predictions" / f"{split}.npz", arrays)
-    combine = fit_combiner(probs["dev"], kinds, splits, cfg.training.seed)
+    combine = fit_combiner(
+        probs["dev"], kinds, splits, cfg.training.seed, cfg.training.regressor_vote
+    )
     common = dict(
         kinds=kinds,
         label_names=splits.label_names,
         class_intensity=splits.class_intensity(),
         edges=splits.intensity_edges(),
         learned=combine,
+        sharpness=combine["params"].get("regressor_sharpness"),
     )
     results = {}
     for split in ("dev", "test"):
@@ -175,7 +192,10 @@ def _plots(run_dir: Path, splits: Splits, test_probs, kinds, test_rows, state, c
     report.plot_learning_curves(state.get("history", {}), plots / "learning_curves.png")
     if state.get("rounds"):
         report.plot_rounds(state["rounds"], plots / "rounds.png")
-    names, stacked = E.vote_probs(test_probs, kinds, splits.intensity_edges(), splits.num_labels())
+    names, stacked = E.vote_probs(
+        test_probs, kinds, splits.intensity_edges(), splits.num_labels(),
+        combine["params"].get("regressor_sharpness"),
+    )
     from ensemble import combine as comb
 
     weights = [combine["weights"].get(n, 0.0) for n in names] if combine.get("weights") else None

@@ -187,7 +187,9 @@ def train_member(config: dict[str, Any]) -> None:
                     logger.info("%s %s round %d: resuming at micro-step %d of %d", job.name,
                                 job.stage.name, job.round, state["micro"], job_steps)
     targets = _targets(splits, guidance)
-    weights = job.weights if job.stage.name == "distill" else replace(job.weights, distill_alpha=0.0)
+    weights = (
+        job.weights if job.stage.name == "distill" else replace(job.weights, distill_alpha=0.0)
+    )
     ci = torch.tensor(job.class_intensity, dtype=torch.float32)
     order = None
     if job.stage.name == "curriculum":

@@ -140,6 +140,36 @@ def test_soft_regressor_probs_keep_the_bin_and_decay_with_distance():
     np.testing.assert_allclose(sharp, hard[inside], atol=1e-6)
 
 
+@pytest.mark.parametrize("true_sharpness", [5.0, 40.0])
+def test_fitted_sharpness_recovers_the_one_that_generated_the_labels(true_sharpness):
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-0.1, 1.1, size=20_000)
+    p = combine.regressor_probs(x, EDGES, 5, sharpness=true_sharpness)
+    y = (p.cumsum(axis=1) > rng.uniform(size=(x.size, 1))).argmax(axis=1)  # one draw per row
+    fitted = combine.fit_regressor_sharpness(x, y, EDGES, 5)
+    assert fitted == pytest.approx(true_sharpness, rel=0.1)
+
+
+def test_fitted_sharpness_beats_the_one_hot_vote_on_log_loss():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 5, size=2_000)
+    x = (y + 0.5) / 5 + rng.normal(0.0, 0.12, size=y.size)  # a noisy regressor
+    s = combine.fit_regressor_sharpness(x, y, EDGES, 5)
+    soft = combine.regressor_probs(x, EDGES, 5, sharpness=s)
+    hard = combine.regressor_probs(x, EDGES, 5)
+    rows = np.arange(y.size)
+    assert -np.log(soft[rows, y]).mean() < -np.log(np.clip(hard[rows, y], 1e-12, 1)).mean()
+    np.testing.assert_array_equal(soft.argmax(axis=1), hard.argmax(axis=1))
+    assert soft.max(axis=1).mean() < 0.9  # no longer as confident as a one-hot vote
+
+
+def test_fit_sharpness_rejects_bad_input():
+    with pytest.raises(ValueError, match="matching non-empty"):
+        combine.fit_regressor_sharpness(np.zeros(3), np.zeros(2, dtype=int), EDGES, 5)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 5\)"):
+        combine.fit_regressor_sharpness(np.zeros(2), np.array([0, 5]), EDGES, 5)
+
+
 @pytest.mark.parametrize(
     ("edges", "kwargs", "match"),
     [
