@@ -252,6 +252,8 @@ class ServeConfig:
     max_text_chars: int = 2000
     cascade_threshold: float | None = None
     cascade: bool = False  # student answers alone when confident (threshold fitted on dev)
+    # the cascade runs its student inside the combiner: confident answers skip a member hop
+    cascade_student_in_combiner: bool = True
     sequential: bool = False  # call members one after another (benchmark baseline)
     max_ongoing_requests: int = 64  # per replica; >= max_batch_size so batches can fill
     request_timeout_s: float = 10.0  # combiner's bound on waiting for the members

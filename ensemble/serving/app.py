@@ -72,12 +72,11 @@ def _replica_id() -> str:
     return serve.get_replica_context().replica_id.unique_id
 
 
-@serve.deployment
-class MemberModel:
-    """One exported member; batched inference on CPU or GPU."""
+class LoadedMember:
+    """One member's exported model in this process: texts in, probabilities or intensities out."""
 
     def __init__(self, run_dir: str, name: str, num_threads: int = 1, gpu: bool = False) -> None:
-        import torch  # the combiner replica never needs torch or transformers
+        import torch  # imported here: a combiner without a cascade never needs torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         manifest = Manifest.load(run_dir)
@@ -90,15 +89,35 @@ class MemberModel:
                 f"member {name} asked for a GPU (serve.num_gpus > 0) but CUDA is "
                 "not available in its replica; set serve.num_gpus=0"
             )
-        self._device = "cuda" if gpu else "cpu"
+        self.device = "cuda" if gpu else "cpu"
         self._tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True)
-        self._model = model.eval().to(self._device)
+        self._model = model.eval().to(self.device)
         self._regressor = entry.kind == "regressor"
         self._max_length = entry.max_length
+        logger.info("member %s loaded from %s on %s", name, path, self.device)
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        """(B, C) probabilities, or (B,) intensities for the regressor."""
+        torch = self._torch
+        enc = self._tokenizer(
+            texts, padding=True, truncation=True, max_length=self._max_length, return_tensors="pt"
+        ).to(self.device)
+        with torch.inference_mode():
+            logits = self._model(**enc).logits.float()  # (B, C)
+        if self._regressor:
+            return logits[:, 0].cpu().numpy()  # (B,)
+        return torch.softmax(logits, dim=-1).cpu().numpy()  # (B, C)
+
+
+@serve.deployment
+class MemberModel:
+    """One exported member; batched inference on CPU or GPU."""
+
+    def __init__(self, run_dir: str, name: str, num_threads: int = 1, gpu: bool = False) -> None:
+        self._forward = LoadedMember(run_dir, name, num_threads, gpu)
         self._settings = s.MemberSettings()
         self._batch_sizes: Counter[int] = Counter()
-        logger.info("member %s loaded from %s on %s", name, path, self._device)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self._settings = s.MemberSettings.model_validate(user_config)
@@ -112,25 +131,19 @@ class MemberModel:
         outs = await asyncio.gather(*(self._forward_batch(c) for c in chunks))
         return np.concatenate(outs)
 
-    # batch size counts texts, not calls; `predict` splits requests larger than a batch
+    # Batch size counts texts, not calls; `predict` splits requests larger than a batch.
+    # The forward pass runs on the replica's event loop on purpose. `@serve.batch` forms the next
+    # batch as soon as the wait timeout passes, even while the previous batch still holds its one
+    # concurrent slot (ray/serve/batching.py, `_process_batches`). With the forward pass off the
+    # loop, a busy CPU replica therefore queued many small batches behind the running one. Holding
+    # the loop lets every request that arrives during a forward pass join the next batch.
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, batch_size_fn=_count_texts)
     async def _forward_batch(self, chunks: list[list[str]]) -> list[np.ndarray]:
         flat = [t for chunk in chunks for t in chunk]
-        out = await asyncio.to_thread(self._forward, flat)  # keeps the loop free to queue more
+        out = self._forward(flat)
         self._batch_sizes[len(flat)] += 1
         bounds = np.cumsum([len(c) for c in chunks])[:-1]
         return np.split(out, bounds)
-
-    def _forward(self, texts: list[str]) -> np.ndarray:
-        torch = self._torch
-        enc = self._tokenizer(
-            texts, padding=True, truncation=True, max_length=self._max_length, return_tensors="pt"
-        ).to(self._device)
-        with torch.inference_mode():
-            logits = self._model(**enc).logits.float()  # (B, C)
-        if self._regressor:
-            return logits[:, 0].cpu().numpy()  # (B,)
-        return torch.softmax(logits, dim=-1).cpu().numpy()  # (B, C)
 
     def ping(self) -> str:
         return "ok"
@@ -182,8 +195,11 @@ class Combiner:
     """HTTP ingress: validates requests, fans out to the members, combines their outputs."""
 
     def __init__(self, run_dir: str, members: dict[str, DeploymentHandle]) -> None:
+        self._run_dir = run_dir
         self._manifest = Manifest.load(run_dir)
         self._members = members
+        self._local: dict[str, LoadedMember] = {}  # the cascade's in-process student
+        self._local_texts = 0
         self._base = combination_from_manifest(self._manifest)
         self._settings = s.CombinerSettings()
         self._spec = self._base
@@ -200,7 +216,9 @@ class Combiner:
             params=dict(settings.params),
         )
         if settings.cascade:
-            student_of(spec)
+            student = student_of(spec)
+            if settings.cascade_student_in_combiner and student not in self._local:
+                self._local[student] = LoadedMember(self._run_dir, student)
         # swap both at once: a request in flight keeps the pair it started with
         self._settings, self._spec = settings, spec
         self._answer_batched.set_max_batch_size(settings.max_batch_size)
@@ -243,7 +261,14 @@ class Combiner:
             return await self._answer_now(texts)
         return await self._answer_batched(texts)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, batch_size_fn=_count_texts)
+    # A fan-out waits on the members, not the CPU, so several may be in flight: with one slot
+    # (Serve's default) each batch waited for the previous batch's whole round trip.
+    @serve.batch(
+        max_batch_size=16,
+        batch_wait_timeout_s=0.01,
+        batch_size_fn=_count_texts,
+        max_concurrent_batches=4,
+    )
     async def _answer_batched(self, requests: list[list[str]]) -> list[tuple[Answer, Combination]]:
         """Concurrent requests share one fan-out: one member call per batch, not per request."""
         answer, spec = await self._answer_now([t for texts in requests for t in texts])
@@ -257,7 +282,12 @@ class Combiner:
             outputs = await self._call(list(spec.members), texts, settings.sequential)
             return ensemble_answer(outputs, spec), spec
         student = student_of(spec)
-        first = (await self._call([student], texts))[student]  # (B, C)
+        local = self._local.get(student) if settings.cascade_student_in_combiner else None
+        if local is not None:  # no hop for the confident majority; off the loop, like a call
+            first = await asyncio.to_thread(local, texts)  # (B, C)
+            self._local_texts += len(texts)
+        else:
+            first = (await self._call([student], texts))[student]  # (B, C)
         hard = hard_examples(first, settings.cascade_threshold)  # type: ignore[arg-type]
         rest = {}
         if hard.size:
@@ -364,6 +394,7 @@ class Combiner:
             requests=self._requests,
             reconfigures=self._reconfigures,
             fanout_sizes=dict(self._fanouts),
+            local_student_texts=self._local_texts,
             revision=_revision(self._settings),
         )
         return s.StatsResponse(combiner=combiner, members=dict(zip(names, got, strict=True)))

@@ -122,6 +122,7 @@ def combiner_settings(
         params=_plain(spec.params),
         cascade=cfg.cascade,
         cascade_threshold=resolve_threshold(run_dir, manifest, cfg, spec),
+        cascade_student_in_combiner=cfg.cascade_student_in_combiner,
         sequential=cfg.sequential,
         max_texts=cfg.max_texts,
         max_text_chars=cfg.max_text_chars,
@@ -335,6 +336,10 @@ _SERVE_FLAGS = (
 )
 _SERVE_SWITCHES = (
     ("--cascade", "the student answers alone when confident"),
+    (
+        "--cascade-student-in-combiner",
+        "run the cascade's student inside the combiner, saving a hop (default on)",
+    ),
     ("--sequential", "call the members one after another (benchmark baseline)"),
 )
 

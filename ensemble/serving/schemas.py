@@ -173,6 +173,7 @@ class CombinerStats(BaseModel):
     requests: int
     reconfigures: int
     fanout_sizes: dict[int, int] = Field(description="texts per member fan-out -> how many")
+    local_student_texts: int = Field(0, description="texts the in-combiner student answered")
     revision: str
 
 
@@ -200,6 +201,8 @@ class CombinerSettings(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
     cascade: bool = False
     cascade_threshold: float | None = None
+    # the cascade's first stage runs a copy of the student inside the combiner (no member hop)
+    cascade_student_in_combiner: bool = True
     sequential: bool = False
     max_texts: int = Field(64, ge=1)
     max_text_chars: int = Field(2000, ge=1)

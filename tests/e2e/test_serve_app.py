@@ -259,24 +259,36 @@ def test_sequential_fan_out_gives_the_same_answers(served):
     assert [p.probs for p in sequential] == [p.probs for p in parallel]
 
 
-def test_cascade_routes_by_student_confidence(served):
+@pytest.mark.parametrize("in_combiner", [True, False], ids=["student-in-combiner", "student-hop"])
+def test_cascade_routes_by_student_confidence(served, in_combiner):
     full = served.client.predict(TEXTS, return_members=True)
     student = np.array([[p.members["student"].probs[label] for label in LABELS] for p in full])
     conf = student.max(1)
     threshold = float(np.median(conf))
     try:
-        served.push(cascade=True, cascade_threshold=threshold)
+        served.push(
+            cascade=True, cascade_threshold=threshold, cascade_student_in_combiner=in_combiner
+        )
+        before = _stats(served)
         got = served.client.predict(TEXTS, return_members=True)
+        after = _stats(served)
         for p, f, c, s in zip(got, full, conf, student, strict=True):
             if c >= threshold:
                 assert p.answered_by == "student" and set(p.members) == {"student"}
-                np.testing.assert_allclose([p.probs[label] for label in LABELS], s)
+                np.testing.assert_allclose([p.probs[label] for label in LABELS], s, rtol=1e-5)
                 assert p.disagreement is None
             else:
                 assert p.answered_by == "ensemble" and set(p.members) == set(KINDS)
-                assert p.probs == pytest.approx(f.probs)
+                assert p.probs == pytest.approx(f.probs, rel=1e-5)
         assert {p.answered_by for p in got} == {"student", "ensemble"}
-        served.push(cascade=True, cascade_threshold=0.0)
+        # the first stage ran where configured: in the combiner, or in the student deployment
+        local = after.combiner.local_student_texts - before.combiner.local_student_texts
+        hop = _new(before.members["student"].batch_sizes, after.members["student"].batch_sizes)
+        if in_combiner:
+            assert local == len(TEXTS) and not hop, (local, hop)
+        else:
+            assert local == 0 and sum(k * v for k, v in hop.items()) == len(TEXTS), hop
+        served.push(cascade=True, cascade_threshold=0.0, cascade_student_in_combiner=in_combiner)
         assert {p.answered_by for p in served.client.predict(TEXTS)} == {"student"}
     finally:
         served.push()
