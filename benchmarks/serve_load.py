@@ -12,7 +12,8 @@ request count and time, loopback only). Scenarios:
 * ``member:<name>``: one member alone (``POST /members/<name>/predict``);
 * ``ensemble``: all members in parallel (the default);
 * ``sequential``: the same members called one after another;
-* ``cascade``: the student first, the ensemble only when the student is unsure;
+* ``cascade``: the student first, the ensemble only when the student is unsure; the student
+  runs inside the combiner (``cascade-hop``: in its own deployment, one more hop);
 * ``ensemble-nobatch`` / ``member:<name>-nobatch``: ``max_batch_size=1``.
 
 Writes ``benchmarks/results/serve_load.{json,md}`` with p50/p99/mean latency and throughput per
@@ -185,7 +186,25 @@ def _scenarios(members: dict[str, str]) -> list[tuple[str, str, dict[str, Any]]]
     ]
     if "student" in members.values():
         out.append(("cascade", "/predict", {"cascade": True}))
+        hop = {"cascade": True, "cascade_student_in_combiner": False}
+        out.append(("cascade-hop", "/predict", hop))
     return out
+
+
+def _batching(url: str) -> dict[str, dict[int, int]]:
+    """Histograms from GET /stats: texts per combiner fan-out and per member forward pass."""
+    import httpx
+
+    stats = httpx.get(url + "/stats", timeout=30.0).json()
+    out = {"combiner": stats["combiner"]["fanout_sizes"]}
+    out.update({n: m["batch_sizes"] for n, m in stats["members"].items()})
+    return {k: {int(size): n for size, n in v.items()} for k, v in out.items()}
+
+
+def _mean_batch(before: dict[int, int], after: dict[int, int]) -> float | None:
+    new = {k: v - before.get(k, 0) for k, v in after.items()}
+    calls = sum(new.values())
+    return sum(k * v for k, v in new.items()) / calls if calls else None
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -247,9 +266,20 @@ def _markdown(data: dict[str, Any]) -> str:
         f"CPUs, load average before/after {data['load_before']} / {data['load_after']}; "
         f"{data['settings']}.",
         "",
-        "| scenario | c | ok | errors | p50 ms | p99 ms | mean ms | req/s | student share |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "Texts per pass: mean texts per combiner fan-out / per forward pass of the member "
+        "(the teacher in ensemble rows), from `GET /stats`.",
+        "",
+        "| scenario | c | ok | errors | p50 ms | p99 ms | mean ms | req/s | student share "
+        "| texts per fan-out / pass |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    biggest = next(
+        (n for n, k in data["members"].items() if k == "teacher"), next(iter(data["members"]))
+    )
+
+    def _member(scenario: str) -> str:  # whose forward passes the row shows
+        return scenario.split(":")[1].removesuffix("-nobatch") if ":" in scenario else biggest
+
     for name, by_c in data["results"].items():
         for c, r in by_c.items():
             total = sum(r["answered_by"].values())
@@ -263,7 +293,10 @@ def _markdown(data: dict[str, Any]) -> str:
                 _ms(r["p99_ms"]),
                 _ms(r["mean_ms"]),
                 f"{r['throughput_rps']:.1f}",
-                share if name == "cascade" else "-",
+                share if name.startswith("cascade") else "-",
+                " / ".join(
+                    _ms(r.get("mean_batch", {}).get(k)) for k in ("combiner", _member(name))
+                ),
             ]
             lines.append("| " + " | ".join(map(str, cells)) + " |")
     lines += [
@@ -375,7 +408,12 @@ def _bench(args: argparse.Namespace) -> int:
             commands.update(run_dir, commands.serve_config_for(run_dir, {**base, **overrides}))
             if warm:  # tokenizer caches, routers, first batches
                 run_load(url + path, tf.name, 4, 16, 10.0)
-            return run_load(url + path, tf.name, c, args.max_requests, seconds)
+            before = _batching(url)
+            result = run_load(url + path, tf.name, c, args.max_requests, seconds)
+            after = _batching(url)
+            # mean texts per combiner fan-out and per forward pass of each member
+            result["mean_batch"] = {k: _mean_batch(before[k], after[k]) for k in after}
+            return result
 
         for name in scenarios:
             if args.only and name not in args.only:
