@@ -247,7 +247,9 @@ class ServeConfig:
     num_cpus: float = 0.25
     num_gpus: float = 0.0
     max_batch_size: int = 16
-    batch_wait_timeout_s: float = 0.01
+    batch_wait_timeout_s: float = 0.01  # a member's wait for its batch to fill
+    # the combiner's batched fan-outs in flight (2 keeps the members busy between batches)
+    max_concurrent_fanouts: int = 2
     max_texts: int = 64
     max_text_chars: int = 2000
     cascade_threshold: float | None = None
@@ -269,6 +271,8 @@ class ServeConfig:
             problems.append("serve.request_timeout_s and serve.health_check_period_s must be > 0")
         if self.num_cpus <= 0:
             problems.append("serve.num_cpus must be > 0 (fractions like 0.25 are fine)")
+        if self.max_concurrent_fanouts < 1:
+            problems.append("serve.max_concurrent_fanouts must be >= 1")
         if self.max_batch_size < 1 or self.max_texts < 1:
             problems.append("serve.max_batch_size and serve.max_texts must be >= 1")
         _check(problems)

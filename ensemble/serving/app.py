@@ -10,7 +10,8 @@ manifest and binds
   off.
 * ``combiner``: the HTTP ingress. It fans a request out to every member at once (the
   ``DeploymentResponse`` objects are awaited together), or one after another in ``sequential``
-  mode, and combines the outputs with `ensemble.combine` via `cascade.combine_outputs`. Method,
+  mode, and combines the outputs with `ensemble.combine` via `cascade.combine_outputs`.
+  Concurrent requests share fan-outs (`FanOutBatcher`). Method,
   weights, cascade and limits are its ``user_config``, so `reconfigure` swaps them on the
   running replicas without a restart.
 
@@ -26,7 +27,8 @@ import hashlib
 import logging
 import os
 import re
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable
 from importlib import metadata
 from typing import Any
 
@@ -159,6 +161,61 @@ class MemberModel:
         ).model_dump()
 
 
+class FanOutBatcher:
+    """Joins concurrent requests into shared fan-outs, with at most ``slots`` in flight.
+
+    A request goes out at once when a slot is free. Otherwise it waits, and the next free slot
+    takes every waiting request, up to ``max_texts`` texts. Idle, nothing waits; busy, the
+    batches grow with the load. `serve.batch` instead closes a batch after a fixed wait, even
+    when no slot is free, so under load it lined up many small fan-outs.
+    """
+
+    def __init__(
+        self,
+        run: Callable[[list[str]], Awaitable[tuple[Answer, Combination]]],
+        slots: int,
+        max_texts: int,
+    ) -> None:
+        self._run = run
+        self.slots, self.max_texts = slots, max_texts
+        self._waiting: deque[tuple[list[str], asyncio.Future]] = deque()
+        self._in_flight = 0
+        self._tasks: set[asyncio.Task] = set()
+
+    async def submit(self, texts: list[str]) -> tuple[Answer, Combination]:
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append((texts, future))
+        self._pump()
+        return await future
+
+    def _pump(self) -> None:
+        while self._in_flight < self.slots and self._waiting:
+            batch = [self._waiting.popleft()]
+            size = len(batch[0][0])
+            while self._waiting and size + len(self._waiting[0][0]) <= self.max_texts:
+                batch.append(self._waiting.popleft())
+                size += len(batch[-1][0])
+            self._in_flight += 1
+            task = asyncio.create_task(self._fan_out(batch))
+            self._tasks.add(task)  # a reference, so the task is not collected mid-flight
+            task.add_done_callback(self._tasks.discard)
+
+    async def _fan_out(self, batch: list[tuple[list[str], asyncio.Future]]) -> None:
+        try:
+            answer, spec = await self._run([t for texts, _ in batch for t in texts])
+            bounds = np.cumsum([0] + [len(texts) for texts, _ in batch])
+            for (_, future), a, b in zip(batch, bounds[:-1], bounds[1:], strict=True):
+                if not future.done():  # a client that went away cancelled its future
+                    future.set_result((answer.rows(int(a), int(b)), spec))
+        except Exception as err:  # every request of the batch gets the error (e.g. a 503)
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(err)
+        finally:
+            self._in_flight -= 1
+            self._pump()
+
+
 api = FastAPI(
     title="ensemble",
     description="A combined transformer ensemble: classification, intensity, disagreement.",
@@ -206,6 +263,9 @@ class Combiner:
         self._requests = 0
         self._reconfigures = 0
         self._fanouts: Counter[int] = Counter()
+        self._batcher = FanOutBatcher(
+            self._answer_now, self._settings.max_concurrent_fanouts, self._settings.max_batch_size
+        )
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         settings = s.CombinerSettings.model_validate(user_config)
@@ -221,8 +281,8 @@ class Combiner:
                 self._local[student] = LoadedMember(self._run_dir, student)
         # swap both at once: a request in flight keeps the pair it started with
         self._settings, self._spec = settings, spec
-        self._answer_batched.set_max_batch_size(settings.max_batch_size)
-        self._answer_batched.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        self._batcher.slots = settings.max_concurrent_fanouts
+        self._batcher.max_texts = settings.max_batch_size
         self._reconfigures += 1
         logger.info("combiner now %s (revision %s)", settings.method, _revision(settings))
 
@@ -259,21 +319,7 @@ class Combiner:
     async def _answer(self, texts: list[str]) -> tuple[Answer, Combination]:
         if len(texts) >= self._settings.max_batch_size:  # fills a batch alone (or batching off)
             return await self._answer_now(texts)
-        return await self._answer_batched(texts)
-
-    # A fan-out waits on the members, not the CPU, so several may be in flight: with one slot
-    # (Serve's default) each batch waited for the previous batch's whole round trip.
-    @serve.batch(
-        max_batch_size=16,
-        batch_wait_timeout_s=0.01,
-        batch_size_fn=_count_texts,
-        max_concurrent_batches=4,
-    )
-    async def _answer_batched(self, requests: list[list[str]]) -> list[tuple[Answer, Combination]]:
-        """Concurrent requests share one fan-out: one member call per batch, not per request."""
-        answer, spec = await self._answer_now([t for texts in requests for t in texts])
-        bounds = np.cumsum([0] + [len(texts) for texts in requests])
-        return [(answer.rows(a, b), spec) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        return await self._batcher.submit(texts)
 
     async def _answer_now(self, texts: list[str]) -> tuple[Answer, Combination]:
         settings, spec = self._settings, self._spec  # one consistent pair per request

@@ -128,7 +128,7 @@ def combiner_settings(
         max_text_chars=cfg.max_text_chars,
         request_timeout_s=cfg.request_timeout_s,
         max_batch_size=cfg.max_batch_size,
-        batch_wait_timeout_s=cfg.batch_wait_timeout_s,
+        max_concurrent_fanouts=cfg.max_concurrent_fanouts,
     )
 
 

@@ -209,7 +209,9 @@ class CombinerSettings(BaseModel):
     request_timeout_s: float = Field(10.0, gt=0.0)
     # requests are batched here too, so N concurrent requests fan out once with N texts
     max_batch_size: int = Field(16, ge=1, description="Texts per fan-out; 1 = no batching.")
-    batch_wait_timeout_s: float = Field(0.01, ge=0.0)
+    max_concurrent_fanouts: int = Field(
+        2, ge=1, description="Batched fan-outs in flight; more requests wait and join the next."
+    )
 
     @model_validator(mode="after")
     def _cascade_has_threshold(self) -> CombinerSettings:
