@@ -7,7 +7,9 @@
 of what it left. The scheduler is Ray's own `PopulationBasedTraining(synch=True)`, as an
 experiment saved before `ensemble.tuning.search.SynchPBT` existed would hold; `--fix` applies
 `_fix_restored_pbt`, the restore path `ensemble tune` takes. Each trial touches
-``MARKERS/<trial>-<iteration>`` as it reports, so the test sees how far trials got.
+``MARKERS/<trial>-<iteration>`` as it reports, so the test sees how far trials got. While the
+file ``HOLD`` (beside MARKERS) exists, a trial that has reported iteration `HOLD_AFTER` touches
+``HOLD.d/<trial>`` and waits, so the kill finds every trial checkpointed at the same iteration.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ITERATIONS = 6
+ITERATIONS = 4
+HOLD_AFTER = 2
 TRIALS = 3
 NODE_IP = "127.0.0.13"
 
@@ -34,7 +37,14 @@ def trainable(config: dict) -> None:
         with checkpoint.as_directory() as d:
             saved = json.loads((Path(d) / "state.json").read_text())
         start, value = saved["iteration"], saved["value"]
+    hold = markers.with_name("HOLD")
     for i in range(start + 1, ITERATIONS + 1):
+        if i == HOLD_AFTER + 1 and hold.exists():
+            held = hold.with_suffix(".d")
+            held.mkdir(exist_ok=True)
+            (held / ctx.get_trial_id()).touch()
+            while hold.exists():
+                time.sleep(0.2)
         value += config["lr"]
         time.sleep(config["pause_s"])
         # before the report: synchronous PBT may pause (stop) the trial inside `tune.report`

@@ -1,9 +1,11 @@
 """Synchronous PBT resumes after its driver is killed (ray-project/ray#48616 worked around).
 
 A Tune experiment under Ray's `PopulationBasedTraining(synch=True)` is SIGKILLed, with its local
-Ray, once every trial has reported twice. Two copies of what it left are restored: with
-`ensemble.tuning.search._fix_restored_pbt` (what `ensemble tune` does on resume) every trial runs
-to the end; without it, as a control, Ray's scheduler keeps every trial paused.
+Ray, once every trial has reported twice and the experiment's state has been saved after that.
+Two copies of what it left are restored: with `ensemble.tuning.search._fix_restored_pbt` (what
+`ensemble tune` does on resume) every trial runs to the end; without it, as a control, Ray's
+scheduler keeps every trial paused. The deadlock needs every trial to resume from the same
+iteration (trials a step apart get past it), so the driver holds them there until the kill.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.cluster import kill_until_gone, session_processes
-from tests.e2e.pbt_driver import ITERATIONS, TRIALS
+from tests.e2e.pbt_driver import HOLD_AFTER, ITERATIONS, TRIALS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -28,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _start(storage: Path, markers: Path, *args: str, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # experiment state saved every second (Ray's default waits at least 10 s)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TUNE_GLOBAL_CHECKPOINT_S": "1"}
     with log.open("w") as out:
         return subprocess.Popen(
             [sys.executable, str(DRIVER), str(storage), str(markers), *args],
@@ -80,20 +83,26 @@ def _restore(storage: Path, markers: Path, fix: bool, log: Path, timeout_s: floa
     return json.loads(line), _reports(markers)
 
 
+def _state_files(storage: Path) -> list[Path]:
+    return list((storage / "pbt").glob("experiment_state*.json"))
+
+
 def test_synch_pbt_resumes_after_the_driver_is_killed(tmp_path):
     storage, markers = tmp_path / "storage", tmp_path / "markers"
     markers.mkdir()
+    hold, held = tmp_path / "HOLD", tmp_path / "HOLD.d"
+    hold.touch()
     log = tmp_path / "fresh.log"
     proc = _start(storage, markers, "fresh", log=log)
 
-    def two_reports_each() -> bool:
-        last = _reports(markers)
-        return len(last) == TRIALS and min(last.values()) >= 2
-
-    _wait_for(two_reports_each, 240, proc, log)
+    _wait_for(lambda: held.is_dir() and len(list(held.iterdir())) == TRIALS, 240, proc, log)
+    all_held = time.time()
+    _wait_for(lambda: any(f.stat().st_mtime > all_held + 1 for f in _state_files(storage)),
+              60, proc, log)
     _kill(proc)
+    hold.unlink()
     at_kill = _reports(markers)
-    assert max(at_kill.values()) < ITERATIONS, f"finished before the kill: {at_kill}"
+    assert len(at_kill) == TRIALS and set(at_kill.values()) == {HOLD_AFTER}, at_kill
     control, fixed = tmp_path / "control", tmp_path / "fixed"
     shutil.copytree(storage, control)
     shutil.copytree(storage, fixed)
@@ -103,6 +112,6 @@ def test_synch_pbt_resumes_after_the_driver_is_killed(tmp_path):
     assert done is None, f"the unfixed restore finished: {done}; is #48616 fixed upstream?"
     assert all(progress.get(t, 0) <= at_kill[t] + 1 for t in at_kill), (at_kill, progress)
 
-    done, progress = _restore(fixed, markers, True, tmp_path / "fixed.log", timeout_s=240)
+    done, progress = _restore(fixed, markers, True, tmp_path / "fixed.log", timeout_s=420)
     assert done == {"steps": [ITERATIONS] * TRIALS, "errors": 0}, (done, progress)
     assert set(progress) == set(at_kill) and set(progress.values()) == {ITERATIONS}
