@@ -82,7 +82,7 @@ def main() -> int:
             param_space={
                 "lr": tune.uniform(0.1, 1.0),
                 "markers": args.markers,
-                "pause_s": 1.0,  # slow enough for the test to kill it mid-way
+                "pause_s": 0.5,
             },
             tune_config=tune.TuneConfig(
                 metric="score", mode="max", num_samples=TRIALS, scheduler=scheduler

@@ -108,7 +108,7 @@ def test_synch_pbt_resumes_after_the_driver_is_killed(tmp_path):
     shutil.copytree(storage, fixed)
 
     # control: Ray's scheduler as restored. No trial gets past the iteration it had reached.
-    done, progress = _restore(control, markers, False, tmp_path / "control.log", timeout_s=90)
+    done, progress = _restore(control, markers, False, tmp_path / "control.log", timeout_s=60)
     assert done is None, f"the unfixed restore finished: {done}; is #48616 fixed upstream?"
     assert all(progress.get(t, 0) <= at_kill[t] + 1 for t in at_kill), (at_kill, progress)
 

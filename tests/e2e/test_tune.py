@@ -1,6 +1,6 @@
 """Ray Tune over joint-training runs, for real on a local Ray: PBT exploits at round boundaries.
 
-A 4-trial population of tiny classifiers trains 3 rounds; PBT clones strong trials into weak
+A 4-trial population of tiny classifiers trains 2 rounds; PBT clones strong trials into weak
 ones. The cloned trial must continue from the donor's checkpoint: its state carries the donor's
 completed rounds (metrics identical to the donor's), not a fresh start.
 """
@@ -30,7 +30,7 @@ members:
     warmup_ratio: 0.0
     micro_batch_size: 32
     cpus_per_worker: 0.25
-training: {{rounds: 3}}
+training: {{rounds: 2}}
 tune:
   scheduler: pbt
   num_samples: 4
@@ -67,7 +67,7 @@ def test_pbt_exploits_and_clone_continues_from_donor(pbt_run):
     summary = json.loads((out / "tune_results.json").read_text())
     assert len(summary["trials"]) == 4
     assert all(t["error"] is None for t in summary["trials"])
-    assert all(len(t["metric_per_round"]) == 3 for t in summary["trials"]), summary["trials"]
+    assert all(len(t["metric_per_round"]) == 2 for t in summary["trials"]), summary["trials"]
     assert summary["mutations"], "PBT never exploited a trial"
     states = _trial_states(out)
     assert len(states) == 4
@@ -80,7 +80,7 @@ def test_pbt_exploits_and_clone_continues_from_donor(pbt_run):
         k = state["restored_from_round"]
         # the clone's first k rounds are the donor's rounds, not a fresh start of its own
         assert state["rounds"][:k] == states[donor]["rounds"][:k]
-        assert state["rounds_completed"] == 3
+        assert state["rounds_completed"] == 2
     assert clones >= 1, "no trial continued from another trial's checkpoint"
     assert (out / "best_config.yaml").is_file()
     assert (out / "trials.png").stat().st_size > 1000
