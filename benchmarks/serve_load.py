@@ -14,7 +14,9 @@ request count and time, loopback only). Scenarios:
 * ``sequential``: the same members called one after another;
 * ``cascade``: the student first, the ensemble only when the student is unsure; the student
   runs inside the combiner (``cascade-hop``: in its own deployment, one more hop);
-* ``ensemble-nobatch`` / ``member:<name>-nobatch``: ``max_batch_size=1``.
+* ``ensemble-nobatch`` / ``member:<name>-nobatch``: ``max_batch_size=1``;
+* ``ensemble-onepass``: batched, but each batch in one padded forward pass
+  (``forward_chunk_size=0``) instead of length-sorted passes of ``--forward-chunk-size``.
 
 Writes ``benchmarks/results/serve_load.{json,md}`` with p50/p99/mean latency and throughput per
 scenario and concurrency, plus the ratios the issue sets targets for, and the cascade's dev
@@ -182,6 +184,7 @@ def _scenarios(members: dict[str, str]) -> list[tuple[str, str, dict[str, Any]]]
         (f"member:{biggest}-nobatch", f"/members/{biggest}/predict", {"max_batch_size": 1}),
         ("ensemble", "/predict", {}),
         ("ensemble-nobatch", "/predict", {"max_batch_size": 1}),
+        ("ensemble-onepass", "/predict", {"forward_chunk_size": 0}),
         ("sequential", "/predict", {"sequential": True}),
     ]
     if "student" in members.values():
@@ -228,6 +231,40 @@ def ratios(
         None if accuracy is None else 100.0 * accuracy["dev"]["accuracy_loss"]
     )
     return out
+
+
+def forward_ceiling(
+    run_dir: Path, member: str, texts: list[str], batch: int, chunk: int, rounds: int = 3
+) -> dict[str, Any]:
+    """The most batching can gain from the model alone: one member's forward pass in this
+    process (1 thread, no Serve), ms per text one text at a time vs in batches of ``batch``."""
+    from ensemble.serving.app import LoadedMember
+
+    forward = LoadedMember(str(run_dir), member, num_threads=1)
+    n = min(len(texts), 4 * batch)
+
+    def ms_per_text(size: int, chunk_size: int) -> float:
+        best = float("inf")
+        for _ in range(rounds):  # best of a few: other processes only ever slow it down
+            t0 = time.perf_counter()
+            for i in range(0, n, size):
+                forward(texts[i : i + size], chunk_size)
+            best = min(best, (time.perf_counter() - t0) * 1000 / n)
+        return best
+
+    ms_per_text(batch, chunk)  # warm up
+    single, batched = ms_per_text(1, 0), ms_per_text(batch, chunk)
+    onepass = ms_per_text(batch, 0)
+    return {
+        "member": member,
+        "texts": n,
+        "batch": batch,
+        "chunk": chunk,
+        "ms_per_text_single": single,
+        "ms_per_text_batched": batched,
+        "ms_per_text_batched_one_pass": onepass,
+        "ceiling": single / batched,
+    }
 
 
 def cascade_quality(run_dir: Path) -> dict[str, Any] | None:
@@ -316,6 +353,17 @@ def _markdown(data: dict[str, Any]) -> str:
         )
         shown = "-" if value is None else f"{value:.3f}"
         lines.append(f"| {key} | {shown} | {op} {target} | {met} | {shown_pairs} |")
+    fc = data.get("forward_ceiling")
+    if fc:
+        lines += [
+            "",
+            f"Forward pass alone ({fc['member']}, 1 thread, no Serve, {fc['texts']} texts): "
+            f"{fc['ms_per_text_single']:.1f} ms per text one at a time, "
+            f"{fc['ms_per_text_batched']:.1f} in batches of {fc['batch']} (length-sorted passes "
+            f"of {fc['chunk']}), {fc['ms_per_text_batched_one_pass']:.1f} in one padded pass: "
+            f"from the model alone batching gains at most {fc['ceiling']:.2f}x; the rest of "
+            "the measured ratio is per-request overhead that batching shares out.",
+        ]
     acc = data.get("cascade_accuracy")
     if acc:
         lines += [
@@ -350,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-cpus", type=float, default=0.2, help="CPUs per member replica")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
+    p.add_argument("--forward-chunk-size", type=int, default=8, help="texts per forward pass")
     p.add_argument("--texts", type=Path, help="CSV with a text column (default SST dev)")
     p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--only", nargs="*", help="run only these scenarios")
@@ -389,6 +438,7 @@ def _bench(args: argparse.Namespace) -> int:
         "max_batch_size": args.max_batch_size,
         "max_ongoing_requests": max(64, args.max_batch_size),
         "batch_wait_timeout_s": args.batch_wait_timeout_s,
+        "forward_chunk_size": args.forward_chunk_size,
     }
     texts = _texts(args.texts)
     scenarios = {name: (path, over) for name, path, over in _scenarios(members)}
@@ -443,6 +493,8 @@ def _bench(args: argparse.Namespace) -> int:
         from ray import serve
 
         serve.shutdown()
+    biggest = next((n for n, k in members.items() if k == "teacher"), next(iter(members)))
+    ceiling = forward_ceiling(run_dir, biggest, texts, args.max_batch_size, args.forward_chunk_size)
     accuracy = cascade_quality(run_dir)
     data = {
         "run_dir": str(run_dir),
@@ -459,6 +511,7 @@ def _bench(args: argparse.Namespace) -> int:
         },
         "results": results,
         "cascade_accuracy": accuracy,
+        "forward_ceiling": ceiling,
         "paired": paired,
         "ratios": ratios(results, paired, accuracy),
         "targets": TARGETS,

@@ -248,6 +248,9 @@ class ServeConfig:
     num_gpus: float = 0.0
     max_batch_size: int = 16
     batch_wait_timeout_s: float = 0.01  # a member's wait for its batch to fill
+    # a batch runs sorted by length, this many texts per forward pass, so each pass pads only
+    # to its own longest text (on CPU 8 beats one padded pass of 32 by ~1.4x; 0 = one pass)
+    forward_chunk_size: int = 8
     # the combiner's batched fan-outs in flight (2 keeps the members busy between batches)
     max_concurrent_fanouts: int = 2
     max_texts: int = 64
@@ -275,6 +278,8 @@ class ServeConfig:
             problems.append("serve.max_concurrent_fanouts must be >= 1")
         if self.max_batch_size < 1 or self.max_texts < 1:
             problems.append("serve.max_batch_size and serve.max_texts must be >= 1")
+        if self.forward_chunk_size < 0:
+            problems.append("serve.forward_chunk_size must be >= 0 (0 = one pass per batch)")
         _check(problems)
 
 

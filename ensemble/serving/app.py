@@ -56,6 +56,7 @@ from ensemble.serving.commands import (
     COMBINER,
     combiner_settings,
     member_deployment_name,
+    member_settings,
     serve_config_for,
 )
 
@@ -99,14 +100,30 @@ class LoadedMember:
         self._max_length = entry.max_length
         logger.info("member %s loaded from %s on %s", name, path, self.device)
 
-    def __call__(self, texts: list[str]) -> np.ndarray:
-        """(B, C) probabilities, or (B,) intensities for the regressor."""
+    def __call__(self, texts: list[str], chunk_size: int = 0) -> np.ndarray:
+        """(B, C) probabilities, or (B,) intensities for the regressor, in the order of `texts`.
+
+        With ``chunk_size`` > 0 the texts run shortest first in passes of that many, so a pass
+        pads to its own longest text, not the whole batch's (0: one pass).
+        """
         torch = self._torch
-        enc = self._tokenizer(
-            texts, padding=True, truncation=True, max_length=self._max_length, return_tensors="pt"
-        ).to(self.device)
-        with torch.inference_mode():
-            logits = self._model(**enc).logits.float()  # (B, C)
+        n = len(texts)
+        order = np.arange(n)
+        if 0 < chunk_size < n:
+            lengths = self._tokenizer(texts, truncation=True, max_length=self._max_length)
+            order = np.argsort([len(ids) for ids in lengths["input_ids"]], kind="stable")
+        step = chunk_size if chunk_size > 0 else max(n, 1)
+        parts = []
+        for start in range(0, n, step):
+            idx = order[start : start + step]
+            enc = self._tokenizer(
+                [texts[i] for i in idx], padding=True, truncation=True,
+                max_length=self._max_length, return_tensors="pt",
+            ).to(self.device)  # fmt: skip
+            with torch.inference_mode():
+                parts.append(self._model(**enc).logits.float())  # (chunk, C)
+        logits = torch.empty_like(torch.cat(parts))
+        logits[torch.as_tensor(order)] = torch.cat(parts)  # back to the order of `texts`
         if self._regressor:
             return logits[:, 0].cpu().numpy()  # (B,)
         return torch.softmax(logits, dim=-1).cpu().numpy()  # (B, C)
@@ -142,7 +159,7 @@ class MemberModel:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, batch_size_fn=_count_texts)
     async def _forward_batch(self, chunks: list[list[str]]) -> list[np.ndarray]:
         flat = [t for chunk in chunks for t in chunk]
-        out = self._forward(flat)
+        out = self._forward(flat, self._settings.forward_chunk_size)
         self._batch_sizes[len(flat)] += 1
         bounds = np.cumsum([len(c) for c in chunks])[:-1]
         return np.split(out, bounds)
@@ -330,7 +347,7 @@ class Combiner:
         student = student_of(spec)
         local = self._local.get(student) if settings.cascade_student_in_combiner else None
         if local is not None:  # no hop for the confident majority; off the loop, like a call
-            first = await asyncio.to_thread(local, texts)  # (B, C)
+            first = await asyncio.to_thread(local, texts, settings.forward_chunk_size)
             self._local_texts += len(texts)
         else:
             first = (await self._call([student], texts))[student]  # (B, C)
@@ -476,9 +493,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         max_ongoing_requests=cfg.max_ongoing_requests,
         health_check_period_s=cfg.health_check_period_s,
     )
-    member_cfg = s.MemberSettings(
-        max_batch_size=cfg.max_batch_size, batch_wait_timeout_s=cfg.batch_wait_timeout_s
-    ).model_dump()
+    member_cfg = member_settings(cfg).model_dump()
     threads = max(1, round(cfg.num_cpus))
     members = {
         name: MemberModel.options(

@@ -129,6 +129,16 @@ def combiner_settings(
         request_timeout_s=cfg.request_timeout_s,
         max_batch_size=cfg.max_batch_size,
         max_concurrent_fanouts=cfg.max_concurrent_fanouts,
+        forward_chunk_size=cfg.forward_chunk_size,
+    )
+
+
+def member_settings(cfg: ServeConfig) -> MemberSettings:
+    """A member deployment's live settings from ``cfg``."""
+    return MemberSettings(
+        max_batch_size=cfg.max_batch_size,
+        batch_wait_timeout_s=cfg.batch_wait_timeout_s,
+        forward_chunk_size=cfg.forward_chunk_size,
     )
 
 
@@ -159,9 +169,7 @@ def deploy_config(
         "max_ongoing_requests": cfg.max_ongoing_requests,
         "health_check_period_s": cfg.health_check_period_s,
     }
-    member_user_config = MemberSettings(
-        max_batch_size=cfg.max_batch_size, batch_wait_timeout_s=cfg.batch_wait_timeout_s
-    ).model_dump()
+    member_user_config = member_settings(cfg).model_dump()
     deployments = [
         {
             "name": COMBINER,
@@ -333,6 +341,7 @@ _SERVE_FLAGS = (
     ("--num-replicas", int, "replicas per deployment"),
     ("--max-batch-size", int, "texts per forward pass; 1 turns batching off"),
     ("--batch-wait-timeout-s", float, "seconds a batch waits to fill"),
+    ("--forward-chunk-size", int, "texts per forward pass, shortest first; 0 = the whole batch"),
 )
 _SERVE_SWITCHES = (
     ("--cascade", "the student answers alone when confident"),

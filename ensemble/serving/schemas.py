@@ -165,6 +165,7 @@ class MemberStats(BaseModel):
     batch_sizes: dict[int, int] = Field(description="forward-pass size -> how many passes")
     max_batch_size: int
     batch_wait_timeout_s: float
+    forward_chunk_size: int
 
 
 class CombinerStats(BaseModel):
@@ -189,6 +190,9 @@ class MemberSettings(BaseModel):
 
     max_batch_size: int = Field(16, ge=1, description="Texts per forward pass; 1 = no batching.")
     batch_wait_timeout_s: float = Field(0.01, ge=0.0)
+    forward_chunk_size: int = Field(
+        8, ge=0, description="A batch runs shortest text first, this many per pass; 0 = one pass."
+    )
 
 
 class CombinerSettings(BaseModel):
@@ -211,6 +215,9 @@ class CombinerSettings(BaseModel):
     max_batch_size: int = Field(16, ge=1, description="Texts per fan-out; 1 = no batching.")
     max_concurrent_fanouts: int = Field(
         2, ge=1, description="Batched fan-outs in flight; more requests wait and join the next."
+    )
+    forward_chunk_size: int = Field(
+        8, ge=0, description="The cascade's in-combiner student: texts per forward pass."
     )
 
     @model_validator(mode="after")

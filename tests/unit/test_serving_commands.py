@@ -86,7 +86,9 @@ def test_deploy_config_is_a_valid_serve_config(run_dir):
     assert live["method"] == "soft_vote" and live["weights"]["teacher"] == 0.4
     assert live["cascade"] and 0.0 < live["cascade_threshold"] <= 1.0  # fitted on dev.npz
     member = deps["member_teacher"]
-    assert member["user_config"] == {"max_batch_size": 8, "batch_wait_timeout_s": 0.01}
+    assert member["user_config"] == {
+        "max_batch_size": 8, "batch_wait_timeout_s": 0.01, "forward_chunk_size": 8
+    }
     assert member["ray_actor_options"] == {"num_cpus": 0.2, "num_gpus": 0.0}
 
 
