@@ -84,6 +84,8 @@ def test_literal_violation_lists_the_allowed_values() -> None:
         ("data.max_length=4", r"data\.max_length=4 is too short"),
         ("training.guidance.mutual=-1", r"training\.guidance\.mutual=-1.0 must be >= 0"),
         ("serve.max_ongoing_requests=1", r"max_ongoing_requests must be >= serve\.max_batch_size"),
+        ("serve.forward_chunk_size=-1", r"serve\.forward_chunk_size must be >= 0"),
+        ("serve.max_concurrent_fanouts=0", r"serve\.max_concurrent_fanouts must be >= 1"),
     ],
 )
 def test_invalid_values_name_the_fix(override: str, pattern: str) -> None:
