@@ -176,9 +176,14 @@ def _texts(path: Path | None, n: int = 400) -> list[str]:
     return [" ".join(rng.choice(words, 12)) for _ in range(n)]
 
 
+def _biggest(members: dict[str, str]) -> str:
+    """The member whose batching the benchmark reports: the teacher, else the first member."""
+    return next((n for n, k in members.items() if k == "teacher"), next(iter(members)))
+
+
 def _scenarios(members: dict[str, str]) -> list[tuple[str, str, dict[str, Any]]]:
     """(name, path, live overrides) in run order."""
-    biggest = next((n for n, k in members.items() if k == "teacher"), next(iter(members)))
+    biggest = _biggest(members)
     out = [(f"member:{n}", f"/members/{n}/predict", {}) for n in members]
     out += [
         (f"member:{biggest}-nobatch", f"/members/{biggest}/predict", {"max_batch_size": 1}),
@@ -310,9 +315,7 @@ def _markdown(data: dict[str, Any]) -> str:
         "| texts per fan-out / pass |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    biggest = next(
-        (n for n, k in data["members"].items() if k == "teacher"), next(iter(data["members"]))
-    )
+    biggest = _biggest(data["members"])
 
     def _member(scenario: str) -> str:  # whose forward passes the row shows
         return scenario.split(":")[1].removesuffix("-nobatch") if ":" in scenario else biggest
@@ -493,8 +496,9 @@ def _bench(args: argparse.Namespace) -> int:
         from ray import serve
 
         serve.shutdown()
-    biggest = next((n for n, k in members.items() if k == "teacher"), next(iter(members)))
-    ceiling = forward_ceiling(run_dir, biggest, texts, args.max_batch_size, args.forward_chunk_size)
+    ceiling = forward_ceiling(
+        run_dir, _biggest(members), texts, args.max_batch_size, args.forward_chunk_size
+    )
     accuracy = cascade_quality(run_dir)
     data = {
         "run_dir": str(run_dir),

@@ -103,30 +103,19 @@ class LoadedMember:
     def __call__(self, texts: list[str], chunk_size: int = 0) -> np.ndarray:
         """(B, C) probabilities, or (B,) intensities for the regressor, in the order of `texts`.
 
-        With ``chunk_size`` > 0 the texts run shortest first in passes of that many, so a pass
-        pads to its own longest text, not the whole batch's (0: one pass).
+        The texts run shortest first, ``chunk_size`` per forward pass, so a pass pads to its own
+        longest text, not the whole batch's (0: the whole batch in one pass).
         """
-        torch = self._torch
-        n = len(texts)
-        order = np.arange(n)
-        if 0 < chunk_size < n:
-            lengths = self._tokenizer(texts, truncation=True, max_length=self._max_length)
-            order = np.argsort([len(ids) for ids in lengths["input_ids"]], kind="stable")
-        step = chunk_size if chunk_size > 0 else max(n, 1)
-        parts = []
-        for start in range(0, n, step):
-            idx = order[start : start + step]
-            enc = self._tokenizer(
-                [texts[i] for i in idx], padding=True, truncation=True,
-                max_length=self._max_length, return_tensors="pt",
-            ).to(self.device)  # fmt: skip
-            with torch.inference_mode():
-                parts.append(self._model(**enc).logits.float())  # (chunk, C)
-        logits = torch.empty_like(torch.cat(parts))
-        logits[torch.as_tensor(order)] = torch.cat(parts)  # back to the order of `texts`
+        from ensemble.training.loop import encode, predict_logits
+
+        ids = encode(self._tokenizer, texts, self._max_length)
+        logits = predict_logits(
+            self._model, ids, self._tokenizer.pad_token_id, chunk_size or max(len(ids), 1),
+            self.device,
+        )  # fmt: skip
         if self._regressor:
-            return logits[:, 0].cpu().numpy()  # (B,)
-        return torch.softmax(logits, dim=-1).cpu().numpy()  # (B, C)
+            return logits[:, 0]  # (B,)
+        return self._torch.softmax(self._torch.from_numpy(logits), dim=-1).numpy()  # (B, C)
 
 
 @serve.deployment

@@ -106,17 +106,22 @@ def micro_batches(order: np.ndarray, size: int, skip: int = 0) -> Iterator[np.nd
         yield order[b * size : (b + 1) * size]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict_logits(
-    model: nn.Module, ids: Sequence[Sequence[int]], pad_id: int, batch_size: int = 64
+    model: nn.Module,
+    ids: Sequence[Sequence[int]],
+    pad_id: int,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
 ) -> np.ndarray:
     """Logits for every text, in input order. Sorted by length inside so padding stays small."""
     model.eval()
     order = np.argsort([len(x) for x in ids], kind="stable")
     chunks: list[np.ndarray] = []
     for start in range(0, len(order), batch_size):
-        index = order[start : start + batch_size]
-        chunks.append(model(**collate([ids[i] for i in index], pad_id)).logits.float().numpy())
+        batch = collate([ids[i] for i in order[start : start + batch_size]], pad_id)
+        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+        chunks.append(logits.float().cpu().numpy())
     out = (
         np.empty((len(ids), chunks[0].shape[-1]), dtype=np.float32) if chunks else np.zeros((0, 1))
     )
