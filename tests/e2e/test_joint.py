@@ -89,7 +89,7 @@ def test_finetune_stage_starts_from_mlm_stage(ray_local, sst_dir, tmp_path):
     assert (mlm["stage"], finetune["stage"]) == ("mlm", "finetune")
     assert mlm["dev_mlm_loss_after"] < mlm["dev_mlm_loss_before"]
     assert "accuracy" in mlm["dev"] and "accuracy" in finetune["dev"]  # each stage evaluated
-    mlm_ckpt = next((run / "ray").glob("classifier-r1-mlm0/checkpoint_*"))
+    mlm_ckpt = next((run / "ray").glob("classifier-r1-mlm0/checkpoint_*/hf")).parent
     after_mlm = AutoModelForSequenceClassification.from_pretrained(mlm_ckpt / "hf").state_dict()
     final = _weights(run, "classifier")
     encoder = [k for k in final if "encoder.layer" in k]
