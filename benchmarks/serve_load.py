@@ -272,28 +272,37 @@ def forward_ceiling(
     }
 
 
-def cascade_quality(run_dir: Path) -> dict[str, Any] | None:
-    """Fit the threshold on dev predictions; report dev (in-sample) and test (held-out)."""
+def cascade_quality(run_dir: Path, measure: str = "margin") -> dict[str, Any] | None:
+    """Fit the threshold on dev predictions; report dev (in-sample) and test (held-out).
+
+    ``measure`` is the served confidence; ``by_measure`` repeats the fit for every measure, so
+    the table shows what each would let the student answer at the same budget.
+    """
     from ensemble.rundir import Manifest
     from ensemble.serving import cascade
 
     spec = cascade.combination_from_manifest(Manifest.load(run_dir))
+
+    def fit(m: str) -> dict[str, Any]:
+        threshold, dev = cascade.fit_threshold_from_run(run_dir, spec, measure=m)
+        out: dict[str, Any] = {"threshold": threshold, "method": spec.method, "dev": dev}
+        try:
+            test = cascade.load_predictions(run_dir, "test")
+        except FileNotFoundError:
+            return out
+        ens = cascade.combine_outputs(test, spec).probs
+        out["test"] = cascade.cascade_accuracy(
+            test[cascade.student_of(spec)], ens, test["labels"].astype(int), threshold, m
+        )
+        return out
+
     try:
-        threshold, dev = cascade.fit_threshold_from_run(run_dir, spec)
+        served = fit(measure)
     except (FileNotFoundError, ValueError) as err:
         print(f"no cascade accuracy: {err}", file=sys.stderr)
         return None
-    out: dict[str, Any] = {"threshold": threshold, "method": spec.method, "dev": dev}
-    try:
-        test = cascade.load_predictions(run_dir, "test")
-        ens = cascade.combine_outputs(test, spec).probs
-        student = cascade.student_of(spec)
-        out["test"] = cascade.cascade_accuracy(
-            test[student], ens, test["labels"].astype(int), threshold
-        )
-    except FileNotFoundError:
-        pass
-    return out
+    return {**served, "measure": measure,
+            "by_measure": {m: fit(m) for m in cascade.CONFIDENCE_MEASURES}}
 
 
 def _ms(value: float | None) -> str:
@@ -371,7 +380,8 @@ def _markdown(data: dict[str, Any]) -> str:
     if acc:
         lines += [
             "",
-            f"Cascade threshold {acc['threshold']:.4f} (fitted on dev, method "
+            f"Cascade threshold {acc['threshold']:.4f} on the student's "
+            f"{acc.get('measure', 'max_prob')} (fitted on dev, method "
             f"{acc['method']}): dev accuracy {acc['dev']['accuracy']:.4f} vs ensemble "
             f"{acc['dev']['ensemble_accuracy']:.4f}, student answers "
             f"{acc['dev']['student_fraction']:.1%}.",
@@ -383,6 +393,15 @@ def _markdown(data: dict[str, Any]) -> str:
                 f"{t['ensemble_accuracy']:.4f} (loss {100 * t['accuracy_loss']:.2f} "
                 f"points), student answers {t['student_fraction']:.1%}."
             )
+        if acc.get("by_measure"):
+            lines += ["", "| confidence | threshold | dev loss pt | dev student share | "
+                      "test loss pt | test student share |", "|---|---:|---:|---:|---:|---:|"]
+            for m, r in acc["by_measure"].items():
+                d, t = r["dev"], r.get("test")
+                test_cells = (f"{100 * t['accuracy_loss']:.2f} | {t['student_fraction']:.1%}"
+                              if t else "- | -")
+                lines.append(f"| {m} | {r['threshold']:.4f} | {100 * d['accuracy_loss']:.2f} | "
+                             f"{d['student_fraction']:.1%} | {test_cells} |")
     return "\n".join(lines) + "\n"
 
 
@@ -402,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
     p.add_argument("--forward-chunk-size", type=int, default=8, help="texts per forward pass")
+    p.add_argument("--cascade-confidence", choices=("margin", "max_prob"), default="margin",
+                   help="what the cascade's threshold applies to")
     p.add_argument("--texts", type=Path, help="CSV with a text column (default SST dev)")
     p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--only", nargs="*", help="run only these scenarios")
@@ -442,6 +463,7 @@ def _bench(args: argparse.Namespace) -> int:
         "max_ongoing_requests": max(64, args.max_batch_size),
         "batch_wait_timeout_s": args.batch_wait_timeout_s,
         "forward_chunk_size": args.forward_chunk_size,
+        "cascade_confidence": args.cascade_confidence,
     }
     texts = _texts(args.texts)
     scenarios = {name: (path, over) for name, path, over in _scenarios(members)}
@@ -499,7 +521,7 @@ def _bench(args: argparse.Namespace) -> int:
     ceiling = forward_ceiling(
         run_dir, _biggest(members), texts, args.max_batch_size, args.forward_chunk_size
     )
-    accuracy = cascade_quality(run_dir)
+    accuracy = cascade_quality(run_dir, args.cascade_confidence)
     data = {
         "run_dir": str(run_dir),
         "members": members,

@@ -340,7 +340,9 @@ class Combiner:
             self._local_texts += len(texts)
         else:
             first = (await self._call([student], texts))[student]  # (B, C)
-        hard = hard_examples(first, settings.cascade_threshold)  # type: ignore[arg-type]
+        hard = hard_examples(
+            first, settings.cascade_threshold, settings.cascade_confidence  # type: ignore[arg-type]
+        )
         rest = {}
         if hard.size:
             others = [n for n in spec.members if n != student]
@@ -422,6 +424,7 @@ class Combiner:
             cascade=s.CascadeInfo(
                 enabled=settings.cascade,
                 threshold=settings.cascade_threshold,
+                confidence=settings.cascade_confidence,
                 student=cascade_student,
             ),
             sequential=settings.sequential,

@@ -96,7 +96,9 @@ def resolve_threshold(
     if stored is not None:
         return float(stored)
     try:
-        threshold, stats = cascade.fit_threshold_from_run(run_dir, spec)
+        threshold, stats = cascade.fit_threshold_from_run(
+            run_dir, spec, measure=cfg.cascade_confidence
+        )
     except (FileNotFoundError, ValueError, KeyError) as err:
         logger.info("no cascade threshold fitted: %s", err)
         return None
@@ -122,6 +124,7 @@ def combiner_settings(
         params=_plain(spec.params),
         cascade=cfg.cascade,
         cascade_threshold=resolve_threshold(run_dir, manifest, cfg, spec),
+        cascade_confidence=cfg.cascade_confidence,
         cascade_student_in_combiner=cfg.cascade_student_in_combiner,
         sequential=cfg.sequential,
         max_texts=cfg.max_texts,
@@ -336,6 +339,8 @@ _SERVE_FLAGS = (
     ("--port", int, "HTTP port (default serve.port)"),
     ("--route-prefix", str, "route prefix, e.g. /ensemble (default /)"),
     ("--cascade-threshold", float, "override the fitted cascade threshold"),
+    ("--cascade-confidence", str, "what the cascade thresholds: margin (top-1 minus top-2 "
+     "probability, default) or max_prob"),
     ("--num-cpus", float, "CPUs per member replica (fractions are fine)"),
     ("--num-gpus", float, "GPUs per member replica"),
     ("--num-replicas", int, "replicas per deployment"),

@@ -135,6 +135,7 @@ class MemberInfo(BaseModel):
 class CascadeInfo(BaseModel):
     enabled: bool
     threshold: float | None
+    confidence: str
     student: str | None
 
 
@@ -205,6 +206,10 @@ class CombinerSettings(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
     cascade: bool = False
     cascade_threshold: float | None = None
+    cascade_confidence: Literal["margin", "max_prob"] = Field(
+        "margin", description="Student confidence the threshold applies to: top-1 minus top-2 "
+        "probability (margin) or top-1 (max_prob)."
+    )
     # the cascade's first stage runs a copy of the student inside the combiner (no member hop)
     cascade_student_in_combiner: bool = True
     sequential: bool = False

@@ -26,6 +26,7 @@ from helpers_serve import CLASS_INTENSITY, EDGES, KINDS, LABELS, make_run_dir  #
 
 from ensemble import combine  # noqa: E402
 from ensemble.client import EnsembleClient, EnsembleHTTPError  # noqa: E402
+from ensemble.serving import cascade  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -263,7 +264,7 @@ def test_sequential_fan_out_gives_the_same_answers(served):
 def test_cascade_routes_by_student_confidence(served, in_combiner):
     full = served.client.predict(TEXTS, return_members=True)
     student = np.array([[p.members["student"].probs[label] for label in LABELS] for p in full])
-    conf = student.max(1)
+    conf = cascade.student_confidence(student)  # the served measure: top-1 minus top-2
     threshold = float(np.median(conf))
     try:
         served.push(
@@ -288,6 +289,13 @@ def test_cascade_routes_by_student_confidence(served, in_combiner):
             assert local == len(TEXTS) and not hop, (local, hop)
         else:
             assert local == 0 and sum(k * v for k, v in hop.items()) == len(TEXTS), hop
+        # the threshold may apply to the student's top probability instead
+        top = student.max(1)
+        live = served.push(cascade=True, cascade_threshold=float(np.median(top)),
+                           cascade_confidence="max_prob", cascade_student_in_combiner=in_combiner)
+        assert served.client.info().cascade.confidence == "max_prob"
+        by_top = [p.answered_by for p in served.client.predict(TEXTS)]
+        assert by_top == ["student" if t >= live["cascade_threshold"] else "ensemble" for t in top]
         served.push(cascade=True, cascade_threshold=0.0, cascade_student_in_combiner=in_combiner)
         assert {p.answered_by for p in served.client.predict(TEXTS)} == {"student"}
     finally:

@@ -71,6 +71,8 @@ def test_literal_violation_lists_the_allowed_values() -> None:
         C.load(TINY, ["members.classifier.scheduler=exponential"])
     with pytest.raises(C.ConfigError, match=r"pretrain.*mlm.*finetune.*curriculum.*distill"):
         C.load(TINY, ["members.teacher.stages=[{name: pretrain}]"])
+    with pytest.raises(C.ConfigError, match=r"serve\.cascade_confidence.*margin.*max_prob"):
+        C.load(TINY, ["serve.cascade_confidence=entropy"])
 
 
 @pytest.mark.parametrize(

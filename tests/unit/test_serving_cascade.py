@@ -31,75 +31,103 @@ def _outputs(b: int, seed: int = 0) -> dict[str, np.ndarray]:
     return out
 
 
-def _brute_force(s, e, y, loss):
+def _brute_force(s, e, y, loss, measure):
     """Reference: try every observed confidence (and 'never'), keep the lowest that passes."""
+    conf = s.max(1) if measure == "max_prob" else np.sort(s, 1)[:, -1] - np.sort(s, 1)[:, -2]
     target = np.mean(e.argmax(1) == y) - loss
-    for t in np.sort(np.unique(s.max(1))):
-        pred = np.where(s.max(1) >= t, s.argmax(1), e.argmax(1))
+    for t in np.sort(np.unique(conf)):
+        pred = np.where(conf >= t, s.argmax(1), e.argmax(1))
         if np.mean(pred == y) >= target - 1e-12:
             return t
     return None
 
 
+# ----------------------------------------------------------------------------- confidence
+
+
+def test_confidence_measures():
+    p = np.array([[0.5, 0.3, 0.2], [0.1, 0.45, 0.45], [0.0, 0.0, 1.0]])
+    np.testing.assert_allclose(cascade.student_confidence(p, "max_prob"), [0.5, 0.45, 1.0])
+    np.testing.assert_allclose(cascade.student_confidence(p, "margin"), [0.2, 0.0, 1.0])
+    np.testing.assert_allclose(cascade.student_confidence(p), [0.2, 0.0, 1.0])  # the default
+    # a tie at the top is "unsure" by margin, whatever the top probability
+    assert cascade.hard_examples(p, 0.1).tolist() == [1]
+    assert cascade.hard_examples(p, 0.48, "max_prob").tolist() == [1]
+    with pytest.raises(ValueError, match="use one of"):
+        cascade.student_confidence(p, "entropy")
+
+
 # ----------------------------------------------------------------------------- fit_threshold
 
+MEASURES = pytest.mark.parametrize("measure", cascade.CONFIDENCE_MEASURES)
 
-def test_perfect_student_takes_all_traffic():
+
+@MEASURES
+def test_perfect_student_takes_all_traffic(measure):
     y = np.array([0, 1, 2, 1])
     student = np.eye(3)[y] * 0.6 + 0.4 / 3  # right on every example, confidence 0.733
     ensemble = np.eye(3)[y]
-    t = cascade.fit_threshold(student, ensemble, y)
-    assert t == pytest.approx(student.max(1).min())
-    assert cascade.cascade_accuracy(student, ensemble, y, t)["student_fraction"] == 1.0
+    t = cascade.fit_threshold(student, ensemble, y, measure=measure)
+    assert t == pytest.approx(cascade.student_confidence(student, measure).min())
+    stats = cascade.cascade_accuracy(student, ensemble, y, t, measure)
+    assert stats["student_fraction"] == 1.0
 
 
 def test_threshold_stops_where_the_student_starts_to_err():
     y = np.array([0, 0, 0, 0])
-    # student confidences 0.9, 0.8 (right) then 0.7, 0.6 (wrong); ensemble always right
+    # top probabilities 0.9, 0.8 (right) then 0.7, 0.6 (wrong); margins 0.8, 0.6, 0.4, 0.2
     student = np.array([[0.9, 0.1, 0], [0.8, 0.2, 0], [0.3, 0.7, 0], [0.4, 0.6, 0]])
     ensemble = np.tile([1.0, 0, 0], (4, 1))
-    assert cascade.fit_threshold(student, ensemble, y, max_accuracy_loss=0.0) == 0.8
-    # allowing a 25-point loss lets the student also take its 0.7 example (one error)
-    assert cascade.fit_threshold(student, ensemble, y, max_accuracy_loss=0.25) == 0.7
-    stats = cascade.cascade_accuracy(student, ensemble, y, 0.8)
+    fit = cascade.fit_threshold
+    assert fit(student, ensemble, y, max_accuracy_loss=0.0, measure="max_prob") == 0.8
+    assert fit(student, ensemble, y, max_accuracy_loss=0.0) == pytest.approx(0.6)
+    # allowing a 25-point loss lets the student also take its third example (one error)
+    assert fit(student, ensemble, y, max_accuracy_loss=0.25, measure="max_prob") == 0.7
+    assert fit(student, ensemble, y, max_accuracy_loss=0.25) == pytest.approx(0.4)
+    stats = cascade.cascade_accuracy(student, ensemble, y, 0.8, "max_prob")
     assert stats["accuracy"] == 1.0 and stats["student_fraction"] == 0.5
+    assert cascade.cascade_accuracy(student, ensemble, y, 0.6)["student_fraction"] == 0.5
 
 
-def test_tied_confidences_are_never_split():
+@MEASURES
+def test_tied_confidences_are_never_split(measure):
     y = np.array([0, 0])
     student = np.array([[0.7, 0.3, 0], [0.3, 0.7, 0]])  # same confidence, one right one wrong
     ensemble = np.tile([1.0, 0, 0], (2, 1))
-    t = cascade.fit_threshold(student, ensemble, y, max_accuracy_loss=0.0)
-    assert t > 0.7  # both or neither: only "neither" keeps the accuracy
-    assert cascade.cascade_accuracy(student, ensemble, y, t)["student_fraction"] == 0.0
+    t = cascade.fit_threshold(student, ensemble, y, max_accuracy_loss=0.0, measure=measure)
+    assert t > cascade.student_confidence(student, measure).max()  # "neither" keeps accuracy
+    assert cascade.cascade_accuracy(student, ensemble, y, t, measure)["student_fraction"] == 0.0
 
 
-def test_hopeless_student_never_answers_alone():
+@MEASURES
+def test_hopeless_student_never_answers_alone(measure):
     y = np.array([0, 1, 2])
     student = np.eye(3)[(y + 1) % 3] * 0.9 + 0.1 / 3
     ensemble = np.eye(3)[y]
-    t = cascade.fit_threshold(student, ensemble, y)
-    assert t > student.max()
-    assert cascade.cascade_accuracy(student, ensemble, y, t)["accuracy_loss"] == 0.0
+    t = cascade.fit_threshold(student, ensemble, y, measure=measure)
+    assert t > cascade.student_confidence(student, measure).max()
+    assert cascade.cascade_accuracy(student, ensemble, y, t, measure)["accuracy_loss"] == 0.0
 
 
+@MEASURES
 @pytest.mark.parametrize("seed", range(6))
-def test_matches_brute_force_on_random_data(seed):
+def test_matches_brute_force_on_random_data(seed, measure):
     rng = np.random.default_rng(seed)
     n = 200
     y = rng.integers(0, 3, n)
     student = rng.dirichlet(np.ones(3) * 0.7, n)
     student[rng.random(n) < 0.3] = student[0]  # many exactly tied confidences
     ensemble = np.where(rng.random((n, 1)) < 0.8, np.eye(3)[y], rng.dirichlet(np.ones(3), n))
+    conf = cascade.student_confidence(student, measure)
     for loss in (0.0, 0.005, 0.05):
-        expected = _brute_force(student, ensemble, y, loss)
-        got = cascade.fit_threshold(student, ensemble, y, max_accuracy_loss=loss)
+        expected = _brute_force(student, ensemble, y, loss, measure)
+        got = cascade.fit_threshold(student, ensemble, y, max_accuracy_loss=loss, measure=measure)
         if expected is None:
-            assert got > student.max()
+            assert got > conf.max()
         else:
             assert got == pytest.approx(expected)
-            got_loss = cascade.cascade_accuracy(student, ensemble, y, got)["accuracy_loss"]
-            assert got_loss <= loss + 1e-12
+            stats = cascade.cascade_accuracy(student, ensemble, y, got, measure)
+            assert stats["accuracy_loss"] <= loss + 1e-12
 
 
 @pytest.mark.parametrize(
@@ -226,7 +254,7 @@ def test_missing_member_output_is_an_error():
 def test_cascade_answer_merges_student_and_ensemble_rows():
     spec = _spec()
     out = _outputs(6, seed=3)
-    hard = cascade.hard_examples(out["stud"], threshold=0.5)
+    hard = cascade.hard_examples(out["stud"], threshold=0.5, measure="max_prob")
     assert 0 < hard.size < 6  # the seed gives a mix
     rest = {n: v[hard] for n, v in out.items() if n != "stud"}
     ans = cascade.cascade_answer(spec, out["stud"], hard, rest)
@@ -258,7 +286,7 @@ def test_cascade_extremes_equal_student_alone_and_full_ensemble():
 def test_answer_rows_split_a_batch_back_into_requests():
     spec = _spec()
     out = _outputs(5, seed=5)
-    hard = cascade.hard_examples(out["stud"], threshold=0.5)
+    hard = cascade.hard_examples(out["stud"], threshold=0.5, measure="max_prob")
     whole = cascade.cascade_answer(
         spec, out["stud"], hard, {n: v[hard] for n, v in out.items() if n != "stud"}
     )

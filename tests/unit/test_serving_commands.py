@@ -139,6 +139,8 @@ def test_cli_serve_write_config(run_dir, tmp_path, capsys):
             "--max-batch-size",
             "1",
             "--no-cascade",
+            "--cascade-confidence",
+            "max_prob",
             "--method",
             "hard_vote",
         ]
@@ -149,7 +151,15 @@ def test_cli_serve_write_config(run_dir, tmp_path, capsys):
     deps = {d["name"]: d for d in config["applications"][0]["deployments"]}
     assert deps["member_student"]["user_config"]["max_batch_size"] == 1
     assert deps["combiner"]["user_config"]["method"] == "hard_vote"
+    assert deps["combiner"]["user_config"]["cascade_confidence"] == "max_prob"
     assert "wrote" in capsys.readouterr().out
+
+
+def test_cli_serve_rejects_an_unknown_cascade_confidence(run_dir, tmp_path, capsys):
+    args = _parse(["serve", str(run_dir), "--write-config", str(tmp_path / "x.yaml"),
+                   "--cascade-confidence", "entropy"])
+    assert args.func(args) == 1
+    assert "margin" in capsys.readouterr().err and not (tmp_path / "x.yaml").exists()
 
 
 def test_cli_serve_parses_every_switch(run_dir):
