@@ -20,7 +20,10 @@ request count and time, loopback only). Scenarios:
 
 Writes ``benchmarks/results/serve_load.{json,md}`` with p50/p99/mean latency and throughput per
 scenario and concurrency, plus the ratios the issue sets targets for, and the cascade's dev
-accuracy loss computed from ``predictions/dev.npz`` with the fitted threshold.
+accuracy loss computed from ``predictions/dev.npz`` with the fitted threshold. Each run also
+records the CPU time every process spent per answered request (HTTP proxy, combiner, members,
+Ray's own processes, the load generator), read from /proc before and after: on a small machine
+that says where the cores went, which latency alone cannot.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import argparse
 import asyncio
 import csv
 import json
+import resource
 import statistics
 import subprocess
 import sys
@@ -161,6 +165,48 @@ def run_load(
     if out.returncode != 0:
         raise RuntimeError(f"load generator failed ({out.returncode}): {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------- CPU accounting
+
+
+def _role(title: str) -> str | None:
+    """Which part of the serving stack a process is, from its title (None: not ours)."""
+    if "ray::ProxyActor" in title:
+        return "proxy"
+    if "ray::ServeReplica" in title:
+        name = title.split()[0].rsplit(":", 1)[-1]
+        return "combiner" if name == "combiner" else f"member:{name.removeprefix('member_')}"
+    if "ray::" in title or "raylet" in title or "gcs_server" in title:
+        return "ray"  # the controller, raylet, GCS and other Ray processes
+    return None
+
+
+def cpu_seconds() -> dict[str, float]:
+    """CPU seconds (user + system) so far of every serving role, plus the load generators."""
+    import psutil
+
+    out: dict[str, float] = {}
+    for proc in psutil.process_iter(["cmdline", "name"]):
+        try:
+            role = _role(" ".join(proc.info["cmdline"] or []) or proc.info["name"] or "")
+            if role is None:
+                continue
+            t = proc.cpu_times()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        out[role] = out.get(role, 0.0) + t.user + t.system
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)  # finished load-generator processes
+    out["load generator"] = kids.ru_utime + kids.ru_stime
+    return out
+
+
+def cpu_ms_per_request(before: dict[str, float], after: dict[str, float], ok: int
+                       ) -> dict[str, float] | None:
+    """CPU milliseconds per answered request by role, between two `cpu_seconds` snapshots."""
+    if not ok:
+        return None
+    return {role: 1000.0 * (after[role] - before.get(role, 0.0)) / ok for role in after}
 
 
 # --------------------------------------------------------------------------------- driver
@@ -309,6 +355,28 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
+def cpu_markdown(results: dict[str, dict[int, dict[str, Any]]]) -> list[str]:
+    """Table lines: CPU ms per answered request by role, for every scenario and concurrency."""
+    rows = [(n, c, r["cpu_ms_per_request"]) for n, by_c in results.items()
+            for c, r in by_c.items() if r.get("cpu_ms_per_request")]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "CPU milliseconds per answered request, by process (all Ray processes on the machine "
+        "count as `ray`; `members` is every member replica together):",
+        "",
+        "| scenario | c | proxy | combiner | members | ray | load generator | total |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, c, cpu in rows:
+        members = sum(v for k, v in cpu.items() if k.startswith("member:"))
+        cells = [cpu.get("proxy"), cpu.get("combiner"), members, cpu.get("ray"),
+                 cpu.get("load generator"), sum(cpu.values())]
+        lines.append(f"| {name} | {c} | " + " | ".join(_ms(v) for v in cells) + " |")
+    return lines
+
+
 def _markdown(data: dict[str, Any]) -> str:
     lines = [
         "# Serving load test",
@@ -348,6 +416,7 @@ def _markdown(data: dict[str, Any]) -> str:
                 ),
             ]
             lines.append("| " + " | ".join(map(str, cells)) + " |")
+    lines += cpu_markdown(data["results"])
     lines += [
         "",
         "| ratio | value | target | met | paired A/B values |",
@@ -484,10 +553,13 @@ def _bench(args: argparse.Namespace) -> int:
             if warm:  # tokenizer caches, routers, first batches
                 run_load(url + path, tf.name, 4, 16, 10.0)
             before = _batching(url)
+            cpu_before = cpu_seconds()
             result = run_load(url + path, tf.name, c, args.max_requests, seconds)
+            cpu_after = cpu_seconds()
             after = _batching(url)
             # mean texts per combiner fan-out and per forward pass of each member
             result["mean_batch"] = {k: _mean_batch(before[k], after[k]) for k in after}
+            result["cpu_ms_per_request"] = cpu_ms_per_request(cpu_before, cpu_after, result["ok"])
             return result
 
         for name in scenarios:
