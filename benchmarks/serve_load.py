@@ -318,11 +318,12 @@ def forward_ceiling(
     }
 
 
-def cascade_quality(run_dir: Path, measure: str = "margin") -> dict[str, Any] | None:
+def cascade_quality(run_dir: Path, confidence: str = "auto") -> dict[str, Any] | None:
     """Fit the threshold on dev predictions; report dev (in-sample) and test (held-out).
 
-    ``measure`` is the served confidence; ``by_measure`` repeats the fit for every measure, so
-    the table shows what each would let the student answer at the same budget.
+    ``confidence`` is resolved as `ensemble serve` resolves it (``auto``: the measure with the
+    larger dev share); ``by_measure`` repeats the fit for every measure, so the table shows what
+    each would let the student answer at the same budget.
     """
     from ensemble.rundir import Manifest
     from ensemble.serving import cascade
@@ -343,11 +344,12 @@ def cascade_quality(run_dir: Path, measure: str = "margin") -> dict[str, Any] | 
         return out
 
     try:
+        _, measure, _ = cascade.fit_cascade_from_run(run_dir, spec, confidence)
         served = fit(measure)
     except (FileNotFoundError, ValueError) as err:
         print(f"no cascade accuracy: {err}", file=sys.stderr)
         return None
-    return {**served, "measure": measure,
+    return {**served, "measure": measure, "confidence_setting": confidence,
             "by_measure": {m: fit(m) for m in cascade.CONFIDENCE_MEASURES}}
 
 
@@ -490,8 +492,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
     p.add_argument("--forward-chunk-size", type=int, default=8, help="texts per forward pass")
-    p.add_argument("--cascade-confidence", choices=("margin", "max_prob"), default="margin",
-                   help="what the cascade's threshold applies to")
+    p.add_argument("--cascade-confidence", choices=("auto", "margin", "max_prob"),
+                   default="auto", help="what the cascade's threshold applies to")
     p.add_argument("--texts", type=Path, help="CSV with a text column (default SST dev)")
     p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--only", nargs="*", help="run only these scenarios")

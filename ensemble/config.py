@@ -257,8 +257,9 @@ class ServeConfig:
     max_text_chars: int = 2000
     cascade_threshold: float | None = None
     cascade: bool = False  # student answers alone when confident (threshold fitted on dev)
-    # what the threshold applies to: the student's top-1 minus top-2 probability, or its top-1
-    cascade_confidence: Literal["margin", "max_prob"] = "margin"
+    # what the threshold applies to: the student's top-1 minus top-2 probability (margin), its
+    # top-1 (max_prob), or auto: whichever lets the student answer more dev texts in the budget
+    cascade_confidence: Literal["auto", "margin", "max_prob"] = "auto"
     # the cascade runs its student inside the combiner: confident answers skip a member hop
     cascade_student_in_combiner: bool = True
     sequential: bool = False  # call members one after another (benchmark baseline)

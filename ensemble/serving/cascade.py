@@ -48,6 +48,7 @@ __all__ = [
     "combination_from_manifest",
     "combine_outputs",
     "fit_threshold",
+    "fit_cascade_from_run",
     "fit_threshold_from_run",
     "load_predictions",
     "stack_member_probs",
@@ -520,3 +521,43 @@ def fit_threshold_from_run(
     ensemble = combine_outputs(preds, spec).probs
     threshold = fit_threshold(preds[student], ensemble, labels, max_accuracy_loss, measure)
     return threshold, cascade_accuracy(preds[student], ensemble, labels, threshold, measure)
+
+
+def fit_cascade_from_run(
+    run_dir: str | os.PathLike,
+    spec: Combination,
+    confidence: str = "auto",
+    max_accuracy_loss: float = 0.005,
+    split: str = "dev",
+) -> tuple[float, str, dict[str, Any]]:
+    """Threshold and confidence measure for a run's cascade, fitted on its dev predictions.
+
+    Args:
+        run_dir: the run directory (reads ``predictions/<split>.npz``).
+        spec: the served combination.
+        confidence: one of `CONFIDENCE_MEASURES`, or ``auto``: fit each and keep the one whose
+            threshold lets the student answer the most texts (a tie keeps ``margin``).
+        max_accuracy_loss: allowed accuracy drop, see `fit_threshold`.
+        split: which saved predictions to use.
+
+    Returns:
+        (threshold, measure, `cascade_accuracy` at that threshold on the same split).
+
+    Raises:
+        FileNotFoundError: without saved predictions.
+        ValueError: without a student member, with inconsistent predictions or an unknown
+            confidence.
+    """
+    if confidence != "auto" and confidence not in CONFIDENCE_MEASURES:
+        raise ValueError(
+            f"cascade confidence {confidence!r} unknown; use auto or one of {CONFIDENCE_MEASURES}"
+        )
+    measures = CONFIDENCE_MEASURES if confidence == "auto" else (confidence,)
+    fits = {
+        m: fit_threshold_from_run(run_dir, spec, max_accuracy_loss, split, measure=m)
+        for m in measures
+    }
+    measure = max(measures, key=lambda m: fits[m][1]["student_fraction"])
+    threshold, stats = fits[measure]
+    return threshold, measure, stats
+

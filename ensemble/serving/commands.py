@@ -84,26 +84,34 @@ def members_fingerprint(run_dir: str | os.PathLike, manifest: Manifest) -> str:
 
 def resolve_threshold(
     run_dir: str | os.PathLike, manifest: Manifest, cfg: ServeConfig, spec: cascade.Combination
-) -> float | None:
-    """Cascade threshold: ``serve.cascade_threshold``, else the manifest's, else fitted on dev.
+) -> tuple[float | None, str]:
+    """Cascade threshold and the confidence it applies to.
 
-    Returns None when none is set and it cannot be fitted (no student or no dev predictions);
-    that is an error only if the cascade is switched on (`CombinerSettings` says so).
+    The threshold is ``serve.cascade_threshold``, else the manifest's, else fitted on dev. With
+    ``serve.cascade_confidence: auto`` a fitted threshold comes with whichever measure lets the
+    student answer more dev texts within the budget; a given threshold is read as a margin.
+
+    Returns:
+        (threshold, measure). The threshold is None when none is set and it cannot be fitted
+        (no student or no dev predictions); that is an error only if the cascade is switched on
+        (`CombinerSettings` says so).
     """
-    if cfg.cascade_threshold is not None:
-        return float(cfg.cascade_threshold)
-    stored = (manifest.combine or {}).get("cascade_threshold")
-    if stored is not None:
-        return float(stored)
+    fallback = "margin" if cfg.cascade_confidence == "auto" else cfg.cascade_confidence
+    given = cfg.cascade_threshold
+    if given is None:
+        given = (manifest.combine or {}).get("cascade_threshold")
+    if given is not None:
+        return float(given), fallback
     try:
-        threshold, stats = cascade.fit_threshold_from_run(
-            run_dir, spec, measure=cfg.cascade_confidence
+        threshold, measure, stats = cascade.fit_cascade_from_run(
+            run_dir, spec, cfg.cascade_confidence
         )
     except (FileNotFoundError, ValueError, KeyError) as err:
         logger.info("no cascade threshold fitted: %s", err)
-        return None
-    logger.info("cascade threshold %.4f fitted on dev: %s", threshold, stats)
-    return threshold
+        return None, fallback
+    logger.info("cascade threshold %.4f on the student's %s, fitted on dev: %s",
+                threshold, measure, stats)
+    return threshold, measure
 
 
 def combiner_settings(
@@ -118,13 +126,14 @@ def combiner_settings(
     spec = cascade.combination_from_manifest(manifest, method)
     if cfg.cascade:
         cascade.student_of(spec)
+    threshold, measure = resolve_threshold(run_dir, manifest, cfg, spec)
     return CombinerSettings(
         method=spec.method,
         weights=spec.weights,
         params=_plain(spec.params),
         cascade=cfg.cascade,
-        cascade_threshold=resolve_threshold(run_dir, manifest, cfg, spec),
-        cascade_confidence=cfg.cascade_confidence,
+        cascade_threshold=threshold,
+        cascade_confidence=measure,
         cascade_student_in_combiner=cfg.cascade_student_in_combiner,
         sequential=cfg.sequential,
         max_texts=cfg.max_texts,
@@ -340,7 +349,8 @@ _SERVE_FLAGS = (
     ("--route-prefix", str, "route prefix, e.g. /ensemble (default /)"),
     ("--cascade-threshold", float, "override the fitted cascade threshold"),
     ("--cascade-confidence", str, "what the cascade thresholds: margin (top-1 minus top-2 "
-     "probability, default) or max_prob"),
+     "probability), max_prob, or auto (default: the one that lets the student answer more "
+     "dev texts)"),
     ("--num-cpus", float, "CPUs per member replica (fractions are fine)"),
     ("--num-gpus", float, "GPUs per member replica"),
     ("--num-replicas", int, "replicas per deployment"),

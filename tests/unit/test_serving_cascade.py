@@ -362,3 +362,23 @@ def test_combination_from_manifest_reads_method_and_weights(tmp_path):
 def test_missing_predictions_name_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="cascade_threshold"):
         cascade.load_predictions(tmp_path)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_auto_confidence_keeps_the_measure_with_the_larger_student_share(tmp_path, seed):
+    preds = _manifest_run(tmp_path, {"method": "soft_vote", "weights": {}, "params": {}})
+    rng = np.random.default_rng(seed)  # reshape the student's probabilities differently per seed
+    sharp = preds["stud"] ** rng.uniform(0.3, 3.0, size=(len(preds["stud"]), 1))
+    preds["stud"] = sharp / sharp.sum(1, keepdims=True)
+    np.savez(tmp_path / "predictions" / "dev.npz", **preds)
+    spec = cascade.combination_from_manifest(Manifest.load(tmp_path))
+    each = {m: cascade.fit_threshold_from_run(tmp_path, spec, measure=m)
+            for m in cascade.CONFIDENCE_MEASURES}
+    threshold, measure, stats = cascade.fit_cascade_from_run(tmp_path, spec, "auto")
+    best = max(s["student_fraction"] for _, s in each.values())
+    assert stats["student_fraction"] == best and stats["accuracy_loss"] <= 0.005 + 1e-12
+    assert (threshold, stats) == each[measure] and stats["measure"] == measure
+    for m in cascade.CONFIDENCE_MEASURES:  # a named measure is used as given
+        assert cascade.fit_cascade_from_run(tmp_path, spec, m)[:2] == (each[m][0], m)
+    with pytest.raises(ValueError, match="use auto or one of"):
+        cascade.fit_cascade_from_run(tmp_path, spec, "entropy")

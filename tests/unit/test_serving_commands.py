@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers_serve import synthetic_predictions  # noqa: E402
 
 from ensemble.rundir import Manifest, MemberEntry  # noqa: E402
-from ensemble.serving import commands  # noqa: E402
+from ensemble.serving import cascade, commands  # noqa: E402
 
 KINDS = {
     "classifier": "classifier",
@@ -95,7 +95,23 @@ def test_deploy_config_is_a_valid_serve_config(run_dir):
 def test_explicit_threshold_wins_over_fitting(run_dir):
     cfg = commands.serve_config_for(run_dir, {"cascade": True, "cascade_threshold": 0.42})
     manifest = Manifest.load(run_dir)
-    assert commands.combiner_settings(run_dir, manifest, cfg).cascade_threshold == 0.42
+    live = commands.combiner_settings(run_dir, manifest, cfg)
+    assert (live.cascade_threshold, live.cascade_confidence) == (0.42, "margin")  # auto's reading
+    cfg = commands.serve_config_for(
+        run_dir, {"cascade": True, "cascade_threshold": 0.8, "cascade_confidence": "max_prob"}
+    )
+    live = commands.combiner_settings(run_dir, manifest, cfg)
+    assert (live.cascade_threshold, live.cascade_confidence) == (0.8, "max_prob")
+
+
+def test_fitted_threshold_comes_with_the_measure_auto_chose(run_dir):
+    manifest = Manifest.load(run_dir)
+    live = commands.combiner_settings(
+        run_dir, manifest, commands.serve_config_for(run_dir, {"cascade": True})
+    )
+    spec = cascade.combination_from_manifest(manifest)
+    threshold, measure, _ = cascade.fit_cascade_from_run(run_dir, spec, "auto")
+    assert (live.cascade_threshold, live.cascade_confidence) == (threshold, measure)
 
 
 def test_cascade_without_predictions_or_student_names_the_fix(run_dir):
