@@ -22,6 +22,7 @@ standard error across seeds).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -291,8 +292,11 @@ def main() -> None:
         "load_before": common.load_average(),
     }
     result["tfidf"] = tfidf_baseline(args.data)
+    # every guidance weight 0, whatever the config says: independent training
+    no_guidance = [f"training.guidance.{f.name}=0" for f in dataclasses.fields(C.GuidanceConfig)
+                   if f.name != "temperature"]
     indep, t_indep = run(
-        args.config, [*shared, f"output_dir={work_dir}/independent"], args.address
+        args.config, [*shared, *no_guidance, f"output_dir={work_dir}/independent"], args.address
     )
     joint, t_joint = run(
         args.config, [*shared, *args.guidance, f"output_dir={work_dir}/joint"], args.address
