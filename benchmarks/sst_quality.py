@@ -197,6 +197,12 @@ def summarize(directory: Path) -> dict:
     m, se = _mean_se(margins)
     out["ensemble_minus_best_member"] = {"mean": m, "se": se,
                                          "met_seeds": sum(x > 0 for x in margins)}
+    soft = [s["joint"]["ensemble/soft_vote"] - s["targets"]["best_member_acc"]
+            for s in seeds.values() if "ensemble/soft_vote" in s["joint"]]
+    if soft:
+        sm, sse = _mean_se(soft)
+        out["soft_vote_minus_best_member"] = {"mean": sm, "se": sse,
+                                              "ahead_seeds": sum(x > 0 for x in soft)}
     c = out["over_seeds"]["classifier"]
     out["targets"] = {
         "ensemble_beats_best_member": m > 0,
@@ -234,6 +240,11 @@ def summary_markdown(s: dict) -> str:
         f"- joint ensemble (chosen on dev) minus best joint member: {100 * e['mean']:+.2f} pt{se}"
         f", ahead on {e['met_seeds']}/{n} seeds → "
         f"{'met' if t['ensemble_beats_best_member'] else 'missed'}",
+        *(
+            [f"- joint uniform soft vote minus best joint member: "
+             f"{100 * v['mean']:+.2f} pt, ahead on {v['ahead_seeds']}/{n} seeds"]
+            if (v := s.get("soft_vote_minus_best_member")) else []
+        ),
         f"- joint minus independent classifier, mean over seeds → "
         f"{'met' if t['joint_classifier_beats_independent'] else 'missed'}",
     ]
