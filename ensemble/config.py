@@ -260,6 +260,8 @@ class ServeConfig:
     # what the threshold applies to: the student's top-1 minus top-2 probability (margin), its
     # top-1 (max_prob), or auto: whichever lets the student answer more dev texts in the budget
     cascade_confidence: Literal["auto", "margin", "max_prob"] = "auto"
+    # the fitted threshold keeps dev accuracy within this of the ensemble's (0.005 = half a point)
+    cascade_max_accuracy_loss: float = 0.005
     # the cascade runs its student inside the combiner: confident answers skip a member hop
     cascade_student_in_combiner: bool = True
     sequential: bool = False  # call members one after another (benchmark baseline)
@@ -283,6 +285,11 @@ class ServeConfig:
             problems.append("serve.max_batch_size and serve.max_texts must be >= 1")
         if self.forward_chunk_size < 0:
             problems.append("serve.forward_chunk_size must be >= 0 (0 = one pass per batch)")
+        if not 0.0 <= self.cascade_max_accuracy_loss < 1.0:
+            problems.append(
+                f"serve.cascade_max_accuracy_loss={self.cascade_max_accuracy_loss} must be in "
+                "[0, 1): a fraction, e.g. 0.005 for half a point"
+            )
         _check(problems)
 
 

@@ -87,7 +87,8 @@ def resolve_threshold(
 ) -> tuple[float | None, str]:
     """Cascade threshold and the confidence it applies to.
 
-    The threshold is ``serve.cascade_threshold``, else the manifest's, else fitted on dev. With
+    The threshold is ``serve.cascade_threshold``, else the manifest's, else fitted on dev within
+    ``serve.cascade_max_accuracy_loss`` of the ensemble's dev accuracy. With
     ``serve.cascade_confidence: auto`` a fitted threshold comes with whichever measure lets the
     student answer more dev texts within the budget; a given threshold is read as a margin.
 
@@ -104,7 +105,7 @@ def resolve_threshold(
         return float(given), fallback
     try:
         threshold, measure, stats = cascade.fit_cascade_from_run(
-            run_dir, spec, cfg.cascade_confidence
+            run_dir, spec, cfg.cascade_confidence, cfg.cascade_max_accuracy_loss
         )
     except (FileNotFoundError, ValueError, KeyError) as err:
         logger.info("no cascade threshold fitted: %s", err)
@@ -348,6 +349,8 @@ _SERVE_FLAGS = (
     ("--port", int, "HTTP port (default serve.port)"),
     ("--route-prefix", str, "route prefix, e.g. /ensemble (default /)"),
     ("--cascade-threshold", float, "override the fitted cascade threshold"),
+    ("--cascade-max-accuracy-loss", float, "dev accuracy the fitted cascade may lose, as a "
+     "fraction (default 0.005 = half a point)"),
     ("--cascade-confidence", str, "what the cascade thresholds: margin (top-1 minus top-2 "
      "probability), max_prob, or auto (default: the one that lets the student answer more "
      "dev texts)"),

@@ -88,6 +88,7 @@ def test_literal_violation_lists_the_allowed_values() -> None:
         ("serve.max_ongoing_requests=1", r"max_ongoing_requests must be >= serve\.max_batch_size"),
         ("serve.forward_chunk_size=-1", r"serve\.forward_chunk_size must be >= 0"),
         ("serve.max_concurrent_fanouts=0", r"serve\.max_concurrent_fanouts must be >= 1"),
+        ("serve.cascade_max_accuracy_loss=5", r"cascade_max_accuracy_loss=5.0 must be.*0\.005"),
     ],
 )
 def test_invalid_values_name_the_fix(override: str, pattern: str) -> None:

@@ -114,6 +114,25 @@ def test_fitted_threshold_comes_with_the_measure_auto_chose(run_dir):
     assert (live.cascade_threshold, live.cascade_confidence) == (threshold, measure)
 
 
+def test_cascade_budget_sets_the_fitted_threshold(run_dir):
+    manifest = Manifest.load(run_dir)
+    spec = cascade.combination_from_manifest(manifest)
+    for budget in (0.0, 0.05):
+        cfg = commands.serve_config_for(
+            run_dir, {"cascade": True, "cascade_max_accuracy_loss": budget,
+                      "cascade_confidence": "margin"}
+        )
+        live = commands.combiner_settings(run_dir, manifest, cfg)
+        expected, _ = cascade.fit_threshold_from_run(run_dir, spec, budget, measure="margin")
+        assert live.cascade_threshold == expected
+    strict, loose = (
+        commands.combiner_settings(run_dir, manifest, commands.serve_config_for(
+            run_dir, {"cascade": True, "cascade_max_accuracy_loss": b})).cascade_threshold
+        for b in (0.0, 0.05)
+    )
+    assert loose <= strict  # a larger budget never lets the student answer fewer texts
+
+
 def test_cascade_without_predictions_or_student_names_the_fix(run_dir):
     os.remove(run_dir / "predictions" / "dev.npz")
     cfg = commands.serve_config_for(run_dir, {"cascade": True})
