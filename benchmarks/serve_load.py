@@ -345,12 +345,12 @@ def cascade_quality(run_dir: Path, confidence: str = "auto") -> dict[str, Any] |
 
     try:
         _, measure, _ = cascade.fit_cascade_from_run(run_dir, spec, confidence)
-        served = fit(measure)
+        by_measure = {m: fit(m) for m in cascade.CONFIDENCE_MEASURES}
     except (FileNotFoundError, ValueError) as err:
         print(f"no cascade accuracy: {err}", file=sys.stderr)
         return None
-    return {**served, "measure": measure, "confidence_setting": confidence,
-            "by_measure": {m: fit(m) for m in cascade.CONFIDENCE_MEASURES}}
+    return {**by_measure[measure], "measure": measure, "confidence_setting": confidence,
+            "by_measure": by_measure}
 
 
 def _ms(value: float | None) -> str:

@@ -14,10 +14,10 @@ run directory's view of the members (a mapping ``name -> output``) to it:
 The cascade lets the (cheap) student answer alone when its confidence reaches a threshold;
 `fit_threshold` picks the lowest threshold whose dev accuracy stays within a tolerance of the
 full ensemble's, which sends as much traffic as possible to the student. The confidence is the
-student's margin (top probability minus the runner-up) by default, or its top probability
-(`CONFIDENCE_MEASURES`). On the SST run the margin lets the student answer 55% of dev at the
-0.5-point budget where the top probability allows 50%: a close second class is what flags a
-text the student may get wrong.
+student's margin (top probability minus the runner-up) or its top probability
+(`CONFIDENCE_MEASURES`); `fit_cascade_from_run` with ``auto`` (Serve's default) fits both and
+keeps the one that lets the student answer more. Which wins depends on the student: on SST the
+margin did for independently trained students, the top probability for jointly trained ones.
 """
 
 from __future__ import annotations
@@ -515,12 +515,8 @@ def fit_threshold_from_run(
         FileNotFoundError: without saved predictions.
         ValueError: without a student member or with inconsistent predictions.
     """
-    preds = load_predictions(run_dir, split)
-    student = student_of(spec)
-    labels = np.asarray(preds["labels"]).astype(np.int64)
-    ensemble = combine_outputs(preds, spec).probs
-    threshold = fit_threshold(preds[student], ensemble, labels, max_accuracy_loss, measure)
-    return threshold, cascade_accuracy(preds[student], ensemble, labels, threshold, measure)
+    threshold, _, stats = fit_cascade_from_run(run_dir, spec, measure, max_accuracy_loss, split)
+    return threshold, stats
 
 
 def fit_cascade_from_run(
@@ -553,10 +549,14 @@ def fit_cascade_from_run(
             f"cascade confidence {confidence!r} unknown; use auto or one of {CONFIDENCE_MEASURES}"
         )
     measures = CONFIDENCE_MEASURES if confidence == "auto" else (confidence,)
-    fits = {
-        m: fit_threshold_from_run(run_dir, spec, max_accuracy_loss, split, measure=m)
-        for m in measures
-    }
+    preds = load_predictions(run_dir, split)  # read and combined once for every measure
+    student = preds[student_of(spec)]
+    labels = np.asarray(preds["labels"]).astype(np.int64)
+    ensemble = combine_outputs(preds, spec).probs
+    fits = {}
+    for m in measures:
+        threshold = fit_threshold(student, ensemble, labels, max_accuracy_loss, m)
+        fits[m] = threshold, cascade_accuracy(student, ensemble, labels, threshold, m)
     measure = max(measures, key=lambda m: fits[m][1]["student_fraction"])
     threshold, stats = fits[measure]
     return threshold, measure, stats
