@@ -3,6 +3,8 @@
     python benchmarks/sst_quality.py [--data ../shared/data/sst] [--rounds 2] [--epochs 0.5]
     python benchmarks/sst_quality.py --seed 1        # another seed: sst_quality_seed1.{json,md}
     python benchmarks/sst_quality.py --summarize     # every seed's file -> sst_quality_seeds.*
+    python benchmarks/sst_quality.py --seed 1 --variant no_c2r --reuse-independent \
+        --guidance training.guidance.classifier_from_regressor=0 ...  # ablate the joint arm
 
 Trains the four members twice with the same budget (`--rounds` x `--epochs` per round; the
 default, 2 x 0.5, is one pass over SST train like configs/sst.yaml): once with every guidance
@@ -17,6 +19,12 @@ One seed's comparison of two classifiers is noisy: one standard error of an accu
 the 2210 test texts is about 1.1 points. `--summarize` reads every seed's file and reports each
 target per seed and over seeds (the mean paired difference, joint minus independent, with its
 standard error across seeds).
+
+`--variant NAME` names an ablation of the joint arm: its files are sst_quality_NAME[_seedS].* and
+`--summarize --variant NAME` summarizes them. With `--reuse-independent` the independent arm is
+not trained again but copied from the same seed's sst_quality[_seedS].json (training is
+deterministic for a seed; the file must come from the same config, rounds, epochs and extra
+overrides, or the script stops).
 """
 
 from __future__ import annotations
@@ -103,8 +111,12 @@ def markdown(result: dict) -> str:
         f"- joint vs independent classifier: {t['joint_classifier_acc']:.3f} vs "
         f"{t['independent_classifier_acc']:.3f} → "
         f"{'met' if t['joint_classifier_beats_independent'] else 'missed'}",
-        f"- wall time: independent {result['independent']['wall_s']:.0f} s, joint "
-        f"{result['joint']['wall_s']:.0f} s",
+        f"- wall time: independent {result['independent']['wall_s']:.0f} s"
+        + (f" (not rerun: copied from {result['independent']['reused_from']}, commit "
+           f"{result['independent']['reused_git_commit']})"
+           if "reused_from" in result["independent"] else "")
+        + f", joint {result['joint']['wall_s']:.0f} s",
+        f"- seed {result['seed']}, joint arm guidance: {' '.join(result['guidance'])}",
         f"- load average before {result['load_before']}, after {result['load_after']} on "
         f"{result['cpus']} CPUs",
         "",
@@ -135,21 +147,53 @@ def targets(indep: dict, joint: dict, kinds: dict[str, str], chosen: str) -> dic
     }
 
 
-def result_name(seed: int) -> str:
-    return "sst_quality" if seed == 0 else f"sst_quality_seed{seed}"
+def result_name(seed: int, variant: str | None = None) -> str:
+    base = f"sst_quality_{variant}" if variant else "sst_quality"
+    return base if seed == 0 else f"{base}_seed{seed}"
 
 
-def seed_files(directory: Path) -> dict[int, Path]:
-    """Every seed's result file in `directory`, by seed."""
+def summary_name(variant: str | None = None) -> str:
+    return f"sst_quality_{variant}_seeds" if variant else "sst_quality_seeds"
+
+
+def seed_files(directory: Path, variant: str | None = None) -> dict[int, Path]:
+    """Every seed's result file of `variant` (None: the main comparison) in `directory`."""
     found = {}
     for path in directory.glob("sst_quality*.json"):
-        if path.stem == "sst_quality_seeds":
+        if path.stem.endswith("_seeds"):
             continue
-        seed = json.loads(path.read_text()).get("seed", 0)
-        if path.stem != result_name(seed):
-            raise ValueError(f"{path} holds seed {seed}; expected {result_name(seed)}.json")
+        r = json.loads(path.read_text())
+        if r.get("variant") != variant:
+            continue
+        seed = r.get("seed", 0)
+        if path.stem != result_name(seed, variant):
+            raise ValueError(
+                f"{path} holds seed {seed}; expected {result_name(seed, variant)}.json"
+            )
         found[seed] = path
     return dict(sorted(found.items()))
+
+
+def reused_independent(out: Path, seed: int, config: str, rounds: int, epochs: float,
+                       extra: list[str]) -> dict:
+    """The independent arm of `seed` from its main result file, if it was run the same way."""
+    path = out / f"{result_name(seed)}.json"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"--reuse-independent: {path} is missing; run the main comparison for seed {seed} "
+            "first, or drop --reuse-independent"
+        )
+    r = json.loads(path.read_text())
+    ours = {"config": Path(config).name, "rounds": rounds, "epochs": epochs, "extra": extra}
+    theirs = {"config": Path(r["config"]).name, "rounds": r["rounds"], "epochs": r["epochs"],
+              "extra": r.get("extra", [])}
+    if ours != theirs:
+        raise ValueError(
+            f"--reuse-independent: {path} was run with {theirs}, this run asks for {ours}; "
+            "rerun the main comparison with these settings or drop --reuse-independent"
+        )
+    return {**r["independent"], "reused_from": path.name,
+            "reused_git_commit": r["machine"].get("git_commit")}
 
 
 def _mean_se(values: list[float]) -> tuple[float, float | None]:
@@ -158,11 +202,13 @@ def _mean_se(values: list[float]) -> tuple[float, float | None]:
     return float(arr.mean()), se
 
 
-def summarize(directory: Path) -> dict:
+def summarize(directory: Path, variant: str | None = None) -> dict:
     """Both targets per seed and over seeds, from every seed's result file in `directory`."""
-    files = seed_files(directory)
+    files = seed_files(directory, variant)
     if not files:
-        raise FileNotFoundError(f"no sst_quality*.json in {directory}; run the benchmark first")
+        raise FileNotFoundError(
+            f"no {result_name(0, variant)}*.json in {directory}; run the benchmark first"
+        )
     seeds = {}
     for seed, path in files.items():
         r = json.loads(path.read_text())
@@ -180,7 +226,7 @@ def summarize(directory: Path) -> dict:
             "targets": targets(r["independent"]["test"], r["joint"]["test"], kinds,
                                r["joint"]["combine"]["method"]),
         }
-    out: dict = {"seeds": seeds, "over_seeds": {}}
+    out: dict = {"variant": variant, "seeds": seeds, "over_seeds": {}}
     shared = [set(s[m]) for s in seeds.values() for m in ("independent", "joint")]
     names = [n for n in next(iter(seeds.values()))["joint"] if n in set.intersection(*shared)]
     for name in names:
@@ -213,8 +259,9 @@ def summarize(directory: Path) -> dict:
 
 def summary_markdown(s: dict) -> str:
     n = len(s["seeds"])
+    title = f" ({s['variant']})" if s.get("variant") else ""
     lines = [
-        f"# SST quality over {n} seed(s): SST-5 test accuracy", "",
+        f"# SST quality{title} over {n} seed(s): SST-5 test accuracy", "",
         "| seed | classifier indep | classifier joint | joint ensemble (row) | best joint member |",
         "|---|---:|---:|---|---|",
     ]
@@ -270,19 +317,30 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="training.seed of both runs")
     ap.add_argument("--summarize", action="store_true",
                     help="only combine the seeds' result files in --out into sst_quality_seeds")
+    ap.add_argument("--variant", default=None,
+                    help="name of an ablation of the joint arm: sst_quality_VARIANT[_seedS].*")
+    ap.add_argument("--reuse-independent", action="store_true",
+                    help="copy the independent arm from this seed's sst_quality[_seedS].json")
     ap.add_argument("--work-dir", default=None,
                     help="default: runs/bench_sst_quality (seed 0) or runs/bench_sst_quality_seedS")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--address", default=None)
     ap.add_argument("extra", nargs="*", help="more dotted overrides for both runs")
     args = ap.parse_args()
+    if args.variant is not None and not args.variant.replace("_", "").isalnum():
+        ap.error(f"--variant {args.variant!r}: use letters, digits and _ only")
     if args.summarize:
-        summary = summarize(Path(args.out))
-        common.write_results("sst_quality_seeds", summary, summary_markdown(summary),
+        summary = summarize(Path(args.out), args.variant)
+        common.write_results(summary_name(args.variant), summary, summary_markdown(summary),
                              Path(args.out))
         print(summary_markdown(summary))
         return
-    work_dir = args.work_dir or str(ROOT / "runs" / f"bench_{result_name(args.seed)}")
+    work_dir = args.work_dir or str(ROOT / "runs" / f"bench_{result_name(args.seed, args.variant)}")
+    reused = (
+        reused_independent(Path(args.out), args.seed, args.config, args.rounds, args.epochs,
+                           args.extra)
+        if args.reuse_independent else None
+    )
 
     shared = [
         f"data.source={args.data}",
@@ -293,6 +351,7 @@ def main() -> None:
     ]
     result: dict = {
         "seed": args.seed,
+        "variant": args.variant,
         "config": args.config,
         "rounds": args.rounds,
         "epochs": args.epochs,
@@ -306,22 +365,29 @@ def main() -> None:
     # every guidance weight 0, whatever the config says: independent training
     no_guidance = [f"training.guidance.{f.name}=0" for f in dataclasses.fields(C.GuidanceConfig)
                    if f.name != "temperature"]
-    indep, t_indep = run(
-        args.config, [*shared, *no_guidance, f"output_dir={work_dir}/independent"], args.address
-    )
+    if reused is None:
+        indep, t_indep = run(
+            args.config, [*shared, *no_guidance, f"output_dir={work_dir}/independent"],
+            args.address,
+        )
+        result["independent"] = {"test": rows_of(indep), "wall_s": t_indep,
+                                 "combine": indep["combine"]}
     joint, t_joint = run(
         args.config, [*shared, *args.guidance, f"output_dir={work_dir}/joint"], args.address
     )
-    result["independent"] = {"test": rows_of(indep), "wall_s": t_indep, "combine": indep["combine"]}
     result["joint"] = {"test": rows_of(joint), "wall_s": t_joint, "combine": joint["combine"]}
     result["load_after"] = common.load_average()
-    for mode in ("independent", "joint"):
+    modes = ("joint",) if reused is not None else ("independent", "joint")
+    for mode in modes:
         result[mode]["combiners"] = common.combiners_on_test(Path(work_dir) / mode)
+    if reused is not None:
+        result["independent"] = reused
     kinds = {n: i["kind"] for n, i in joint["members"].items()}
     result["kinds"] = kinds
     result["targets"] = targets(result["independent"]["test"], result["joint"]["test"], kinds,
                                 joint["combine"]["method"])
-    common.write_results(result_name(args.seed), result, markdown(result), Path(args.out))
+    common.write_results(result_name(args.seed, args.variant), result, markdown(result),
+                         Path(args.out))
     print(markdown(result))
 
 

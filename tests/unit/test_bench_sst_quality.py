@@ -1,0 +1,84 @@
+"""benchmarks/sst_quality.py bookkeeping: result names, ablation variants, a reused arm."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import sst_quality as Q
+
+CONFIG = "/somewhere/configs/sst.yaml"
+KINDS = {"classifier": "classifier", "teacher": "teacher", "student": "student"}
+
+
+def _result(seed: int, variant: str | None, classifier: dict[str, float]) -> dict:
+    def arm(acc: float) -> dict:
+        test = {n: {"accuracy": a} for n, a in
+                {"classifier": acc, "teacher": 0.46, "student": 0.45,
+                 "ensemble/soft_vote": 0.48}.items()}
+        return {"test": test, "wall_s": 1.0, "combine": {"method": "soft_vote"}, "combiners": {}}
+
+    return {
+        "seed": seed, "variant": variant, "config": CONFIG, "rounds": 2, "epochs": 0.5,
+        "extra": [], "machine": {"git_commit": "abc1234"}, "kinds": KINDS,
+        "independent": arm(classifier["independent"]), "joint": arm(classifier["joint"]),
+    }
+
+
+def _write(directory: Path, seed: int, variant: str | None, **acc: float) -> Path:
+    path = directory / f"{Q.result_name(seed, variant)}.json"
+    path.write_text(json.dumps(_result(seed, variant, acc)))
+    return path
+
+
+def test_result_names() -> None:
+    assert Q.result_name(0) == "sst_quality"
+    assert Q.result_name(2) == "sst_quality_seed2"
+    assert Q.result_name(0, "no_c2r") == "sst_quality_no_c2r"
+    assert Q.result_name(1, "no_c2r") == "sst_quality_no_c2r_seed1"
+    assert Q.summary_name("no_c2r") == "sst_quality_no_c2r_seeds"
+
+
+def test_summaries_keep_variants_apart(tmp_path: Path) -> None:
+    _write(tmp_path, 0, None, independent=0.47, joint=0.46)
+    _write(tmp_path, 1, None, independent=0.47, joint=0.45)
+    _write(tmp_path, 0, "no_c2r", independent=0.47, joint=0.49)
+    (tmp_path / "sst_quality_seeds.json").write_text("{}")  # a summary is not a seed's result
+
+    main = Q.summarize(tmp_path)
+    ablation = Q.summarize(tmp_path, "no_c2r")
+
+    assert sorted(main["seeds"]) == [0, 1]
+    assert main["over_seeds"]["classifier"]["diff_mean"] == pytest.approx(-0.015)
+    assert not main["targets"]["joint_classifier_beats_independent"]
+    assert sorted(ablation["seeds"]) == [0]
+    assert ablation["over_seeds"]["classifier"]["diff_mean"] == pytest.approx(0.02)
+    assert ablation["targets"]["joint_classifier_beats_independent"]
+    assert "(no_c2r)" in Q.summary_markdown(ablation)
+    with pytest.raises(FileNotFoundError, match="sst_quality_other"):
+        Q.summarize(tmp_path, "other")
+
+
+def test_a_misnamed_result_file_is_refused(tmp_path: Path) -> None:
+    path = _write(tmp_path, 1, "no_c2r", independent=0.47, joint=0.46)
+    path.rename(tmp_path / "sst_quality_no_c2r_seed3.json")
+    with pytest.raises(ValueError, match="expected sst_quality_no_c2r_seed1.json"):
+        Q.summarize(tmp_path, "no_c2r")
+
+
+def test_reused_independent_arm_comes_from_the_same_settings(tmp_path: Path) -> None:
+    _write(tmp_path, 1, None, independent=0.47, joint=0.46)
+
+    arm = Q.reused_independent(tmp_path, 1, "configs/sst.yaml", 2, 0.5, [])
+    assert arm["test"]["classifier"]["accuracy"] == 0.47
+    assert arm["reused_from"] == "sst_quality_seed1.json"
+    assert arm["reused_git_commit"] == "abc1234"
+
+    with pytest.raises(ValueError, match="drop --reuse-independent"):
+        Q.reused_independent(tmp_path, 1, "configs/sst.yaml", 3, 0.5, [])
+    with pytest.raises(ValueError, match="drop --reuse-independent"):
+        Q.reused_independent(tmp_path, 1, "configs/sst.yaml", 2, 0.5, ["members.x.lr=1"])
+    with pytest.raises(FileNotFoundError, match="run the main comparison for seed 2"):
+        Q.reused_independent(tmp_path, 2, "configs/sst.yaml", 2, 0.5, [])
