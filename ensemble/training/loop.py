@@ -6,6 +6,7 @@ more than any other trick: SST sentences average ~20 tokens.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,29 @@ def collate(ids: Sequence[Sequence[int]], pad_id: int) -> dict[str, Tensor]:
         input_ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
         mask[row, : len(seq)] = 1
     return {"input_ids": input_ids, "attention_mask": mask}
+
+
+@dataclass(frozen=True)
+class StreamStart:
+    """Where a training job reads its shuffled data stream: epoch e of it is the permutation
+    seeded (seed, e), and the job's first micro-batch is number `position` of the stream."""
+
+    seed: int
+    position: int
+
+
+def stream_start(
+    seed: int, round: int, repeat: int, offset_steps: int, curriculum: bool = False
+) -> StreamStart:
+    """The stream of a stage's `repeat`-th run (in round `round`), `offset_steps` micro-steps in.
+
+    Repeats of one stage share a stream and continue it, so their examples do not overlap until
+    a whole epoch has been read. A curriculum orders every run afresh: it starts at 0 with a seed
+    of its own round.
+    """
+    if curriculum:
+        return StreamStart(seed + 7919 * round, 0)
+    return StreamStart(seed + 7919 * (round - repeat + 1), offset_steps)
 
 
 def epoch_order(
@@ -104,6 +128,26 @@ def micro_batches(order: np.ndarray, size: int, skip: int = 0) -> Iterator[np.nd
     """Consecutive micro-batches of `order`, dropping a ragged tail; the first `skip` omitted."""
     for b in range(skip, len(order) // size):
         yield order[b * size : (b + 1) * size]
+
+
+def epoch_batches(
+    n: int,
+    stream: StreamStart,
+    micro: int,
+    per_epoch: int,
+    size: int,
+    rank: int = 0,
+    world: int = 1,
+    ordered: np.ndarray | None = None,
+) -> Iterator[np.ndarray]:
+    """This rank's micro-batches from the job's step `micro` to the end of the current epoch.
+
+    The stream position is ``stream.position + micro``; its epoch is the seeded shuffle (or the
+    given curriculum order) `epoch_order` returns, of which `per_epoch` micro-batches count.
+    """
+    epoch, skip = divmod(stream.position + micro, per_epoch)
+    order = epoch_order(n, stream.seed, epoch, rank, world, ordered)
+    yield from itertools.islice(micro_batches(order, size, skip=skip), per_epoch - skip)
 
 
 @torch.inference_mode()

@@ -32,8 +32,8 @@ from ensemble.training.loop import (
     Targets,
     Throughput,
     encode,
-    epoch_order,
-    micro_batches,
+    epoch_batches,
+    stream_start,
     train_step,
 )
 
@@ -201,13 +201,24 @@ def train_member(config: dict[str, Any]) -> None:
     speed = Throughput()
     micro = state["micro"]
     offset_steps = (job.repeat - 1) * job_steps
+    # a stage repeated over rounds reads one shuffled stream: round r continues where round r-1
+    # stopped, so 2 rounds x 0.5 epoch is one pass and round r's texts are new to the models
+    # whose predictions guide it. A curriculum restarts its pacing every round instead.
+    stream = stream_start(
+        job.seed, job.round, job.repeat, offset_steps, curriculum=order is not None
+    )
     while micro < job_steps:
-        epoch, skip = divmod(micro, per_epoch)
-        seed = job.seed + 7919 * job.round
-        ordered = None if order is None else S.paced_order(order, job.stage, epoch, epochs, seed)
-        index_order = epoch_order(n, seed, epoch, rank, world, ordered)
+        epoch = (stream.position + micro) // per_epoch
+        ordered = (
+            None if order is None
+            else S.paced_order(order, job.stage, epoch, epochs, stream.seed)
+        )
         engine.model.train()
-        for index in micro_batches(index_order, job.member.micro_batch_size, skip=skip):
+        batches = epoch_batches(
+            n, stream, micro, per_epoch, job.member.micro_batch_size, rank, world, ordered
+        )
+        start = micro
+        for index in batches:
             result = train_step(engine, ids, tokenizer.pad_token_id, targets, index,
                                 job.member.kind, job.member.task_loss, weights, ci)
             micro += 1
@@ -220,8 +231,14 @@ def train_member(config: dict[str, Any]) -> None:
                     board.update.remote(job.name, {**point, "lr": engine.lr(),
                                                    "samples_per_s": speed.rate(),
                                                    "progress": micro / job_steps})
-            if micro >= job_steps or micro % per_epoch == 0:
+            if micro >= job_steps:
                 break
+        if micro == start:
+            raise ValueError(
+                f"{job.name}: {n} training texts give no micro-batch of "
+                f"{job.member.micro_batch_size} x grad_accum {job.member.grad_accum} on each of "
+                f"{world} workers; lower micro_batch_size, grad_accum or num_workers"
+            )
         state["micro"] = micro
         last = state["history"][-1]["loss"] if state["history"] else float("nan")
         metrics = {"round": job.round, "stage": job.stage.name, "micro": micro,

@@ -23,13 +23,16 @@ from ensemble.training.engine import (
 )
 from ensemble.training.loop import (
     StepResult,
+    StreamStart,
     Targets,
     Throughput,
     collate,
     encode,
+    epoch_batches,
     epoch_order,
     micro_batches,
     predict_logits,
+    stream_start,
     train_step,
 )
 from ensemble.training.worker import stage_micro_steps, steps_per_epoch
@@ -295,6 +298,52 @@ def test_micro_batches_drop_the_tail_and_skip() -> None:
     batches = list(micro_batches(np.arange(10), 3))
     assert [b.tolist() for b in batches] == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
     assert [b.tolist() for b in micro_batches(np.arange(10), 3, skip=2)] == [[6, 7, 8]]
+
+
+def _job_batches(stream: StreamStart, n: int, job_steps: int, per_epoch: int, size: int,
+                 rank: int = 0, world: int = 1) -> list[list[int]]:
+    """What the worker's loop draws: epoch by epoch until the job's steps are done."""
+    micro, out = 0, []
+    while micro < job_steps:
+        for index in epoch_batches(n, stream, micro, per_epoch, size, rank, world):
+            out.append(index.tolist())
+            micro += 1
+            if micro >= job_steps:
+                break
+    return out
+
+
+def test_rounds_of_a_repeated_stage_continue_one_stream() -> None:
+    n, size, per_epoch, half = 100, 10, 10, 5  # 2 rounds x 0.5 epoch
+    rounds = [
+        _job_batches(stream_start(7, r, r, (r - 1) * half), n, half, per_epoch, size)
+        for r in (1, 2)
+    ]
+    seen = [i for batches in rounds for b in batches for i in b]
+    assert sorted(seen) == list(range(100))  # one pass: every text exactly once
+    # round 1 is what it always was: the first half of the round-1 shuffle
+    assert [i for b in rounds[0] for i in b] == epoch_order(n, 7 + 7919, 0)[:50].tolist()
+    # three rounds of 0.5 epoch: the third starts the next epoch's shuffle
+    third = _job_batches(stream_start(7, 3, 3, 2 * half), n, half, per_epoch, size)
+    assert [i for b in third for i in b] == epoch_order(n, 7 + 7919, 1)[:50].tolist()
+
+
+def test_a_round_crossing_an_epoch_boundary_and_ranks() -> None:
+    n, size, per_epoch, steps = 40, 5, 4, 3  # per rank: 20 texts, 4 batches; 3 steps per round
+    for rank in (0, 1):
+        r1 = _job_batches(stream_start(0, 1, 1, 0), n, steps, per_epoch, size, rank, 2)
+        r2 = _job_batches(stream_start(0, 2, 2, steps), n, steps, per_epoch, size, rank, 2)
+        assert len(r1) == len(r2) == steps
+        first_epoch = epoch_order(n, 7919, 0, rank, 2).tolist()
+        assert [i for b in r1 + r2[:1] for i in b] == first_epoch  # epoch 0 read once, in order
+        assert r2[1] == epoch_order(n, 7919, 1, rank, 2)[:size].tolist()  # then epoch 1
+
+
+def test_earlier_stages_and_curricula_keep_their_own_start() -> None:
+    assert stream_start(3, 1, 1, 0) == StreamStart(3 + 7919, 0)
+    assert stream_start(3, 2, 2, 50) == StreamStart(3 + 7919, 50)
+    # a curriculum restarts its pacing each round, with that round's seed
+    assert stream_start(3, 2, 2, 50, curriculum=True) == StreamStart(3 + 2 * 7919, 0)
 
 
 def test_steps_per_epoch_and_stage_steps() -> None:
