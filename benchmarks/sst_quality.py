@@ -321,6 +321,8 @@ def main() -> None:
                     help="name of an ablation of the joint arm: sst_quality_VARIANT[_seedS].*")
     ap.add_argument("--reuse-independent", action="store_true",
                     help="copy the independent arm from this seed's sst_quality[_seedS].json")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the run directories in --work-dir (an interrupted run)")
     ap.add_argument("--work-dir", default=None,
                     help="default: runs/bench_sst_quality (seed 0) or runs/bench_sst_quality_seedS")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -336,6 +338,13 @@ def main() -> None:
         print(summary_markdown(summary))
         return
     work_dir = args.work_dir or str(ROOT / "runs" / f"bench_{result_name(args.seed, args.variant)}")
+    arms = ("joint",) if args.reuse_independent else ("independent", "joint")
+    stale = [f"{work_dir}/{arm}" for arm in arms if Path(work_dir, arm).exists()]
+    if stale and not args.resume:
+        # `ensemble train` resumes a run directory and skips its finished rounds: training again
+        # into an old one would report the old models as this code's
+        ap.error(f"{' and '.join(stale)} already exist; move them away for a fresh measurement, "
+                 "or pass --resume to finish an interrupted run")
     reused = (
         reused_independent(Path(args.out), args.seed, args.config, args.rounds, args.epochs,
                            args.extra)

@@ -82,3 +82,16 @@ def test_reused_independent_arm_comes_from_the_same_settings(tmp_path: Path) -> 
         Q.reused_independent(tmp_path, 1, "configs/sst.yaml", 2, 0.5, ["members.x.lr=1"])
     with pytest.raises(FileNotFoundError, match="run the main comparison for seed 2"):
         Q.reused_independent(tmp_path, 2, "configs/sst.yaml", 2, 0.5, [])
+
+
+def test_refuses_an_existing_run_directory(tmp_path: Path, monkeypatch, capsys) -> None:
+    """A finished old run in the work dir would be resumed and reported as a new measurement."""
+    (tmp_path / "joint").mkdir()
+    monkeypatch.setattr("sys.argv", ["sst_quality.py", "--work-dir", str(tmp_path),
+                                     "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exit_info:
+        Q.main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path}/joint already exist" in err and "--resume" in err
+    assert not (tmp_path / "out").exists()
