@@ -64,12 +64,18 @@ def machine() -> dict[str, Any]:
 
 
 def _git_commit() -> str | None:
+    """HEAD's short hash, with "+dirty" when tracked code differs from it (result files aside)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, check=True, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, check=True,
-                             capture_output=True, text=True, timeout=10)
+        head = git("rev-parse", "--short", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                      ":(exclude)benchmarks/results")
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    return f"{head}+dirty" if head and changed else head or None
 
 
 @contextlib.contextmanager
