@@ -168,13 +168,14 @@ def write_results(name: str, data: dict[str, Any], markdown: str,
     return json_path, md_path
 
 
-def combiners_on_test(run_dir: Path, seed: int = 0) -> dict[str, Any]:
+def combiners_on_test(run_dir: Path, seed: int | None = None) -> dict[str, Any]:
     """Every combination method of a finished run, fitted on dev and scored on test.
 
     Reads the run's `predictions/{dev,test}.npz` (member probabilities; the regressor's
     intensities) and `manifest.json`, fits each method with `ensemble.tuning.weights.choose`
-    exactly as `ensemble train` does (learned methods scored out-of-fold on dev), and applies each
-    fitted combiner to test. Uniform voting (`soft_vote`, `hard_vote`) fits nothing.
+    exactly as `ensemble train` does (learned methods scored out-of-fold on dev, folds drawn with
+    the run's `training.seed` unless `seed` is given), and applies each fitted combiner to test.
+    Uniform voting (`soft_vote`, `hard_vote`) fits nothing.
 
     Returns:
         {"chosen": method picked on dev, "methods": {method: {"dev": score, "out_of_fold": bool,
@@ -183,12 +184,16 @@ def combiners_on_test(run_dir: Path, seed: int = 0) -> dict[str, Any]:
     import numpy as np
 
     from ensemble import combine
+    from ensemble import config as C
     from ensemble import evaluate as E
     from ensemble.metrics import classification_metrics
     from ensemble.rundir import Manifest
     from ensemble.tuning.weights import choose
 
     manifest = Manifest.load(run_dir)
+    if seed is None:
+        # the out-of-fold dev scores depend on the folds: the run's own seed picks what it picked
+        seed = C.load(run_dir / "config.yaml").training.seed
     sharpness = (manifest.combine.get("params") or {}).get("regressor_sharpness")
     kinds = {n: m.kind for n, m in manifest.members.items()}
     num_classes = len(manifest.label_names)

@@ -298,6 +298,24 @@ def summary_markdown(s: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def rescore(out: Path, name: str, work_dir: Path) -> dict:
+    """Refit the combiner tables of result `name` from the run directories under `work_dir`."""
+    path = out / f"{name}.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; run the benchmark first")
+    result = json.loads(path.read_text())
+    for mode in ("independent", "joint"):
+        if "reused_from" in result[mode]:
+            continue  # refitted in the file it was copied from
+        run_dir = work_dir / mode
+        if not (run_dir / "manifest.json").exists():
+            raise FileNotFoundError(f"{run_dir} holds no finished run; --work-dir names the "
+                                    f"directory {name} was trained in")
+        result[mode]["combiners"] = common.combiners_on_test(run_dir)
+    common.write_results(name, result, markdown(result), out)
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(ROOT / "configs" / "sst.yaml"))
@@ -321,6 +339,9 @@ def main() -> None:
                     help="name of an ablation of the joint arm: sst_quality_VARIANT[_seedS].*")
     ap.add_argument("--reuse-independent", action="store_true",
                     help="copy the independent arm from this seed's sst_quality[_seedS].json")
+    ap.add_argument("--rescore", action="store_true",
+                    help="only refit the combiner tables of this seed's result file from its "
+                         "run directories (no training)")
     ap.add_argument("--resume", action="store_true",
                     help="continue the run directories in --work-dir (an interrupted run)")
     ap.add_argument("--work-dir", default=None,
@@ -338,6 +359,10 @@ def main() -> None:
         print(summary_markdown(summary))
         return
     work_dir = args.work_dir or str(ROOT / "runs" / f"bench_{result_name(args.seed, args.variant)}")
+    if args.rescore:
+        result = rescore(Path(args.out), result_name(args.seed, args.variant), Path(work_dir))
+        print(markdown(result))
+        return
     arms = ("joint",) if args.reuse_independent else ("independent", "joint")
     stale = [f"{work_dir}/{arm}" for arm in arms if Path(work_dir, arm).exists()]
     if stale and not args.resume:

@@ -95,3 +95,14 @@ def test_refuses_an_existing_run_directory(tmp_path: Path, monkeypatch, capsys) 
     err = capsys.readouterr().err
     assert f"{tmp_path}/joint already exist" in err and "--resume" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_rescore_needs_the_finished_run_directories(tmp_path: Path) -> None:
+    _write(tmp_path, 1, None, independent=0.47, joint=0.48)
+    (tmp_path / "work" / "independent").mkdir(parents=True)
+    before = (tmp_path / "sst_quality_seed1.json").read_text()
+    with pytest.raises(FileNotFoundError, match="holds no finished run"):
+        Q.rescore(tmp_path, "sst_quality_seed1", tmp_path / "work")
+    with pytest.raises(FileNotFoundError, match="run the benchmark first"):
+        Q.rescore(tmp_path, "sst_quality_seed3", tmp_path / "work")
+    assert (tmp_path / "sst_quality_seed1.json").read_text() == before
