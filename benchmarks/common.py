@@ -59,11 +59,11 @@ def machine() -> dict[str, Any]:
         "deepspeed": deepspeed.__version__,
         "transformers": transformers.__version__,
         "cuda": torch.cuda.is_available(),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
     }
 
 
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
     """HEAD's short hash, with "+dirty" when tracked code differs from it (result files aside)."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO, check=True, capture_output=True,
@@ -178,8 +178,9 @@ def combiners_on_test(run_dir: Path, seed: int | None = None) -> dict[str, Any]:
     Uniform voting (`soft_vote`, `hard_vote`) fits nothing.
 
     Returns:
-        {"chosen": method picked on dev, "methods": {method: {"dev": score, "out_of_fold": bool,
-        "weights": {member: w}, "test_accuracy", "test_macro_f1"}}}
+        {"chosen": method picked on dev, "rule": its selection rule, "methods": {method:
+        {"dev": score, "out_of_fold": bool, "weights": {member: w}, "test_accuracy",
+        "test_macro_f1"}}}
     """
     import numpy as np
 
@@ -191,9 +192,10 @@ def combiners_on_test(run_dir: Path, seed: int | None = None) -> dict[str, Any]:
     from ensemble.tuning.weights import choose
 
     manifest = Manifest.load(run_dir)
+    training = C.load(run_dir / "config.yaml").training
     if seed is None:
         # the out-of-fold dev scores depend on the folds: the run's own seed picks what it picked
-        seed = C.load(run_dir / "config.yaml").training.seed
+        seed = training.seed
     sharpness = (manifest.combine.get("params") or {}).get("regressor_sharpness")
     kinds = {n: m.kind for n, m in manifest.members.items()}
     num_classes = len(manifest.label_names)
@@ -206,8 +208,14 @@ def combiners_on_test(run_dir: Path, seed: int | None = None) -> dict[str, Any]:
             outputs, kinds, manifest.intensity_edges, num_classes, sharpness
         )
     methods = ("hard_vote", "soft_vote", "weighted", "caruana", "stacking")
-    best, fitted = choose(stacked["dev"], labels["dev"], methods=methods, seed=seed)
-    out: dict[str, Any] = {"chosen": best.method, "members": names, "methods": {}}
+    _, fitted = choose(stacked["dev"], labels["dev"], methods=methods, seed=seed, rule="best")
+    # the choice `ensemble train` makes with this code and the run's settings
+    choice = (("soft_vote", "weighted", "caruana", "stacking")
+              if training.combiner == "auto" else (training.combiner,))
+    chosen, _ = choose(stacked["dev"], labels["dev"], methods=choice, seed=seed,
+                       rule=training.combiner_select)
+    out: dict[str, Any] = {"chosen": chosen.method, "rule": training.combiner_select,
+                           "members": names, "methods": {}}
     for method, fit in fitted.items():
         probs = combine.apply(method, stacked["test"], fit.weights, fit.params)
         m = classification_metrics(labels["test"], probs, manifest.label_names)
@@ -224,7 +232,8 @@ def combiners_on_test(run_dir: Path, seed: int | None = None) -> dict[str, Any]:
 def combiner_markdown(title: str, table: dict[str, Any]) -> str:
     """A markdown table of `combiners_on_test` output."""
     lines = [
-        f"**{title}** (chosen on dev: `{table['chosen']}`)",
+        f"**{title}** (chosen on dev: `{table['chosen']}`"
+        + (f", rule {table['rule']})" if "rule" in table else ")"),
         "",
         "| method | dev score | test acc | test macro-F1 | weights |",
         "|---|---:|---:|---:|---|",

@@ -116,6 +116,11 @@ def markdown(result: dict) -> str:
            f"{result['independent']['reused_git_commit']})"
            if "reused_from" in result["independent"] else "")
         + f", joint {result['joint']['wall_s']:.0f} s",
+        *[
+            f"- {mode} ensemble: {c['method']} is what this code chooses (rule {c['rule']}, "
+            f"refitted at commit {c['rescored_git_commit']}); the run published {c['published']}"
+            for mode in ("independent", "joint") if "published" in (c := result[mode]["combine"])
+        ],
         f"- seed {result['seed']}, joint arm guidance: {' '.join(result['guidance'])}",
         f"- load average before {result['load_before']}, after {result['load_after']} on "
         f"{result['cpus']} CPUs",
@@ -220,8 +225,11 @@ def summarize(directory: Path, variant: str | None = None) -> dict:
             accs[mode] = {n: row["accuracy"] for n, row in test.items()}
             chosen = f"ensemble/{r[mode]['combine']['method']}"
             accs[mode]["ensemble (chosen on dev)"] = test[chosen]["accuracy"]
+        combine = r["joint"]["combine"]
         seeds[seed] = {
             "git_commit": r["machine"].get("git_commit"),
+            # how the joint ensemble was chosen: runs before combiner_select took the best score
+            "rule": combine.get("rule") or combine.get("select") or "best",
             **accs,
             "targets": targets(r["independent"]["test"], r["joint"]["test"], kinds,
                                r["joint"]["combine"]["method"]),
@@ -262,14 +270,16 @@ def summary_markdown(s: dict) -> str:
     title = f" ({s['variant']})" if s.get("variant") else ""
     lines = [
         f"# SST quality{title} over {n} seed(s): SST-5 test accuracy", "",
-        "| seed | classifier indep | classifier joint | joint ensemble (row) | best joint member |",
+        "| seed | classifier indep | classifier joint | joint ensemble (row, rule) | "
+        "best joint member |",
         "|---|---:|---:|---|---|",
     ]
     for seed, r in s["seeds"].items():
         t = r["targets"]
         lines.append(
             f"| {seed} | {t['independent_classifier_acc']:.3f} | {t['joint_classifier_acc']:.3f} "
-            f"| {t['ensemble_acc']:.3f} ({t['ensemble_row']}) | {t['best_member_acc']:.3f} "
+            f"| {t['ensemble_acc']:.3f} ({t['ensemble_row']}, {r['rule']}) | "
+            f"{t['best_member_acc']:.3f} "
             f"({t['best_member']}) |"
         )
     lines += ["", "| model | independent mean | joint mean | joint - independent (± SE) | "
@@ -311,7 +321,24 @@ def rescore(out: Path, name: str, work_dir: Path) -> dict:
         if not (run_dir / "manifest.json").exists():
             raise FileNotFoundError(f"{run_dir} holds no finished run; --work-dir names the "
                                     f"directory {name} was trained in")
-        result[mode]["combiners"] = common.combiners_on_test(run_dir)
+        table = common.combiners_on_test(run_dir)
+        result[mode]["combiners"] = table
+        published = result[mode]["combine"]
+        if table["chosen"] != published["method"]:
+            # the run published another method than this code would: score this code's choice
+            result[mode]["combine"] = {
+                "method": table["chosen"], "rule": table["rule"],
+                "published": published["method"], "rescored_git_commit": common.git_commit(),
+            }
+            row = f"ensemble/{table['chosen']}"
+            if row not in result[mode]["test"]:
+                fit = table["methods"][table["chosen"]]
+                # the intensity estimate does not depend on the vote: any ensemble row's r
+                r = result[mode]["test"][f"ensemble/{published['method']}"].get("pearson")
+                result[mode]["test"][row] = {"accuracy": fit["test_accuracy"],
+                                             "macro_f1": fit["test_macro_f1"], "pearson": r}
+    result["targets"] = targets(result["independent"]["test"], result["joint"]["test"],
+                                result["kinds"], result["joint"]["combine"]["method"])
     common.write_results(name, result, markdown(result), out)
     return result
 

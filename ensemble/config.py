@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Any, Literal
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+logger = logging.getLogger(__name__)
 
 MemberKind = Literal["classifier", "regressor", "teacher", "student"]
 StageName = Literal["mlm", "finetune", "curriculum", "distill"]
@@ -208,10 +211,12 @@ class TrainingConfig:
     rounds: int = 1
     seed: int = 0
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
-    # see ensemble.combine.METHODS; learned methods are fitted by ensemble.tuning.weights
-    combine_method: Literal["hard_vote", "soft_vote", "weighted", "caruana", "stacking"] = (
-        "soft_vote"
-    )
+    # how the published ensemble combines its members (ensemble.combine.METHODS; learned methods
+    # are fitted on dev by ensemble.tuning.weights). "auto" picks one of soft_vote, weighted,
+    # caruana and stacking by out-of-fold dev accuracy under combiner_select: "one_se" keeps the
+    # simplest method within one bootstrap standard error of the best, "best" takes the best
+    combiner: Literal["auto", "hard_vote", "soft_vote", "weighted", "caruana", "stacking"] = "auto"
+    combiner_select: Literal["one_se", "best"] = "one_se"
     # how the regressor votes among classifiers: "calibrated" softens its binned intensity with a
     # sharpness fitted on dev (ensemble.combine.fit_regressor_sharpness); "one_hot" votes its bin
     regressor_vote: Literal["calibrated", "one_hot"] = "calibrated"
@@ -387,6 +392,18 @@ def _merge_member_defaults(raw: DictConfig) -> DictConfig:
     return raw
 
 
+def _drop_retired(raw: DictConfig) -> DictConfig:
+    """Drop keys that older versions wrote into every run's config.yaml but never applied."""
+    training = raw.get("training")
+    if isinstance(training, DictConfig) and "combine_method" in training:
+        value = training.pop("combine_method")
+        logger.warning(
+            "training.combine_method=%s is ignored: it never took effect (the combiner was always "
+            "chosen on dev); set training.combiner (auto, soft_vote, weighted, ...) instead", value
+        )
+    return raw
+
+
 def load(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Load a RunConfig from YAML plus dotted `key=value` overrides.
 
@@ -416,6 +433,7 @@ def load(path: str | os.PathLike | None = None, overrides: list[str] | None = No
     try:
         raw = OmegaConf.merge(raw, OmegaConf.from_dotlist(list(overrides or [])))
         raw = _merge_member_defaults(raw)
+        raw = _drop_retired(raw)
         merged = OmegaConf.merge(OmegaConf.structured(RunConfig), raw)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:

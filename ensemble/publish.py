@@ -38,19 +38,24 @@ def fit_combiner(
     splits: Splits,
     seed: int,
     regressor_vote: str = "calibrated",
+    method: str = "auto",
+    select: str = "one_se",
 ) -> dict[str, Any]:
-    """Choose the combination method on dev (learned methods scored out-of-fold).
+    """Fit the combination ``method`` on dev, or with ``auto`` choose one (`weights.choose`).
 
-    The regressor vote's fitted sharpness goes into ``params["regressor_sharpness"]``, where
-    Serve reads it, so served votes equal the evaluated ones.
+    Learned methods are scored out-of-fold. The regressor vote's fitted sharpness goes into
+    ``params["regressor_sharpness"]``, where Serve reads it, so served votes equal the evaluated
+    ones.
     """
     edges, num_classes = splits.intensity_edges(), splits.num_labels()
     sharpness = E.regressor_sharpness(
         dev_probs, kinds, splits.labels["dev"], edges, num_classes, regressor_vote
     )
     names, probs = E.vote_probs(dev_probs, kinds, edges, num_classes, sharpness)
-    best, results = choose(probs, splits.labels["dev"], seed=seed)
+    methods = ("soft_vote", "weighted", "caruana", "stacking") if method == "auto" else (method,)
+    best, results = choose(probs, splits.labels["dev"], methods=methods, seed=seed, rule=select)
     entry = best.to_manifest(names)
+    entry["select"] = select if method == "auto" else "fixed"
     if sharpness is not None:
         entry["params"] = {**entry["params"], "regressor_sharpness": sharpness}
     entry["candidates"] = {m: r.dev_score for m, r in results.items()}
@@ -75,7 +80,8 @@ def publish(
             arrays["intensity"] = splits.intensity[split]
         save_npz(run_dir / "predictions" / f"{split}.npz", arrays)
     combine = fit_combiner(
-        probs["dev"], kinds, splits, cfg.training.seed, cfg.training.regressor_vote
+        probs["dev"], kinds, splits, cfg.training.seed, cfg.training.regressor_vote,
+        cfg.training.combiner, cfg.training.combiner_select,
     )
     common = dict(
         kinds=kinds,

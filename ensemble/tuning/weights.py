@@ -55,6 +55,7 @@ class FitResult:
         dev_score: the dev score under ``metric``; out-of-fold when ``out_of_fold`` is true.
         metric: the metric of ``dev_score`` (higher is better).
         out_of_fold: whether ``dev_score`` comes from cross-fitting rather than in-sample.
+        dev_probs: the (B, C) dev predictions ``dev_score`` was computed from, when known.
     """
 
     method: str
@@ -63,6 +64,8 @@ class FitResult:
     dev_score: float = float("nan")
     metric: str = "accuracy"
     out_of_fold: bool = False
+    # (B, C) dev predictions behind dev_score (out-of-fold when out_of_fold); not serialised
+    dev_probs: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def apply(self, probs: np.ndarray) -> np.ndarray:
         """(M, B, C) member probabilities -> (B, C) combined probabilities."""
@@ -76,6 +79,7 @@ class FitResult:
                 "names in the order of the members' probabilities"
             )
         out = asdict(self)
+        del out["dev_probs"]
         out["weights"] = dict(zip(member_names, self.weights, strict=True))
         out["members"] = list(member_names)
         return out
@@ -215,7 +219,8 @@ def fit_stacking(
     mass = np.abs(np.asarray(params["coef"])).reshape(c, m, c).sum(axis=(0, 2))  # (M,)
     weights = mass / mass.sum() if mass.sum() > 0 else np.full(m, 1.0 / m)
     dev_score = metric_value(oof, y, metric)
-    return FitResult("stacking", weights.tolist(), params, dev_score, metric, out_of_fold=True)
+    return FitResult("stacking", weights.tolist(), params, dev_score, metric, out_of_fold=True,
+                     dev_probs=oof)
 
 
 def choose(
@@ -226,15 +231,23 @@ def choose(
     folds: int = 5,
     seed: int = 0,
     n_iter: int = 50,
+    rule: Literal["one_se", "best"] = "one_se",
+    bootstrap: int = 500,
 ) -> tuple[FitResult, dict[str, FitResult]]:
-    """Fit every method in ``methods`` and pick the best by a fair dev score.
+    """Fit every method in ``methods`` and pick one by a fair dev score.
 
     Fixed combiners (``soft_vote``, ``hard_vote``, equal weights) fit nothing, so their dev
     score is honest in-sample. Every learned combiner is scored out-of-fold: ``weighted`` and
     ``caruana`` are refitted on each training fold and their combined predictions on the held-out
     fold are scored together; ``stacking`` is cross-fitted by `fit_stacking`. The returned
-    results carry parameters fitted on all of dev. Ties go to the method listed first, so list
-    simpler methods first.
+    results carry parameters fitted on all of dev. List simpler methods first.
+
+    ``rule="best"`` picks the highest dev score (ties to the method listed first).
+    ``rule="one_se"`` picks the first-listed method whose dev score is within one standard error
+    of the best one's: the standard error of the paired score difference over ``bootstrap``
+    resamples of the dev examples. On a dev set of a thousand texts, learned combiners often lead
+    the uniform vote by a few examples, which says little about test; this rule keeps the simpler
+    method unless the lead is larger than its own noise.
 
     Args:
         probs_dev: (M, B, C) dev probabilities.
@@ -245,13 +258,19 @@ def choose(
         folds: cross-fitting folds for the learned methods.
         seed: seed of the folds and of `fit_weighted`'s restarts.
         n_iter: picks of `fit_caruana`.
+        rule: ``one_se`` or ``best``, see above.
+        bootstrap: resamples behind the one-standard-error rule (seeded by ``seed``).
 
     Returns:
-        ``(best, {method: FitResult})``.
+        ``(chosen, {method: FitResult})``.
     """
     unknown = [name for name in methods if name not in CHOOSABLE]
     if unknown or not methods:
         raise ValueError(f"unknown methods {unknown}; choose from {', '.join(CHOOSABLE)}")
+    if rule not in ("one_se", "best"):
+        raise ValueError(f"unknown rule {rule!r}; use one_se or best")
+    if rule == "one_se" and bootstrap < 2:
+        raise ValueError(f"bootstrap={bootstrap} must be >= 2 for the one_se rule")
     p, y = _check_dev(probs_dev, labels_dev, metric)
     m = p.shape[0]
     learners: dict[str, Callable[[np.ndarray, np.ndarray], FitResult]] = {
@@ -262,8 +281,9 @@ def choose(
     for name in methods:
         if name in ("soft_vote", "hard_vote"):
             uniform = np.full(m, 1.0 / m)
-            dev = metric_value(combine.apply(name, p, uniform), y, metric)
-            results[name] = FitResult(name, uniform.tolist(), {}, dev, metric, False)
+            voted = combine.apply(name, p, uniform)
+            dev = metric_value(voted, y, metric)
+            results[name] = FitResult(name, uniform.tolist(), {}, dev, metric, False, voted)
         elif name == "stacking":
             results[name] = fit_stacking(p, y, folds=folds, seed=seed, metric=metric)
         else:
@@ -271,15 +291,39 @@ def choose(
             oof = _cross_fit(lambda idx, f=learn: f(p[:, idx], y[idx]).apply, p, y, folds, seed)
             full = learn(p, y)
             full.dev_score, full.out_of_fold = metric_value(oof, y, metric), True
+            full.dev_probs = oof
             results[name] = full
     best = max(results.values(), key=lambda r: r.dev_score)  # first of equals: listed first
+    chosen = best if rule == "best" else _one_se(results, best, y, metric, bootstrap, seed)
     logger.info(
-        "combiner %s wins on dev %s (%s)",
-        best.method,
+        "combiner %s chosen on dev %s by rule %s (%s)",
+        chosen.method,
         metric,
+        rule,
         ", ".join(f"{k}={r.dev_score:.4f}" for k, r in results.items()),
     )
-    return best, results
+    return chosen, results
+
+
+def _one_se(
+    results: dict[str, FitResult],
+    best: FitResult,
+    y: np.ndarray,
+    metric: str,
+    bootstrap: int,
+    seed: int,
+) -> FitResult:
+    """The first-listed result within one bootstrap standard error of ``best``'s dev score."""
+    rng = np.random.default_rng(seed)
+    draws = [rng.integers(0, y.size, y.size) for _ in range(bootstrap)]
+    for r in results.values():
+        if r is best:
+            return best
+        diffs = [metric_value(best.dev_probs[i], y[i], metric)
+                 - metric_value(r.dev_probs[i], y[i], metric) for i in draws]
+        if best.dev_score - r.dev_score <= float(np.std(diffs, ddof=1)):
+            return r
+    return best
 
 
 def _cross_fit(

@@ -27,8 +27,8 @@ def test_git_commit_marks_edited_code_but_not_result_files(tmp_path: Path, monke
     head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "--short", "HEAD"],
                           check=True, capture_output=True, text=True).stdout.strip()
 
-    assert common._git_commit() == head
+    assert common.git_commit() == head
     (tmp_path / "benchmarks" / "results" / "r.json").write_text('{"new": 1}\n')
-    assert common._git_commit() == head
+    assert common.git_commit() == head
     (tmp_path / "code.py").write_text("x = 2\n")
-    assert common._git_commit() == f"{head}+dirty"
+    assert common.git_commit() == f"{head}+dirty"

@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import yaml
 
 from ensemble import config as C
 from ensemble.cli import main
@@ -191,3 +192,22 @@ def test_cli_validate_with_data(sst_dir: Path, capsys: pytest.CaptureFixture[str
                 "data.label_column=no_such_column"])
     assert bad == 2
     assert "no_such_column" in capsys.readouterr().err
+
+
+def test_retired_combine_method_is_dropped_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Run directories written before training.combiner hold combine_method, which never acted."""
+    path = tmp_path / "old.yaml"
+    old = C.to_dict(C.load(REPO / "configs" / "tiny.yaml"))
+    old["training"].update(rounds=2, combine_method="soft_vote")
+    path.write_text(yaml.safe_dump(old))
+    with caplog.at_level("WARNING", logger="ensemble.config"):
+        cfg = C.load(path)
+    assert cfg.training.rounds == 2 and cfg.training.combiner == "auto"
+    assert "training.combine_method=soft_vote is ignored" in caplog.text
+    assert "training.combiner" in caplog.text
+    fixed = C.load(path, ["training.combiner=stacking", "training.combiner_select=best"])
+    assert (fixed.training.combiner, fixed.training.combiner_select) == ("stacking", "best")
+    with pytest.raises(C.ConfigError, match="expected one of \\['one_se', 'best'\\]"):
+        C.load(REPO / "configs" / "tiny.yaml", ["training.combiner_select=worst"])

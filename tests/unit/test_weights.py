@@ -206,10 +206,68 @@ def test_choose_prefers_the_method_listed_first_on_ties():
     assert results["soft_vote"].dev_score == results["caruana"].dev_score
 
 
+def _equal_members(n: int, seed: int, c: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """Three members of the same skill with independent errors: no weighting beats uniform."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, c, n)
+    members = []
+    for _ in range(3):
+        logits = rng.normal(size=(n, c))
+        logits[np.arange(n), y] += 1.0
+        members.append(np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True))
+    return np.stack(members), y
+
+
+def _paired_se(a: np.ndarray, b: np.ndarray, y: np.ndarray, draws: int, seed: int) -> float:
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(draws):
+        i = rng.integers(0, y.size, y.size)
+        diffs.append(np.mean(a[i].argmax(1) == y[i]) - np.mean(b[i].argmax(1) == y[i]))
+    return float(np.std(diffs, ddof=1))
+
+
+@pytest.mark.parametrize("data_seed", [12, 17, 25, 2])
+def test_one_se_rule_keeps_the_first_method_within_one_standard_error(data_seed):
+    p, y = _equal_members(200 if data_seed != 2 else 400, seed=data_seed)
+    best, results = choose(p, y, folds=5, rule="best", bootstrap=200)
+    chosen, again = choose(p, y, folds=5, rule="one_se", bootstrap=200)
+    assert best.method != "soft_vote"  # a learned method leads on dev
+    assert {k: r.dev_score for k, r in again.items()} == {
+        k: r.dev_score for k, r in results.items()
+    }
+    # the rule, computed directly: the first-listed method within one paired SE of the best
+    expected = next(
+        name for name, r in results.items()
+        if r is best or best.dev_score - r.dev_score
+        <= _paired_se(best.dev_probs, r.dev_probs, y, 200, seed=0)
+    )
+    assert chosen.method == expected
+    # an out-of-fold score is what the rule compares: the stored predictions reproduce it
+    for r in results.values():
+        assert np.mean(r.dev_probs.argmax(1) == y) == pytest.approx(r.dev_score)
+
+
+def test_one_se_rule_keeps_a_lead_larger_than_its_noise():
+    p, y = _shifted(600, seed=0)  # only stacking can use the shifted member: a large lead
+    chosen, results = choose(p, y, folds=5, rule="one_se")
+    assert chosen.method == "stacking"
+    assert results["stacking"].dev_score - results["soft_vote"].dev_score > 0.1
+
+
+def test_one_se_choice_differs_from_best_on_noise():
+    """Not vacuous: on equal members the two rules disagree on some dev sets."""
+    picks = [(choose(*_equal_members(200, s), rule="best", bootstrap=200)[0].method,
+              choose(*_equal_members(200, s), bootstrap=200)[0].method) for s in (12, 17, 24)]
+    assert all(best != "soft_vote" and one_se == "soft_vote" for best, one_se in picks)
+
+
 def test_choose_and_fitters_validate_their_input():
     p, y = _mixture(30, seed=7)
     with pytest.raises(ValueError, match="unknown methods \\['median'\\]; choose from"):
         choose(p, y, methods=("soft_vote", "median"))
+    with pytest.raises(ValueError, match="unknown rule 'worst'; use one_se or best"):
+        choose(p, y, rule="worst")
     with pytest.raises(ValueError, match="29 labels for 30 examples"):
         fit_weighted(p, y[:-1])
     with pytest.raises(ValueError, match=r"folds=31 must be in \[2, 30\]"):
