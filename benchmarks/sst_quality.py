@@ -265,6 +265,14 @@ def summarize(directory: Path, variant: str | None = None) -> dict:
     return out
 
 
+def _within_noise(row: dict | None) -> str:
+    """A note when a mean difference over seeds is no larger than its standard error."""
+    if not row or row["diff_se"] is None or abs(row["diff_mean"]) > row["diff_se"]:
+        return ""
+    return (f" ({100 * row['diff_mean']:+.2f} ± {100 * row['diff_se']:.2f} pt: within one "
+            "standard error, no measurable difference)")
+
+
 def summary_markdown(s: dict) -> str:
     n = len(s["seeds"])
     title = f" ({s['variant']})" if s.get("variant") else ""
@@ -303,7 +311,8 @@ def summary_markdown(s: dict) -> str:
             if (v := s.get("soft_vote_minus_best_member")) else []
         ),
         f"- joint minus independent classifier, mean over seeds → "
-        f"{'met' if t['joint_classifier_beats_independent'] else 'missed'}",
+        f"{'met' if t['joint_classifier_beats_independent'] else 'missed'}"
+        + _within_noise(s["over_seeds"].get("classifier")),
     ]
     return "\n".join(lines) + "\n"
 
