@@ -189,7 +189,7 @@ def combiners_on_test(run_dir: Path, seed: int | None = None) -> dict[str, Any]:
     from ensemble import evaluate as E
     from ensemble.metrics import classification_metrics
     from ensemble.rundir import Manifest
-    from ensemble.tuning.weights import choose
+    from ensemble.tuning.weights import AUTO, choose, select
 
     manifest = Manifest.load(run_dir)
     training = C.load(run_dir / "config.yaml").training
@@ -207,13 +207,12 @@ def combiners_on_test(run_dir: Path, seed: int | None = None) -> dict[str, Any]:
         names, stacked[split] = E.vote_probs(
             outputs, kinds, manifest.intensity_edges, num_classes, sharpness
         )
-    methods = ("hard_vote", "soft_vote", "weighted", "caruana", "stacking")
+    methods = ("hard_vote", *AUTO)
     _, fitted = choose(stacked["dev"], labels["dev"], methods=methods, seed=seed, rule="best")
-    # the choice `ensemble train` makes with this code and the run's settings
-    choice = (("soft_vote", "weighted", "caruana", "stacking")
-              if training.combiner == "auto" else (training.combiner,))
-    chosen, _ = choose(stacked["dev"], labels["dev"], methods=choice, seed=seed,
-                       rule=training.combiner_select)
+    # the choice `ensemble train` makes with this code and the run's settings, from the same fits
+    choice = AUTO if training.combiner == "auto" else (training.combiner,)
+    chosen = select({m: fitted[m] for m in choice}, labels["dev"], training.combiner_select,
+                    seed=seed)
     out: dict[str, Any] = {"chosen": chosen.method, "rule": training.combiner_select,
                            "members": names, "methods": {}}
     for method, fit in fitted.items():

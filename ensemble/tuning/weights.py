@@ -35,9 +35,11 @@ from ensemble.tuning.objective import METRICS, metric_value
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FitResult", "choose", "fit_caruana", "fit_stacking", "fit_weighted"]
+__all__ = ["AUTO", "FitResult", "choose", "fit_caruana", "fit_stacking", "fit_weighted", "select"]
 
 CHOOSABLE = ("hard_vote", "soft_vote", "weighted", "caruana", "stacking")
+# what `training.combiner: auto` chooses among, simplest first
+AUTO = ("soft_vote", "weighted", "caruana", "stacking")
 # A class never seen by a stacking fold gets this much less logit than the least likely seen one.
 _UNSEEN_LOGIT_GAP = 30.0
 _EPS = 1e-12
@@ -226,7 +228,7 @@ def fit_stacking(
 def choose(
     probs_dev: np.ndarray,
     labels_dev: np.ndarray,
-    methods: Sequence[str] = ("soft_vote", "weighted", "caruana", "stacking"),
+    methods: Sequence[str] = AUTO,
     metric: str = "accuracy",
     folds: int = 5,
     seed: int = 0,
@@ -293,8 +295,7 @@ def choose(
             full.dev_score, full.out_of_fold = metric_value(oof, y, metric), True
             full.dev_probs = oof
             results[name] = full
-    best = max(results.values(), key=lambda r: r.dev_score)  # first of equals: listed first
-    chosen = best if rule == "best" else _one_se(results, best, y, metric, bootstrap, seed)
+    chosen = select(results, y, rule, metric, bootstrap, seed)
     logger.info(
         "combiner %s chosen on dev %s by rule %s (%s)",
         chosen.method,
@@ -305,23 +306,31 @@ def choose(
     return chosen, results
 
 
-def _one_se(
+def select(
     results: dict[str, FitResult],
-    best: FitResult,
-    y: np.ndarray,
-    metric: str,
-    bootstrap: int,
-    seed: int,
+    labels_dev: np.ndarray,
+    rule: Literal["one_se", "best"] = "one_se",
+    metric: str = "accuracy",
+    bootstrap: int = 500,
+    seed: int = 0,
 ) -> FitResult:
-    """The first-listed result within one bootstrap standard error of ``best``'s dev score."""
+    """Pick one of `choose`'s fitted ``results`` (listed simplest first) by ``rule``.
+
+    ``best``: the highest dev score, ties to the first listed. ``one_se``: the first listed whose
+    dev score is within one standard error of the best's, the error of the paired difference over
+    ``bootstrap`` resamples of dev (seeded by ``seed``), from each result's ``dev_probs``.
+    """
+    best = max(results.values(), key=lambda r: r.dev_score)  # first of equals: listed first
+    if rule == "best":
+        return best
     rng = np.random.default_rng(seed)
-    draws = [rng.integers(0, y.size, y.size) for _ in range(bootstrap)]
+    draws = [rng.integers(0, labels_dev.size, labels_dev.size) for _ in range(bootstrap)]
+    best_scores = np.array([metric_value(best.dev_probs[i], labels_dev[i], metric) for i in draws])
     for r in results.values():
         if r is best:
             return best
-        diffs = [metric_value(best.dev_probs[i], y[i], metric)
-                 - metric_value(r.dev_probs[i], y[i], metric) for i in draws]
-        if best.dev_score - r.dev_score <= float(np.std(diffs, ddof=1)):
+        scores = np.array([metric_value(r.dev_probs[i], labels_dev[i], metric) for i in draws])
+        if best.dev_score - r.dev_score <= float(np.std(best_scores - scores, ddof=1)):
             return r
     return best
 
