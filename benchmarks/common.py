@@ -178,7 +178,7 @@ def combiners_on_test(run_dir: Path, seed: int | None = None) -> dict[str, Any]:
     Uniform voting (`soft_vote`, `hard_vote`) fits nothing.
 
     Returns:
-        {"chosen": method picked on dev, "rule": its selection rule, "methods": {method:
+        {"chosen": method picked on dev, "select": the run's combiner_select, "methods": {method:
         {"dev": score, "out_of_fold": bool, "weights": {member: w}, "test_accuracy",
         "test_macro_f1"}}}
     """
@@ -213,7 +213,7 @@ def combiners_on_test(run_dir: Path, seed: int | None = None) -> dict[str, Any]:
     choice = AUTO if training.combiner == "auto" else (training.combiner,)
     chosen = select({m: fitted[m] for m in choice}, labels["dev"], training.combiner_select,
                     seed=seed)
-    out: dict[str, Any] = {"chosen": chosen.method, "rule": training.combiner_select,
+    out: dict[str, Any] = {"chosen": chosen.method, "select": training.combiner_select,
                            "members": names, "methods": {}}
     for method, fit in fitted.items():
         probs = combine.apply(method, stacked["test"], fit.weights, fit.params)
@@ -232,7 +232,7 @@ def combiner_markdown(title: str, table: dict[str, Any]) -> str:
     """A markdown table of `combiners_on_test` output."""
     lines = [
         f"**{title}** (chosen on dev: `{table['chosen']}`"
-        + (f", rule {table['rule']})" if "rule" in table else ")"),
+        + (f", rule {table['select']})" if "select" in table else ")"),
         "",
         "| method | dev score | test acc | test macro-F1 | weights |",
         "|---|---:|---:|---:|---|",

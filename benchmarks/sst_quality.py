@@ -117,7 +117,7 @@ def markdown(result: dict) -> str:
            if "reused_from" in result["independent"] else "")
         + f", joint {result['joint']['wall_s']:.0f} s",
         *[
-            f"- {mode} ensemble: {c['method']} is what this code chooses (rule {c['rule']}, "
+            f"- {mode} ensemble: {c['method']} is what this code chooses (rule {c['select']}, "
             f"refitted at commit {c['rescored_git_commit']}); the run published {c['published']}"
             for mode in ("independent", "joint") if "published" in (c := result[mode]["combine"])
         ],
@@ -229,7 +229,7 @@ def summarize(directory: Path, variant: str | None = None) -> dict:
         seeds[seed] = {
             "git_commit": r["machine"].get("git_commit"),
             # how the joint ensemble was chosen: runs before combiner_select took the best score
-            "rule": combine.get("rule") or combine.get("select") or "best",
+            "select": combine.get("select", "best"),
             **accs,
             "targets": targets(r["independent"]["test"], r["joint"]["test"], kinds,
                                r["joint"]["combine"]["method"]),
@@ -286,7 +286,7 @@ def summary_markdown(s: dict) -> str:
         t = r["targets"]
         lines.append(
             f"| {seed} | {t['independent_classifier_acc']:.3f} | {t['joint_classifier_acc']:.3f} "
-            f"| {t['ensemble_acc']:.3f} ({t['ensemble_row']}, {r['rule']}) | "
+            f"| {t['ensemble_acc']:.3f} ({t['ensemble_row']}, {r['select']}) | "
             f"{t['best_member_acc']:.3f} "
             f"({t['best_member']}) |"
         )
@@ -332,18 +332,19 @@ def rescore(out: Path, name: str, work_dir: Path) -> dict:
                                     f"directory {name} was trained in")
         table = common.combiners_on_test(run_dir)
         result[mode]["combiners"] = table
-        published = result[mode]["combine"]
-        if table["chosen"] != published["method"]:
+        combine = result[mode]["combine"]
+        published = combine.get("published", combine["method"])  # an earlier rescore kept it
+        if table["chosen"] != published or "published" in combine:
             # the run published another method than this code would: score this code's choice
             result[mode]["combine"] = {
-                "method": table["chosen"], "rule": table["rule"],
-                "published": published["method"], "rescored_git_commit": common.git_commit(),
+                "method": table["chosen"], "select": table["select"],
+                "published": published, "rescored_git_commit": common.git_commit(),
             }
             row = f"ensemble/{table['chosen']}"
             if row not in result[mode]["test"]:
                 fit = table["methods"][table["chosen"]]
                 # the intensity estimate does not depend on the vote: any ensemble row's r
-                r = result[mode]["test"][f"ensemble/{published['method']}"].get("pearson")
+                r = result[mode]["test"][f"ensemble/{published}"].get("pearson")
                 result[mode]["test"][row] = {"accuracy": fit["test_accuracy"],
                                              "macro_f1": fit["test_macro_f1"], "pearson": r}
     result["targets"] = targets(result["independent"]["test"], result["joint"]["test"],
