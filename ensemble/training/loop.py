@@ -150,45 +150,6 @@ def epoch_batches(
     yield from itertools.islice(micro_batches(order, size, skip=skip), per_epoch - skip)
 
 
-def job_batches(
-    n: int,
-    stream: StreamStart,
-    job_steps: int,
-    per_epoch: int,
-    size: int,
-    rank: int = 0,
-    world: int = 1,
-    member: int | None = None,
-    paced: Callable[[int], np.ndarray] | None = None,
-) -> list[list[np.ndarray]]:
-    """This rank's `job_steps` micro-batches of a job, grouped by epoch of the stream.
-
-    The job reads stream positions ``stream.position`` to ``stream.position + job_steps``; the
-    worker checkpoints at the end of each group. With `member` (a seed of the member's own) the
-    texts of that span are dealt out in the member's own order: members read the same texts in
-    a round, so the models whose predictions guide round r have not trained on them, but two
-    members of one shape no longer step through the same batches in the same order. `paced`
-    gives a curriculum's order for an epoch, which is kept as it is. An empty list means the
-    data give no micro-batch at all.
-    """
-    groups: list[list[np.ndarray]] = []
-    micro = 0
-    while micro < job_steps:
-        epoch = (stream.position + micro) // per_epoch
-        ordered = paced(epoch) if paced is not None else None
-        batches = epoch_batches(n, stream, micro, per_epoch, size, rank, world, ordered)
-        group = list(itertools.islice(batches, job_steps - micro))
-        if not group:
-            break
-        groups.append(group)
-        micro += len(group)
-    if member is None or paced is not None or not groups:
-        return groups
-    rng = np.random.default_rng([stream.seed, stream.position, member])
-    dealt = iter(rng.permutation(np.concatenate([b for g in groups for b in g])).reshape(-1, size))
-    return [[next(dealt) for _ in group] for group in groups]
-
-
 @torch.inference_mode()
 def predict_logits(
     model: nn.Module,

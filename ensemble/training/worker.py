@@ -32,7 +32,7 @@ from ensemble.training.loop import (
     Targets,
     Throughput,
     encode,
-    job_batches,
+    epoch_batches,
     stream_start,
     train_step,
 )
@@ -203,29 +203,22 @@ def train_member(config: dict[str, Any]) -> None:
     offset_steps = (job.repeat - 1) * job_steps
     # a stage repeated over rounds reads one shuffled stream: round r continues where round r-1
     # stopped, so 2 rounds x 0.5 epoch is one pass and round r's texts are new to the models
-    # whose predictions guide it. Each member deals its round's texts in an order of its own. A
-    # curriculum restarts its pacing every round instead.
+    # whose predictions guide it. A curriculum restarts its pacing every round instead.
     stream = stream_start(
         job.seed, job.round, job.repeat, offset_steps, curriculum=order is not None
     )
-    paced = None if order is None else (
-        lambda epoch: S.paced_order(order, job.stage, epoch, epochs, stream.seed)
-    )
-    groups = job_batches(n, stream, job_steps, per_epoch, job.member.micro_batch_size, rank,
-                         world, member=zlib.crc32(job.name.encode()), paced=paced)
-    if not groups:
-        raise ValueError(
-            f"{job.name}: {n} training texts give no micro-batch of "
-            f"{job.member.micro_batch_size} x grad_accum {job.member.grad_accum} on each of "
-            f"{world} workers; lower micro_batch_size, grad_accum or num_workers"
+    while micro < job_steps:
+        epoch = (stream.position + micro) // per_epoch
+        ordered = (
+            None if order is None
+            else S.paced_order(order, job.stage, epoch, epochs, stream.seed)
         )
-    read = 0
-    for group in groups:
-        read += len(group)
-        if read <= micro:
-            continue  # trained before a restart
         engine.model.train()
-        for index in group[len(group) - (read - micro):]:
+        batches = epoch_batches(
+            n, stream, micro, per_epoch, job.member.micro_batch_size, rank, world, ordered
+        )
+        start = micro
+        for index in batches:
             result = train_step(engine, ids, tokenizer.pad_token_id, targets, index,
                                 job.member.kind, job.member.task_loss, weights, ci)
             micro += 1
@@ -238,6 +231,14 @@ def train_member(config: dict[str, Any]) -> None:
                     board.update.remote(job.name, {**point, "lr": engine.lr(),
                                                    "samples_per_s": speed.rate(),
                                                    "progress": micro / job_steps})
+            if micro >= job_steps:
+                break
+        if micro == start:
+            raise ValueError(
+                f"{job.name}: {n} training texts give no micro-batch of "
+                f"{job.member.micro_batch_size} x grad_accum {job.member.grad_accum} on each of "
+                f"{world} workers; lower micro_batch_size, grad_accum or num_workers"
+            )
         state["micro"] = micro
         last = state["history"][-1]["loss"] if state["history"] else float("nan")
         metrics = {"round": job.round, "stage": job.stage.name, "micro": micro,

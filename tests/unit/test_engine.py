@@ -28,8 +28,8 @@ from ensemble.training.loop import (
     Throughput,
     collate,
     encode,
+    epoch_batches,
     epoch_order,
-    job_batches,
     micro_batches,
     predict_logits,
     stream_start,
@@ -301,10 +301,16 @@ def test_micro_batches_drop_the_tail_and_skip() -> None:
 
 
 def _job_batches(stream: StreamStart, n: int, job_steps: int, per_epoch: int, size: int,
-                 rank: int = 0, world: int = 1, member: int | None = None) -> list[list[int]]:
-    """What the worker's loop trains on, in order, as plain lists."""
-    groups = job_batches(n, stream, job_steps, per_epoch, size, rank, world, member=member)
-    return [b.tolist() for group in groups for b in group]
+                 rank: int = 0, world: int = 1) -> list[list[int]]:
+    """What the worker's loop draws: epoch by epoch until the job's steps are done."""
+    micro, out = 0, []
+    while micro < job_steps:
+        for index in epoch_batches(n, stream, micro, per_epoch, size, rank, world):
+            out.append(index.tolist())
+            micro += 1
+            if micro >= job_steps:
+                break
+    return out
 
 
 def test_rounds_of_a_repeated_stage_continue_one_stream() -> None:
@@ -331,42 +337,6 @@ def test_a_round_crossing_an_epoch_boundary_and_ranks() -> None:
         first_epoch = epoch_order(n, 7919, 0, rank, 2).tolist()
         assert [i for b in r1 + r2[:1] for i in b] == first_epoch  # epoch 0 read once, in order
         assert r2[1] == epoch_order(n, 7919, 1, rank, 2)[:size].tolist()  # then epoch 1
-
-
-def test_members_deal_a_round_s_texts_in_orders_of_their_own() -> None:
-    n, size, per_epoch, half = 100, 10, 10, 5
-    for r in (1, 2):
-        stream = stream_start(7, r, r, (r - 1) * half)
-        shared = _job_batches(stream, n, half, per_epoch, size)
-        a = _job_batches(stream, n, half, per_epoch, size, member=11)
-        b = _job_batches(stream, n, half, per_epoch, size, member=12)
-        flat = [sorted(i for batch in x for i in batch) for x in (shared, a, b)]
-        assert flat[0] == flat[1] == flat[2]  # the same texts this round, for every member
-        assert a != shared and a != b  # in other batches and another order
-        assert all(len(batch) == size for batch in a) and len(a) == half
-        assert a == _job_batches(stream, n, half, per_epoch, size, member=11)  # reproducible
-
-
-def test_dealt_batches_keep_epoch_groups_and_ranks_apart() -> None:
-    n, size, per_epoch, steps = 40, 5, 4, 3  # the second round crosses an epoch boundary
-    stream = stream_start(0, 2, 2, steps)
-    for rank in (0, 1):
-        shared = job_batches(n, stream, steps, per_epoch, size, rank, 2)
-        dealt = job_batches(n, stream, steps, per_epoch, size, rank, 2, member=5)
-        assert [len(g) for g in dealt] == [len(g) for g in shared] == [1, 2]
-        assert sorted(np.concatenate(sum(dealt, [])).tolist()) == sorted(
-            np.concatenate(sum(shared, [])).tolist()
-        )
-    assert job_batches(3, stream, steps, per_epoch, size) == []  # too few texts: no batch
-
-
-def test_a_curriculum_keeps_its_order_for_every_member() -> None:
-    order = np.arange(40)[::-1]
-    stream = stream_start(0, 1, 1, 0, curriculum=True)
-    plain = job_batches(40, stream, 4, 8, 5, paced=lambda epoch: order)
-    dealt = job_batches(40, stream, 4, 8, 5, member=9, paced=lambda epoch: order)
-    assert [b.tolist() for b in dealt[0]] == [b.tolist() for b in plain[0]]
-    assert dealt[0][0].tolist() == [39, 38, 37, 36, 35]
 
 
 def test_earlier_stages_and_curricula_keep_their_own_start() -> None:
