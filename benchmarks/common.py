@@ -189,7 +189,7 @@ def combiners_on_test(run_dir: Path, seed: int | None = None) -> dict[str, Any]:
     from ensemble import evaluate as E
     from ensemble.metrics import classification_metrics
     from ensemble.rundir import Manifest
-    from ensemble.tuning.weights import AUTO, choose, select
+    from ensemble.tuning.weights import AUTO, candidates, choose, select
 
     manifest = Manifest.load(run_dir)
     training = C.load(run_dir / "config.yaml").training
@@ -210,9 +210,8 @@ def combiners_on_test(run_dir: Path, seed: int | None = None) -> dict[str, Any]:
     methods = ("hard_vote", *AUTO)
     _, fitted = choose(stacked["dev"], labels["dev"], methods=methods, seed=seed, rule="best")
     # the choice `ensemble train` makes with this code and the run's settings, from the same fits
-    choice = AUTO if training.combiner == "auto" else (training.combiner,)
-    chosen = select({m: fitted[m] for m in choice}, labels["dev"], training.combiner_select,
-                    seed=seed)
+    chosen = select({m: fitted[m] for m in candidates(training.combiner)}, labels["dev"],
+                    training.combiner_select, seed=seed)
     out: dict[str, Any] = {"chosen": chosen.method, "select": training.combiner_select,
                            "members": names, "methods": {}}
     for method, fit in fitted.items():

@@ -232,7 +232,7 @@ def summarize(directory: Path, variant: str | None = None) -> dict:
             "select": combine.get("select", "best"),
             **accs,
             "targets": targets(r["independent"]["test"], r["joint"]["test"], kinds,
-                               r["joint"]["combine"]["method"]),
+                               combine["method"]),
         }
     out: dict = {"variant": variant, "seeds": seeds, "over_seeds": {}}
     shared = [set(s[m]) for s in seeds.values() for m in ("independent", "joint")]

@@ -20,7 +20,7 @@ from ensemble.data import Splits
 from ensemble.guidance import to_probs
 from ensemble.metrics import roc_curves
 from ensemble.rundir import Manifest, MemberEntry, atomic_write_bytes, atomic_write_json
-from ensemble.tuning.weights import AUTO, choose
+from ensemble.tuning.weights import candidates, choose
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +52,9 @@ def fit_combiner(
         dev_probs, kinds, splits.labels["dev"], edges, num_classes, regressor_vote
     )
     names, probs = E.vote_probs(dev_probs, kinds, edges, num_classes, sharpness)
-    methods = AUTO if method == "auto" else (method,)
-    best, results = choose(probs, splits.labels["dev"], methods=methods, seed=seed, rule=select)
+    best, results = choose(
+        probs, splits.labels["dev"], methods=candidates(method), seed=seed, rule=select
+    )
     entry = best.to_manifest(names)
     entry["select"] = select if method == "auto" else "fixed"
     if sharpness is not None:

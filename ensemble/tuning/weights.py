@@ -35,7 +35,10 @@ from ensemble.tuning.objective import METRICS, metric_value
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AUTO", "FitResult", "choose", "fit_caruana", "fit_stacking", "fit_weighted", "select"]
+__all__ = [
+    "AUTO", "FitResult", "candidates", "choose", "fit_caruana", "fit_stacking", "fit_weighted",
+    "select",
+]
 
 CHOOSABLE = ("hard_vote", "soft_vote", "weighted", "caruana", "stacking")
 # what `training.combiner: auto` chooses among, simplest first
@@ -269,10 +272,7 @@ def choose(
     unknown = [name for name in methods if name not in CHOOSABLE]
     if unknown or not methods:
         raise ValueError(f"unknown methods {unknown}; choose from {', '.join(CHOOSABLE)}")
-    if rule not in ("one_se", "best"):
-        raise ValueError(f"unknown rule {rule!r}; use one_se or best")
-    if rule == "one_se" and bootstrap < 2:
-        raise ValueError(f"bootstrap={bootstrap} must be >= 2 for the one_se rule")
+    _check_rule(rule, bootstrap)  # before any fitting
     p, y = _check_dev(probs_dev, labels_dev, metric)
     m = p.shape[0]
     learners: dict[str, Callable[[np.ndarray, np.ndarray], FitResult]] = {
@@ -306,6 +306,18 @@ def choose(
     return chosen, results
 
 
+def candidates(combiner: str) -> tuple[str, ...]:
+    """The methods a run with ``training.combiner: combiner`` chooses among (AUTO for auto)."""
+    return AUTO if combiner == "auto" else (combiner,)
+
+
+def _check_rule(rule: str, bootstrap: int) -> None:
+    if rule not in ("one_se", "best"):
+        raise ValueError(f"unknown rule {rule!r}; use one_se or best")
+    if rule == "one_se" and bootstrap < 2:
+        raise ValueError(f"bootstrap={bootstrap} must be >= 2 for the one_se rule")
+
+
 def select(
     results: dict[str, FitResult],
     labels_dev: np.ndarray,
@@ -320,6 +332,7 @@ def select(
     dev score is within one standard error of the best's, the error of the paired difference over
     ``bootstrap`` resamples of dev (seeded by ``seed``), from each result's ``dev_probs``.
     """
+    _check_rule(rule, bootstrap)
     best = max(results.values(), key=lambda r: r.dev_score)  # first of equals: listed first
     if rule == "best":
         return best

@@ -23,6 +23,7 @@ from ensemble.tuning import (
     metric_value,
     score,
 )
+from ensemble.tuning.weights import AUTO, candidates, select
 
 TRUE_WEIGHTS = np.array([0.6, 0.3, 0.1, 0.0])
 
@@ -268,6 +269,10 @@ def test_choose_and_fitters_validate_their_input():
         choose(p, y, methods=("soft_vote", "median"))
     with pytest.raises(ValueError, match="unknown rule 'worst'; use one_se or best"):
         choose(p, y, rule="worst")
+    _, fitted = choose(p, y, methods=("soft_vote",))
+    with pytest.raises(ValueError, match="unknown rule 'bset'; use one_se or best"):
+        select(fitted, y, rule="bset")  # the benchmark calls select directly
+    assert candidates("auto") == AUTO and candidates("stacking") == ("stacking",)
     with pytest.raises(ValueError, match="29 labels for 30 examples"):
         fit_weighted(p, y[:-1])
     with pytest.raises(ValueError, match=r"folds=31 must be in \[2, 30\]"):
