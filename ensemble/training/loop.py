@@ -150,6 +150,34 @@ def epoch_batches(
     yield from itertools.islice(micro_batches(order, size, skip=skip), per_epoch - skip)
 
 
+def job_epochs(
+    n: int,
+    stream: StreamStart,
+    micro: int,
+    job_steps: int,
+    per_epoch: int,
+    size: int,
+    rank: int = 0,
+    world: int = 1,
+    paced: Callable[[int], np.ndarray] | None = None,
+) -> Iterator[list[np.ndarray]]:
+    """This rank's micro-batches of a job from its step `micro` to `job_steps`, one list per epoch.
+
+    The worker trains through each list and checkpoints after it; a job restored at step `micro`
+    continues exactly where it stopped. `paced(epoch)` gives a curriculum's order of an epoch.
+    Stops early (fewer than `job_steps` steps) when an epoch gives no micro-batch at all.
+    """
+    while micro < job_steps:
+        epoch = (stream.position + micro) // per_epoch
+        ordered = paced(epoch) if paced is not None else None
+        batches = epoch_batches(n, stream, micro, per_epoch, size, rank, world, ordered)
+        group = list(itertools.islice(batches, job_steps - micro))
+        if not group:
+            return
+        yield group
+        micro += len(group)
+
+
 @torch.inference_mode()
 def predict_logits(
     model: nn.Module,

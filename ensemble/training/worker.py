@@ -32,7 +32,7 @@ from ensemble.training.loop import (
     Targets,
     Throughput,
     encode,
-    epoch_batches,
+    job_epochs,
     stream_start,
     train_step,
 )
@@ -207,18 +207,13 @@ def train_member(config: dict[str, Any]) -> None:
     stream = stream_start(
         job.seed, job.round, job.repeat, offset_steps, curriculum=order is not None
     )
-    while micro < job_steps:
-        epoch = (stream.position + micro) // per_epoch
-        ordered = (
-            None if order is None
-            else S.paced_order(order, job.stage, epoch, epochs, stream.seed)
-        )
+    paced = None if order is None else (
+        lambda epoch: S.paced_order(order, job.stage, epoch, epochs, stream.seed)
+    )
+    for group in job_epochs(n, stream, micro, job_steps, per_epoch, job.member.micro_batch_size,
+                            rank, world, paced):
         engine.model.train()
-        batches = epoch_batches(
-            n, stream, micro, per_epoch, job.member.micro_batch_size, rank, world, ordered
-        )
-        start = micro
-        for index in batches:
+        for index in group:
             result = train_step(engine, ids, tokenizer.pad_token_id, targets, index,
                                 job.member.kind, job.member.task_loss, weights, ci)
             micro += 1
@@ -231,20 +226,18 @@ def train_member(config: dict[str, Any]) -> None:
                     board.update.remote(job.name, {**point, "lr": engine.lr(),
                                                    "samples_per_s": speed.rate(),
                                                    "progress": micro / job_steps})
-            if micro >= job_steps:
-                break
-        if micro == start:
-            raise ValueError(
-                f"{job.name}: {n} training texts give no micro-batch of "
-                f"{job.member.micro_batch_size} x grad_accum {job.member.grad_accum} on each of "
-                f"{world} workers; lower micro_batch_size, grad_accum or num_workers"
-            )
         state["micro"] = micro
         last = state["history"][-1]["loss"] if state["history"] else float("nan")
         metrics = {"round": job.round, "stage": job.stage.name, "micro": micro,
                    "job_steps": job_steps, "samples_per_s": speed.rate(), "loss": last,
                    "history": state["history"], "world_size": world, "done": micro >= job_steps}
         _report(engine, tokenizer, metrics, dict(state))
+    if micro < job_steps:  # an epoch gave no micro-batch at all
+        raise ValueError(
+            f"{job.name}: {n} training texts give no micro-batch of "
+            f"{job.member.micro_batch_size} x grad_accum {job.member.grad_accum} on each of "
+            f"{world} workers; lower micro_batch_size, grad_accum or num_workers"
+        )
 
 
 def _init_dir(restored: Any, init: Any):

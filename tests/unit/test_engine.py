@@ -28,8 +28,8 @@ from ensemble.training.loop import (
     Throughput,
     collate,
     encode,
-    epoch_batches,
     epoch_order,
+    job_epochs,
     micro_batches,
     predict_logits,
     stream_start,
@@ -302,15 +302,9 @@ def test_micro_batches_drop_the_tail_and_skip() -> None:
 
 def _job_batches(stream: StreamStart, n: int, job_steps: int, per_epoch: int, size: int,
                  rank: int = 0, world: int = 1) -> list[list[int]]:
-    """What the worker's loop draws: epoch by epoch until the job's steps are done."""
-    micro, out = 0, []
-    while micro < job_steps:
-        for index in epoch_batches(n, stream, micro, per_epoch, size, rank, world):
-            out.append(index.tolist())
-            micro += 1
-            if micro >= job_steps:
-                break
-    return out
+    """What the worker's loop trains on, in order, as plain lists."""
+    groups = job_epochs(n, stream, 0, job_steps, per_epoch, size, rank, world)
+    return [b.tolist() for group in groups for b in group]
 
 
 def test_rounds_of_a_repeated_stage_continue_one_stream() -> None:
@@ -337,6 +331,20 @@ def test_a_round_crossing_an_epoch_boundary_and_ranks() -> None:
         first_epoch = epoch_order(n, 7919, 0, rank, 2).tolist()
         assert [i for b in r1 + r2[:1] for i in b] == first_epoch  # epoch 0 read once, in order
         assert r2[1] == epoch_order(n, 7919, 1, rank, 2)[:size].tolist()  # then epoch 1
+
+
+def test_a_restored_job_continues_at_its_step_in_epoch_groups() -> None:
+    n, size, per_epoch, steps = 40, 5, 4, 7  # the job starts mid-epoch and crosses a boundary
+    stream = stream_start(0, 2, 2, 2)
+    whole = list(job_epochs(n, stream, 0, steps, per_epoch, size))
+    assert [len(g) for g in whole] == [2, 4, 1]  # checkpoints at each epoch's end and the job's
+    flat = [b.tolist() for g in whole for b in g]
+    for micro in range(steps + 1):
+        rest = list(job_epochs(n, stream, micro, steps, per_epoch, size))
+        assert [b.tolist() for g in rest for b in g] == flat[micro:]
+    paced = list(job_epochs(n, stream, 0, 3, per_epoch, size, paced=lambda e: np.arange(n)[::-1]))
+    assert paced[0][0].tolist() == [29, 28, 27, 26, 25]  # a curriculum's order (epoch 0, skip 2)
+    assert list(job_epochs(3, stream, 0, steps, per_epoch, size)) == []  # too few texts: no batch
 
 
 def test_earlier_stages_and_curricula_keep_their_own_start() -> None:
