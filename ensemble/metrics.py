@@ -24,7 +24,18 @@ from sklearn.metrics import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["classification_metrics", "regression_metrics", "roc_curves"]
+__all__ = [
+    "brier_score",
+    "calibration_metrics",
+    "classification_metrics",
+    "expected_calibration_error",
+    "negative_log_likelihood",
+    "regression_metrics",
+    "reliability_bins",
+    "roc_curves",
+]
+ECE_BINS = 15
+PROB_FLOOR = 1e-12  # NLL of a probability 0 is infinite: clip at this instead
 
 
 def classification_metrics(
@@ -77,8 +88,57 @@ def classification_metrics(
         "per_class": per_class,
         "confusion": confusion_matrix(labels, preds, labels=classes).tolist(),
         "roc_auc_macro": float(np.mean(aucs)) if aucs else None,
+        **calibration_metrics(labels, probs),
         "n": int(labels.shape[0]),
     }
+
+
+def negative_log_likelihood(labels: np.ndarray, probs: np.ndarray) -> float:
+    """Mean -log p(true class), with p floored at PROB_FLOOR. probs: (N, C) rows summing to 1."""
+    picked = probs[np.arange(len(labels)), labels]
+    return float(-np.mean(np.log(np.clip(picked, PROB_FLOOR, 1.0))))
+
+
+def brier_score(labels: np.ndarray, probs: np.ndarray) -> float:
+    """Mean over texts of sum_c (p_c - 1[c = y])^2 (0 perfect, 2 worst)."""
+    onehot = np.eye(probs.shape[1])[labels]
+    return float(np.mean(np.sum((probs - onehot) ** 2, axis=1)))
+
+
+def reliability_bins(labels: np.ndarray, probs: np.ndarray, bins: int = ECE_BINS) -> dict:
+    """Top-1 confidence vs accuracy in `bins` equal-width confidence bins on [0, 1].
+
+    Returns {"edges": bins+1 floats, "count", "confidence", "accuracy": one entry per bin}; an
+    empty bin has count 0 and confidence/accuracy None.
+    """
+    conf = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == labels
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    # bin i holds (edges[i], edges[i+1]]; a confidence of exactly 0 falls in bin 0
+    which = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, bins - 1)
+    count, mean_conf, acc = [], [], []
+    for b in range(bins):
+        sel = which == b
+        count.append(int(sel.sum()))
+        mean_conf.append(float(conf[sel].mean()) if sel.any() else None)
+        acc.append(float(correct[sel].mean()) if sel.any() else None)
+    return {"edges": edges.tolist(), "count": count, "confidence": mean_conf, "accuracy": acc}
+
+
+def expected_calibration_error(labels: np.ndarray, probs: np.ndarray,
+                               bins: int = ECE_BINS) -> float:
+    """ECE: sum over equal-width top-1 confidence bins of |accuracy - confidence| x bin share."""
+    r = reliability_bins(labels, probs, bins)
+    n = max(1, sum(r["count"]))
+    return float(sum(c / n * abs(a - f) for c, a, f in
+                     zip(r["count"], r["accuracy"], r["confidence"], strict=True) if c))
+
+
+def calibration_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """NLL, ECE (15 equal-width bins) and Brier score of class probabilities."""
+    return {"nll": negative_log_likelihood(labels, probs),
+            "ece": expected_calibration_error(labels, probs),
+            "brier": brier_score(labels, probs)}
 
 
 def regression_metrics(targets: np.ndarray, preds: np.ndarray) -> dict:

@@ -20,7 +20,18 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from ensemble.metrics import classification_metrics, regression_metrics, roc_curves
+from ensemble.metrics import (
+    ECE_BINS,
+    PROB_FLOOR,
+    brier_score,
+    calibration_metrics,
+    classification_metrics,
+    expected_calibration_error,
+    negative_log_likelihood,
+    regression_metrics,
+    reliability_bins,
+    roc_curves,
+)
 
 NAMES3 = ["neg", "neu", "pos"]
 
@@ -271,3 +282,93 @@ def test_pure_module_imports_without_ray_or_deepspeed():
         "assert 'torch' not in sys.modules, 'metrics/report should not need torch'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---- calibration: NLL, Brier, ECE ------------------------------------------------------------
+
+
+def test_nll_is_mean_minus_log_p_true():
+    labels = np.array([0, 2, 1])
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.5, 0.25, 0.25]])
+    expected = -(math.log(0.7) + math.log(0.6) + math.log(0.25)) / 3
+    assert negative_log_likelihood(labels, probs) == pytest.approx(expected)
+
+
+def test_nll_of_a_zero_probability_is_finite():
+    nll = negative_log_likelihood(np.array([1]), np.array([[1.0, 0.0]]))
+    assert math.isfinite(nll) and nll == pytest.approx(-math.log(PROB_FLOOR))
+
+
+def test_brier_perfect_uniform_and_hand_computed():
+    labels = np.array([0, 1, 2, 1])
+    assert brier_score(labels, np.eye(3)[labels]) == 0.0
+    # uniform over C classes: (1 - 1/C)^2 + (C-1)/C^2 = 1 - 1/C
+    assert brier_score(labels, np.full((4, 3), 1 / 3)) == pytest.approx(2 / 3)
+    assert brier_score(np.array([0]), np.array([[0.0, 1.0]])) == pytest.approx(2.0)  # worst
+    probs = np.array([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3]])
+    expected = ((0.4**2 + 0.3**2 + 0.1**2) + (0.2**2 + 0.5**2 + 0.3**2)) / 2
+    assert brier_score(np.array([0, 1]), probs) == pytest.approx(expected)
+
+
+def _ece_by_loop(labels: np.ndarray, probs: np.ndarray, bins: int) -> float:
+    """ECE straight from its definition: bin i holds confidences in (i/bins, (i+1)/bins]."""
+    conf, pred = probs.max(axis=1), probs.argmax(axis=1)
+    total = 0.0
+    for i in range(bins):
+        lo, hi = i / bins, (i + 1) / bins
+        inside = [k for k in range(len(labels)) if lo < conf[k] <= hi or (i == 0 and conf[k] == 0)]
+        if inside:
+            acc = np.mean([pred[k] == labels[k] for k in inside])
+            mean_conf = np.mean([conf[k] for k in inside])
+            total += len(inside) / len(labels) * abs(acc - mean_conf)
+    return total
+
+
+def test_ece_hand_computed_two_bins():
+    labels = np.array([0, 1, 0, 0])
+    # confidences 0.9, 0.9 (bin (0.5, 1]: 1 of 2 right) and 0.4, 0.45 (bin (0, 0.5]: 1 of 2)
+    probs = np.array([[0.9, 0.1, 0.0], [0.9, 0.1, 0.0], [0.4, 0.3, 0.3], [0.3, 0.45, 0.25]])
+    expected = 0.5 * abs(0.5 - 0.9) + 0.5 * abs(0.5 - 0.425)
+    assert expected_calibration_error(labels, probs, bins=2) == pytest.approx(expected)
+    assert _ece_by_loop(labels, probs, 2) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ece_matches_an_explicit_loop_over_15_bins(seed):
+    labels, probs = _random_probs(200, 4, seed)
+    assert expected_calibration_error(labels, probs) == pytest.approx(
+        _ece_by_loop(labels, probs, ECE_BINS)
+    )
+    assert ECE_BINS == 15
+
+
+def test_ece_of_a_calibrated_and_an_overconfident_predictor():
+    # a predictor right exactly as often as it says it is has ECE 0 ...
+    labels = np.array([0, 0, 0, 1])  # 3 of 4 right at confidence 0.75
+    probs = np.tile([0.75, 0.25], (4, 1))
+    assert expected_calibration_error(labels, probs) == pytest.approx(0.0)
+    # ... one-hot and right half the time has ECE 0.5
+    assert expected_calibration_error(np.array([0, 1]), np.array([[1.0, 0.0], [1.0, 0.0]])) == (
+        pytest.approx(0.5)
+    )
+
+
+def test_reliability_bins_counts_and_edge_membership():
+    labels = np.array([0, 0, 1])
+    probs = np.array([[0.5, 0.5], [0.6, 0.4], [1.0, 0.0]])  # confidence 0.5 sits on an edge
+    r = reliability_bins(labels, probs, bins=2)
+    assert r["edges"] == [0.0, 0.5, 1.0]
+    assert r["count"] == [1, 2]  # (0, 0.5] holds 0.5; (0.5, 1] holds 0.6 and 1.0
+    assert r["confidence"] == pytest.approx([0.5, 0.8])
+    assert r["accuracy"] == pytest.approx([1.0, 0.5])
+    empty = reliability_bins(labels, probs, bins=4)
+    assert empty["count"][0] == 0 and empty["accuracy"][0] is None
+
+
+def test_classification_metrics_include_calibration():
+    labels, probs = _random_probs(100, 3)
+    m = classification_metrics(labels, probs, NAMES3)
+    assert m["nll"] == pytest.approx(negative_log_likelihood(labels, probs))
+    assert m["ece"] == pytest.approx(expected_calibration_error(labels, probs))
+    assert m["brier"] == pytest.approx(brier_score(labels, probs))
+    assert calibration_metrics(labels, probs) == {k: m[k] for k in ("nll", "ece", "brier")}
