@@ -19,6 +19,7 @@ PURE = [
     "ensemble.training.stages",
     "ensemble.data",
     "ensemble.metrics",
+    "ensemble.calibration",
     "ensemble.evaluate",
     "ensemble.tuning.objective",
     "ensemble.tuning.weights",
