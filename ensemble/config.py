@@ -220,6 +220,10 @@ class TrainingConfig:
     # how the regressor votes among classifiers: "calibrated" softens its binned intensity with a
     # sharpness fitted on dev (ensemble.combine.fit_regressor_sharpness); "one_hot" votes its bin
     regressor_vote: Literal["calibrated", "one_hot"] = "calibrated"
+    # temperature-scale each classifier, teacher and student (T fitted on dev by log loss, see
+    # ensemble.calibration) before members are combined: in round tables, the ensemble guidance
+    # target, the published combiner and Serve. False combines the members' raw probabilities
+    calibrate: bool = True
     eval_batch_size: int = 64
     max_failures: int = 1  # Ray Train FailureConfig per member job
     log_every: int = 10

@@ -211,3 +211,10 @@ def test_retired_combine_method_is_dropped_with_a_warning(
     assert (fixed.training.combiner, fixed.training.combiner_select) == ("stacking", "best")
     with pytest.raises(C.ConfigError, match="expected one of \\['one_se', 'best'\\]"):
         C.load(REPO / "configs" / "tiny.yaml", ["training.combiner_select=worst"])
+
+
+def test_calibrate_defaults_on_and_can_be_switched_off() -> None:
+    assert C.load(TINY).training.calibrate is True
+    assert C.load(TINY, ["training.calibrate=false"]).training.calibrate is False
+    with pytest.raises(C.ConfigError, match="training.calibrate"):
+        C.load(TINY, ["training.calibrate=maybe"])
