@@ -112,6 +112,45 @@ class StageConfig:
         _check(problems)
 
 
+EarlyStopMetric = Literal["auto", "accuracy", "macro_f1", "nll", "pearson", "mae"]
+LOWER_IS_BETTER = ("nll", "mae")
+
+
+@dataclass(frozen=True)
+class EarlyStoppingConfig:
+    """Stop a member when its dev metric stops improving; its best dev checkpoint is exported.
+
+    The member's `epochs` become a maximum. The dev metric is computed every epoch (or every
+    `every_steps` optimizer steps) of its supervised stages; after `patience` evaluations without
+    an improvement of more than `min_delta` the member stops for the rest of the run (later
+    rounds only predict), and its Ray Train job ends, which frees its CPUs/GPUs for the others.
+    `auto` is accuracy for classifiers, teachers and students and Pearson r for a regressor.
+    """
+
+    metric: EarlyStopMetric = "auto"
+    patience: int = 2
+    min_delta: float = 0.0
+    every_steps: int | None = None  # None: at the end of every epoch (and of every round)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.patience < 1:
+            problems.append(f"early_stopping.patience={self.patience} must be >= 1")
+        if self.min_delta < 0:
+            problems.append(f"early_stopping.min_delta={self.min_delta} must be >= 0")
+        if self.every_steps is not None and self.every_steps < 1:
+            problems.append(
+                f"early_stopping.every_steps={self.every_steps} must be >= 1, or null for "
+                "once per epoch"
+            )
+        _check(problems)
+
+    def metric_for(self, kind: str) -> str:
+        if self.metric != "auto":
+            return self.metric
+        return "pearson" if kind == "regressor" else "accuracy"
+
+
 @dataclass(frozen=True)
 class MemberConfig:
     """One ensemble member: an encoder, its head, and how it trains."""
@@ -147,9 +186,22 @@ class MemberConfig:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     stages: list[StageConfig] = field(default_factory=list)
+    # None: train every stage for its full epochs; else epochs are a maximum (see the class)
+    early_stopping: EarlyStoppingConfig | None = None
 
     def __post_init__(self) -> None:
         problems = []
+        es = self.early_stopping
+        if es is not None:
+            metric = es.metric_for(self.kind)
+            regression = metric in ("pearson", "mae")
+            if regression != (self.kind == "regressor"):
+                problems.append(
+                    f"early_stopping.metric={metric} does not fit a {self.kind}; use "
+                    + ("pearson or mae" if self.kind == "regressor"
+                       else "accuracy, macro_f1 or nll")
+                    + " (or auto)"
+                )
         if self.zero_stage not in (0, 1, 2, 3):
             problems.append(f"zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
         if self.lr <= 0:

@@ -223,10 +223,15 @@ def _round(cfg, r, state, runners, outputs, splits, splits_ref, kinds, board_nam
     guidance_refs = G.build(cfg, splits, kinds, outputs) if outputs else {}
     new_outputs: dict[str, dict[str, np.ndarray]] = {}
 
+    def stopped(name: str) -> bool:  # early stopping ended its training in an earlier round
+        return bool(state["members"].get(name, {}).get("stopped"))
+
+    skip = {n for n in cfg.members if n in done or stopped(n)}
+
     def submit(name: str) -> Any:
         needs_train = r < rounds or any(kinds[s] == "student" for s in cfg.members
                                         if cfg.members[s].teacher == name and r == 1)
-        if name in done:
+        if name in skip:
             return runners[name].predict.remote(splits_ref, needs_train)
         teacher = cfg.members[name].teacher
         g_ref = guidance_refs.get(name)
@@ -243,9 +248,10 @@ def _round(cfg, r, state, runners, outputs, splits, splits_ref, kinds, board_nam
 
     def record(name: str, result: dict[str, Any]) -> dict[str, Any]:
         new_outputs[name] = result["outputs"]
-        if name not in done:
+        if name not in skip:
             state["members"][name] = {"checkpoint": result["checkpoint"],
-                                      "export": result["export"]}
+                                      "export": result["export"],
+                                      "stopped": bool(result.get("stopped"))}
             state["history"].setdefault(name, []).extend(result["history"])
             state.setdefault("member_info", {})[name] = result["info"]
             done[name] = True

@@ -73,6 +73,7 @@ class MemberRunner:
         history: list[dict[str, Any]] = []
         stages: list[dict[str, Any]] = []
         samples_per_s = []
+        stopped = False
         splits = ray.get(jobs[0].splits)
         for i, job in enumerate(jobs):
             if i > 0:
@@ -84,18 +85,22 @@ class MemberRunner:
             self._export(checkpoint)
             stage = {"round": job.round, "stage": job.stage.name,
                      "train_loss": metrics.get("loss")}
-            for k in ("dev_mlm_loss_before", "dev_mlm_loss_after"):
+            for k in ("dev_mlm_loss_before", "dev_mlm_loss_after", "evals", "best", "stopped"):
                 if k in metrics:
                     stage[k] = metrics[k]
             if len(jobs) > 1:  # evaluate each stage of a multi-stage schedule on dev
                 stage["dev"] = self._dev_summary(splits)
             stages.append(stage)
+            if metrics.get("stopped"):  # early stopping ends the member's training
+                stopped = True
+                break
         result = self.predict(splits, predict_train)
         info = {"kind": self.member.kind, "train_wall_s": time.time() - t0, "stages": stages,
                 "samples_per_s": float(np.mean(samples_per_s)) if samples_per_s else 0.0,
                 **result["info"]}
         return {"checkpoint": checkpoint.path, "export": str(self.export_dir),
-                "history": history, "outputs": result["outputs"], "info": info}
+                "history": history, "outputs": result["outputs"], "info": info,
+                "stopped": stopped}
 
     def export_from(self, checkpoint_path: str) -> None:
         """Re-create the export from a stored checkpoint (resume, or a PBT-cloned state)."""

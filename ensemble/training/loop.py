@@ -6,10 +6,12 @@ more than any other trick: SST sentences average ~20 tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -178,7 +180,7 @@ def job_epochs(
         micro += len(group)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: ZeRO-3 gathers parameters in place during the forward
 def predict_logits(
     model: nn.Module,
     ids: Sequence[Sequence[int]],
@@ -200,6 +202,94 @@ def predict_logits(
     if chunks:
         out[order] = np.concatenate(chunks)
     return out
+
+
+def eval_chunks(
+    group: list[np.ndarray], micro: int, every: int | None
+) -> Iterator[list[np.ndarray]]:
+    """An epoch's micro-batches (the first being job step `micro`) cut at evaluation points.
+
+    With `every` set, a chunk ends after each job step that is a multiple of `every`; the
+    epoch's end always ends one. A job restored at any step cuts at the same points.
+    """
+    if not every:
+        yield group
+        return
+    start = 0
+    for i in range(len(group)):
+        if (micro + i + 1) % every == 0:
+            yield group[start : i + 1]
+            start = i + 1
+    if start < len(group):
+        yield group[start:]
+
+
+def dev_score(metric: str, outputs: np.ndarray, labels: np.ndarray | None,
+              intensity: np.ndarray | None) -> float:
+    """A member's dev metric from its raw outputs: logits (N, C), or intensities (N,) / (N, 1).
+
+    accuracy, macro_f1 and nll score class logits against `labels`; pearson and mae score
+    intensities against `intensity`.
+    """
+    if metric in ("pearson", "mae"):
+        if intensity is None:
+            raise ValueError(f"early stopping on {metric} needs an intensity column in dev")
+        pred = np.asarray(outputs, dtype=np.float64).reshape(len(intensity))
+        if metric == "mae":
+            return float(np.mean(np.abs(pred - intensity)))
+        if np.std(pred) == 0 or np.std(intensity) == 0:
+            return 0.0
+        return float(np.corrcoef(pred, intensity)[0, 1])
+    if labels is None:
+        raise ValueError(f"early stopping on {metric} needs labels in dev")
+    logits = np.asarray(outputs, dtype=np.float64)
+    if metric == "accuracy":
+        return float(np.mean(logits.argmax(1) == labels))
+    if metric == "macro_f1":
+        from sklearn.metrics import f1_score
+
+        return float(f1_score(labels, logits.argmax(1), average="macro", zero_division=0))
+    if metric == "nll":
+        shifted = logits - logits.max(1, keepdims=True)
+        log_p = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
+        return float(-np.mean(log_p[np.arange(len(labels)), labels]))
+    raise ValueError(f"unknown early-stopping metric {metric!r}")
+
+
+@dataclass
+class EarlyStopper:
+    """Tracks a dev metric across evaluations: the best value and step, and when to stop.
+
+    Plain values only, so it travels in a checkpoint's client state (`as_dict`/`from_dict`).
+    """
+
+    lower_is_better: bool
+    patience: int
+    min_delta: float = 0.0
+    best: float | None = None
+    best_step: int | None = None
+    bad: int = 0
+    stopped: bool = False
+
+    def update(self, value: float, step: int) -> bool:
+        """Record one evaluation at `step`; True when it is a new best (beyond min_delta)."""
+        if self.best is None:
+            gain = float("inf")
+        else:
+            gain = self.best - value if self.lower_is_better else value - self.best
+        if gain > self.min_delta:
+            self.best, self.best_step, self.bad = value, step, 0
+            return True
+        self.bad += 1
+        self.stopped = self.bad >= self.patience
+        return False
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EarlyStopper:
+        return cls(**d)
 
 
 class Throughput:

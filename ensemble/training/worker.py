@@ -23,16 +23,20 @@ import ray
 import ray.train
 import torch
 
-from ensemble.config import MemberConfig, StageConfig
+from ensemble.config import LOWER_IS_BETTER, MemberConfig, StageConfig
 from ensemble.losses import LossWeights
 from ensemble.models import members as M
 from ensemble.training import stages as S
 from ensemble.training.engine import OptimSettings, make_engine
 from ensemble.training.loop import (
+    EarlyStopper,
     Targets,
     Throughput,
+    dev_score,
     encode,
+    eval_chunks,
     job_epochs,
+    predict_logits,
     stream_start,
     train_step,
 )
@@ -114,12 +118,21 @@ def _targets(splits: Any, guidance: dict[str, np.ndarray] | None) -> Targets:
 
 
 def _report(engine, tokenizer, metrics: dict[str, Any], client_state: dict[str, Any],
-            export=None) -> None:
-    """Checkpoint every rank's shard plus rank 0's `save_pretrained` export, then report."""
+            export=None, best_dir: Path | None = None) -> None:
+    """Checkpoint every rank's shard plus rank 0's `save_pretrained` export, then report.
+
+    With `best_dir` (early stopping), the export is the best dev weights saved there, while the
+    engine shards hold the latest state to resume from.
+    """
     ctx = ray.train.get_context()
     tmp = tempfile.mkdtemp(prefix="ensemble-ckpt-")
     try:
         engine.save(tmp, client_state)
+        if best_dir is not None:
+            if ctx.get_world_rank() == 0:
+                shutil.copytree(best_dir, Path(tmp) / HF_DIR)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            return
         state = engine.full_state_dict()  # every rank takes part under ZeRO-3
         if ctx.get_world_rank() == 0:
             model = export(state) if export is not None else engine.model
@@ -176,16 +189,21 @@ def train_member(config: dict[str, Any]) -> None:
             lr_scale=S.layer_lr_scale(model, job.stage.layer_lr_decay),
             unfreeze_step=S.unfreeze_steps(model, job.stage, per_epoch // job.member.grad_accum),
         )
-        state: dict[str, Any] = {"micro": 0, "history": []}
+        state: dict[str, Any] = {"micro": 0, "history": [], "early": None, "evals": []}
         if init_dir is not None and (restored or job.resume_optimizer):
             loaded = engine.load(init_dir)
+            # the early-stopping record continues over the rounds of one stage
+            state["early"] = loaded.get("early")
+            state["evals"] = list(loaded.get("evals", []))
             if restored:
                 # only our keys: DeepSpeed's load returns its own checkpoint metadata with the
                 # client state, and saving that again fails (reserved keys) or goes stale
-                state = {"micro": int(loaded["micro"]), "history": list(loaded["history"])}
+                state["micro"] = int(loaded["micro"])
+                state["history"] = list(loaded["history"])
                 if rank == 0:
                     logger.info("%s %s round %d: resuming at micro-step %d of %d", job.name,
                                 job.stage.name, job.round, state["micro"], job_steps)
+        early = _early_stopping(job, state, init_dir, rank, splits, tokenizer)
     targets = _targets(splits, guidance)
     weights = (
         job.weights if job.stage.name == "distill" else replace(job.weights, distill_alpha=0.0)
@@ -210,34 +228,123 @@ def train_member(config: dict[str, Any]) -> None:
     paced = None if order is None else (
         lambda epoch: S.paced_order(order, job.stage, epoch, epochs, stream.seed)
     )
+    every = early.every_micro if early is not None else None
+    stopped = early is not None and early.stopper.stopped
+    if stopped:  # a re-run of a job that had stopped: its last checkpoint is the result
+        return
     for group in job_epochs(n, stream, micro, job_steps, per_epoch, job.member.micro_batch_size,
                             rank, world, paced):
-        engine.model.train()
-        for index in group:
-            result = train_step(engine, ids, tokenizer.pad_token_id, targets, index,
-                                job.member.kind, job.member.task_loss, weights, ci)
-            micro += 1
-            speed.update(result.samples * world)
-            if micro % job.log_every == 0 or micro == job_steps:
-                point = {"round": job.round, "stage": job.stage.name,
-                         "step": offset_steps + micro, "loss": result.loss, **result.parts}
-                state["history"].append(point)
-                if board is not None:
-                    board.update.remote(job.name, {**point, "lr": engine.lr(),
-                                                   "samples_per_s": speed.rate(),
-                                                   "progress": micro / job_steps})
-        state["micro"] = micro
-        last = state["history"][-1]["loss"] if state["history"] else float("nan")
-        metrics = {"round": job.round, "stage": job.stage.name, "micro": micro,
-                   "job_steps": job_steps, "samples_per_s": speed.rate(), "loss": last,
-                   "history": state["history"], "world_size": world, "done": micro >= job_steps}
-        _report(engine, tokenizer, metrics, dict(state))
+        for chunk in eval_chunks(group, micro, every):
+            engine.model.train()
+            for index in chunk:
+                result = train_step(engine, ids, tokenizer.pad_token_id, targets, index,
+                                    job.member.kind, job.member.task_loss, weights, ci)
+                micro += 1
+                speed.update(result.samples * world)
+                # an evaluation point is logged too: a job that stops early has its losses
+                last_in_chunk = early is not None and index is chunk[-1]
+                if micro % job.log_every == 0 or micro == job_steps or last_in_chunk:
+                    point = {"round": job.round, "stage": job.stage.name,
+                             "step": offset_steps + micro, "loss": result.loss, **result.parts}
+                    state["history"].append(point)
+                    if board is not None:
+                        board.update.remote(job.name, {**point, "lr": engine.lr(),
+                                                       "samples_per_s": speed.rate(),
+                                                       "progress": micro / job_steps})
+            state["micro"] = micro
+            if early is not None:
+                stopped = early.evaluate(engine, tokenizer, offset_steps + micro, state)
+            last = state["history"][-1]["loss"] if state["history"] else float("nan")
+            metrics = {"round": job.round, "stage": job.stage.name, "micro": micro,
+                       "job_steps": job_steps, "samples_per_s": speed.rate(), "loss": last,
+                       "history": state["history"], "world_size": world,
+                       "done": micro >= job_steps or stopped, "stopped": stopped}
+            if early is not None:
+                metrics.update(evals=state["evals"], best=early.stopper.as_dict())
+            _report(engine, tokenizer, metrics, dict(state),
+                    best_dir=early.best_dir if early is not None else None)
+            if stopped:
+                if rank == 0:
+                    logger.info("%s stops early at step %d: best dev %s %.4f at step %s",
+                                job.name, offset_steps + micro, early.metric,
+                                early.stopper.best, early.stopper.best_step)
+                return
     if micro < job_steps:  # an epoch gave no micro-batch at all
         raise ValueError(
             f"{job.name}: {n} training texts give no micro-batch of "
             f"{job.member.micro_batch_size} x grad_accum {job.member.grad_accum} on each of "
             f"{world} workers; lower micro_batch_size, grad_accum or num_workers"
         )
+
+
+class _EarlyStopping:
+    """A job's early stopping: dev evaluation, the stopper, and rank 0's best-weights copy."""
+
+    def __init__(self, job: MemberJob, stopper: EarlyStopper, ids: list[list[int]],
+                 labels: np.ndarray | None, intensity: np.ndarray | None, best_dir: Path,
+                 every_micro: int | None, rank: int, world: int):
+        self.job, self.stopper, self.ids = job, stopper, ids
+        self.labels, self.intensity = labels, intensity
+        self.best_dir, self.every_micro, self.rank, self.world = best_dir, every_micro, rank, world
+        self.metric = job.member.early_stopping.metric_for(job.member.kind)
+
+    def evaluate(self, engine, tokenizer, step: int, state: dict[str, Any]) -> bool:
+        """Score dev, keep the weights if they are the best so far; True when the job stops."""
+        logits = predict_logits(engine.model, self.ids, tokenizer.pad_token_id, 64)
+        if self.job.member.kind == "regressor":
+            logits = logits[:, 0]
+        value = dev_score(self.metric, logits, self.labels, self.intensity)
+        value = _from_rank0(value, self.world)  # every rank takes the same decision
+        improved = self.stopper.update(value, step)
+        if improved:
+            full = engine.full_state_dict()  # every rank takes part under ZeRO-3
+            if self.rank == 0:
+                tmp = self.best_dir.with_name(self.best_dir.name + ".tmp")
+                shutil.rmtree(tmp, ignore_errors=True)
+                engine.model.save_pretrained(tmp, state_dict=full)
+                tokenizer.save_pretrained(tmp)
+                shutil.rmtree(self.best_dir, ignore_errors=True)
+                tmp.rename(self.best_dir)
+        state["early"] = self.stopper.as_dict()
+        state["evals"].append({"round": self.job.round, "stage": self.job.stage.name,
+                               "step": step, self.metric: value, "best": improved})
+        return self.stopper.stopped
+
+
+def _early_stopping(job: MemberJob, state: dict[str, Any], init_dir: str | None, rank: int,
+                    splits: Any, tokenizer: Any) -> _EarlyStopping | None:
+    """The job's early stopping, carried on from `state`; None when the member has none.
+
+    The best weights so far are the export of the checkpoint the job starts from (a restored
+    job's own, or the previous round's), so rank 0 copies them to its best-weights directory.
+    """
+    es = job.member.early_stopping
+    if es is None or job.stage.name not in S.SUPERVISED:
+        return None
+    metric = es.metric_for(job.member.kind)
+    stopper = (EarlyStopper.from_dict(state["early"]) if state.get("early") else
+               EarlyStopper(metric in LOWER_IS_BETTER, es.patience, es.min_delta))
+    if "dev" not in splits.texts:
+        raise ValueError(f"{job.name}: early_stopping needs a dev split; give the data one")
+    ids = encode(tokenizer, splits.texts["dev"], job.max_length)
+    labels = splits.labels.get("dev") if splits.labels is not None else None
+    intensity = splits.intensity.get("dev") if splits.intensity is not None else None
+    best_dir = Path(tempfile.mkdtemp(prefix="ensemble-best-")) / "hf"
+    if rank == 0 and stopper.best is not None and init_dir is not None:
+        shutil.copytree(Path(init_dir) / HF_DIR, best_dir)
+    every = es.every_steps * job.member.grad_accum if es.every_steps else None
+    return _EarlyStopping(job, stopper, ids, labels, intensity, best_dir, every, rank,
+                          ray.train.get_context().get_world_size())
+
+
+def _from_rank0(value: float, world: int) -> float:
+    if world == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return float(box[0])
 
 
 def _init_dir(restored: Any, init: Any):
