@@ -186,11 +186,19 @@ class MemberConfig:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     stages: list[StageConfig] = field(default_factory=list)
+    # diversity: a seed of its own (None: training.seed) sets the member's initialisation,
+    # dropout and data order; bagging trains it on a resample of the training texts drawn with
+    # that seed: `bootstrap` (n draws with replacement) and/or a `data_fraction` of them
+    seed: int | None = None
+    bootstrap: bool = False
+    data_fraction: float = 1.0
     # None: train every stage for its full epochs; else epochs are a maximum (see the class)
     early_stopping: EarlyStoppingConfig | None = None
 
     def __post_init__(self) -> None:
         problems = []
+        if not 0.0 < self.data_fraction <= 1.0:
+            problems.append(f"data_fraction={self.data_fraction} must be in (0, 1]")
         es = self.early_stopping
         if es is not None:
             metric = es.metric_for(self.kind)

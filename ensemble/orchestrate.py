@@ -101,13 +101,14 @@ def _jobs(cfg: C.RunConfig, name: str, r: int, state: dict[str, Any], splits_ref
     last = len(plan) - 1
     indices = list(range(len(plan))) if r == 1 else [last]
     prev = state["members"].get(name, {}).get("checkpoint")
+    seed = member.seed if member.seed is not None else cfg.training.seed
     jobs = []
     for i in indices:
         repeat = 1 if i < last else r
         jobs.append(MemberJob(
             name=name, member=member, stage=plan[i], num_labels=_num_outputs(member, splits),
             class_intensity=splits.class_intensity(), max_length=cfg.data.max_length,
-            seed=cfg.training.seed, round=r, repeats=1 if i < last else cfg.training.rounds,
+            seed=seed, round=r, repeats=1 if i < last else cfg.training.rounds,
             repeat=repeat, splits=splits_ref, guidance=guidance_ref,
             weights=G.loss_weights(cfg, name, available=r > 1),
             init_checkpoint=ray.train.Checkpoint(prev) if prev and i == indices[0] else None,

@@ -73,6 +73,17 @@ def epoch_order(
     return order[:usable][rank::world]
 
 
+def bag_indices(n: int, seed: int, bootstrap: bool = False, fraction: float = 1.0) -> np.ndarray:
+    """The training texts a bagged member sees: `round(fraction * n)` of the n texts, drawn
+    with replacement when `bootstrap`, else without. Reproducible for a seed; sorted, so it
+    is a multiset of text indices, not an order (the data stream shuffles it)."""
+    size = max(1, round(fraction * n))
+    if not bootstrap and size == n:
+        return np.arange(n)
+    rng = np.random.default_rng([seed, 0xBA6])
+    return np.sort(rng.choice(n, size=size, replace=bootstrap))
+
+
 @dataclass
 class Targets:
     """Per-example training targets aligned with the training split (numpy, on CPU)."""
@@ -83,6 +94,12 @@ class Targets:
     regressor_intensity: np.ndarray | None = None  # (N,)
     classifier_probs: np.ndarray | None = None  # (N, C)
     ensemble_probs: np.ndarray | None = None  # (N, C)
+
+    def subset(self, index: np.ndarray) -> Targets:
+        """The targets of the texts `index` (e.g. a bagged member's resample), in that order."""
+        return Targets(**{f.name: None if getattr(self, f.name) is None
+                          else getattr(self, f.name)[index]
+                          for f in dataclasses.fields(self)})
 
     def batch(self, index: np.ndarray) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {"labels": torch.as_tensor(self.labels[index], dtype=torch.long)}

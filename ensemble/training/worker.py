@@ -32,6 +32,7 @@ from ensemble.training.loop import (
     EarlyStopper,
     Targets,
     Throughput,
+    bag_indices,
     dev_score,
     encode,
     eval_chunks,
@@ -179,7 +180,9 @@ def train_member(config: dict[str, Any]) -> None:
     with _init_dir(restored, job.init_checkpoint) as init_dir:
         model = _build_model(job, init_dir)
         tokenizer = _tokenizer(job, init_dir)
-        ids = encode(tokenizer, splits.texts["train"], job.max_length)
+        bag = bag_indices(len(splits.texts["train"]), job.seed, job.member.bootstrap,
+                          job.member.data_fraction)
+        ids = encode(tokenizer, [splits.texts["train"][i] for i in bag], job.max_length)
         n = len(ids)
         per_epoch = steps_per_epoch(n, world, job.member.micro_batch_size, job.member.grad_accum)
         job_steps = stage_micro_steps(job.stage.epochs, per_epoch, job.member.grad_accum)
@@ -204,7 +207,7 @@ def train_member(config: dict[str, Any]) -> None:
                     logger.info("%s %s round %d: resuming at micro-step %d of %d", job.name,
                                 job.stage.name, job.round, state["micro"], job_steps)
         early = _early_stopping(job, state, init_dir, rank, splits, tokenizer)
-    targets = _targets(splits, guidance)
+    targets = _targets(splits, guidance).subset(bag)
     weights = (
         job.weights if job.stage.name == "distill" else replace(job.weights, distill_alpha=0.0)
     )
