@@ -271,3 +271,24 @@ def _check_classification(
     if not np.array_equal(labels, raw) or labels.min() < 0 or labels.max() >= len(label_names):
         raise ValueError(f"{fix} (got values in [{raw.min()}, {raw.max()}])")
     return labels, probs
+
+
+def pairwise_disagreement(preds: dict[str, np.ndarray]) -> dict:
+    """The share of texts on which two models' top-1 classes differ, for every pair.
+
+    Args:
+        preds: model name -> (N,) predicted class ids, all over the same N texts.
+
+    Returns:
+        {"models": names, "matrix": K x K nested list (0 on the diagonal), "mean": the mean over
+        pairs (0.0 for fewer than two models)}.
+    """
+    names = list(preds)
+    arrays = [np.asarray(preds[n]) for n in names]
+    if len({a.shape for a in arrays}) > 1:
+        raise ValueError(f"predictions differ in length: {[a.shape for a in arrays]}")
+    k = len(names)
+    matrix = [[float(np.mean(arrays[i] != arrays[j])) if i != j else 0.0 for j in range(k)]
+              for i in range(k)]
+    pairs = [matrix[i][j] for i in range(k) for j in range(i + 1, k)]
+    return {"models": names, "matrix": matrix, "mean": float(np.mean(pairs)) if pairs else 0.0}

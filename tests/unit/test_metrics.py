@@ -372,3 +372,17 @@ def test_classification_metrics_include_calibration():
     assert m["ece"] == pytest.approx(expected_calibration_error(labels, probs))
     assert m["brier"] == pytest.approx(brier_score(labels, probs))
     assert calibration_metrics(labels, probs) == {k: m[k] for k in ("nll", "ece", "brier")}
+
+
+def test_pairwise_disagreement_counts_differing_top1() -> None:
+    from ensemble.metrics import pairwise_disagreement
+
+    out = pairwise_disagreement({"a": np.array([0, 1, 2, 3]), "b": np.array([0, 1, 2, 0]),
+                                 "c": np.array([1, 0, 2, 0])})
+    assert out["models"] == ["a", "b", "c"]
+    assert out["matrix"][0][1] == out["matrix"][1][0] == 0.25
+    assert out["matrix"][0][2] == 0.75 and out["matrix"][1][2] == 0.5
+    assert out["mean"] == pytest.approx((0.25 + 0.75 + 0.5) / 3)
+    assert pairwise_disagreement({"a": np.array([1])})["mean"] == 0.0
+    with pytest.raises(ValueError, match="length"):
+        pairwise_disagreement({"a": np.array([1]), "b": np.array([1, 2])})
