@@ -156,6 +156,17 @@ def make_student(teacher: PreTrainedModel, student_layers: int) -> PreTrainedMod
     return student
 
 
+def name_labels(model: PreTrainedModel, label_names: list[str], regression: bool) -> None:
+    """Write the class names into the model's config (`id2label`/`label2id`), so an export
+    answers "positive", not "LABEL_3", in a plain `transformers` pipeline. A regressor's one
+    output is named "intensity"."""
+    names = ["intensity"] if regression else list(label_names)
+    if len(names) != model.config.num_labels:
+        raise ValueError(f"{len(names)} label names for a head of {model.config.num_labels}")
+    model.config.id2label = dict(enumerate(names))
+    model.config.label2id = {name: i for i, name in enumerate(names)}
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -179,6 +179,7 @@ def train_member(config: dict[str, Any]) -> None:
     restored = ray.train.get_checkpoint()  # same job, after a failure or a re-run
     with _init_dir(restored, job.init_checkpoint) as init_dir:
         model = _build_model(job, init_dir)
+        M.name_labels(model, splits.label_names, job.member.kind == "regressor")
         tokenizer = _tokenizer(job, init_dir)
         bag = bag_indices(len(splits.texts["train"]), job.seed, job.member.bootstrap,
                           job.member.data_fraction)

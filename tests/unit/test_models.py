@@ -129,3 +129,20 @@ def test_unknown_model_names_the_fix(tmp_path: Path) -> None:
         M.load_tokenizer(str(tmp_path / "no-such-model"))
     with pytest.raises(OSError, match="model: default"):
         M.build_member(str(tmp_path / "no-such-model"), 3, pretrained=False)
+
+
+def test_named_labels_reach_a_plain_pipeline(tiny_member, tokenizer, tmp_path: Path) -> None:
+    from transformers import pipeline
+
+    names = ["very negative", "negative", "neutral", "positive", "very positive"]
+    model = tiny_member(5, seed=5).eval()
+    M.name_labels(model, names, regression=False)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    answer = pipeline("text-classification", model=str(tmp_path), device="cpu")(TEXTS[0])
+    assert answer[0]["label"] in names
+    regressor = tiny_member(1, regression=True, seed=5)
+    M.name_labels(regressor, names, regression=True)
+    assert regressor.config.id2label == {0: "intensity"}
+    with pytest.raises(ValueError, match="label names"):
+        M.name_labels(model, names[:3], regression=False)
