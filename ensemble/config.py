@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -488,7 +489,16 @@ def load(path: str | os.PathLike | None = None, overrides: list[str] | None = No
             raise ConfigError(
                 f"config file {str(p)!r} not found; pass a YAML such as configs/tiny.yaml"
             )
-        raw = OmegaConf.load(p)
+        try:
+            raw = OmegaConf.load(p)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(
+                f"{p} is not valid YAML{where}: {problem}; fix the syntax there (an unclosed "
+                "bracket or quote, a tab, or a wrong indent)"
+            ) from None
         if not isinstance(raw, DictConfig):
             raise ConfigError(f"{p} must hold a mapping at the top level")
     for item in overrides or []:

@@ -212,6 +212,8 @@ def read_file(path: Path, fmt: str | None = None, label_column: str | None = Non
             f"cannot tell the format of {path.name} from its extension; rename it to "
             f"{'/'.join(_EXTENSIONS)} or set data.format to csv, json or parquet"
         )
+    if fmt in ("csv", "json"):
+        _check_utf8(path)
     kwargs: dict[str, Any] = {}
     if fmt == "csv":
         sep = "\t" if path.suffix.lower() == ".tsv" else ","
@@ -236,6 +238,21 @@ def read_file(path: Path, fmt: str | None = None, label_column: str | None = Non
             "set data.format if the extension is misleading"
         ) from err
     return _table_from_dataset(dset, str(path), label_column)
+
+
+def _check_utf8(path: Path) -> None:
+    """Text data must be UTF-8; say where it is not and how to convert it."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise DataError(
+            f"{path} is not UTF-8 text: byte 0x{data[err.start]:02x} on line {line} cannot be "
+            f"decoded; convert the file, e.g. `iconv -f latin1 -t utf-8 {path.name} > "
+            f"{path.stem}.utf8{path.suffix}`, and point data.source at the converted file"
+        ) from None
 
 
 def _has_rows(path: Path, fmt: str) -> bool:

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from ensemble.combine import METHODS
 from ensemble.config import ServeConfig
 from ensemble.rundir import Manifest
 from ensemble.serving import cascade
@@ -361,6 +362,7 @@ _SERVE_FLAGS = (
     ("--batch-wait-timeout-s", float, "seconds a batch waits to fill"),
     ("--forward-chunk-size", int, "texts per forward pass, shortest first; 0 = the whole batch"),
 )
+_SERVE_CHOICES = {"--cascade-confidence": ["auto", "margin", "max_prob"]}
 _SERVE_SWITCHES = (
     ("--cascade", "the student answers alone when confident"),
     (
@@ -385,10 +387,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("run_dir", help="run directory with manifest.json and members/*/export")
     for flag, typ, text in _SERVE_FLAGS:
-        p.add_argument(flag, type=typ, help=text)
+        p.add_argument(flag, type=typ, help=text, choices=_SERVE_CHOICES.get(flag))
     for flag, text in _SERVE_SWITCHES:
         p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
-    p.add_argument("--method", help="combine method override (hard_vote, soft_vote, ...)")
+    p.add_argument("--method", choices=METHODS, help="combine method override")
     p.add_argument("--update", action="store_true", help="push the manifest to a running app")
     p.add_argument("--write-config", metavar="PATH", help="write the Serve config YAML and exit")
     p.add_argument("--app-name", default=APP_NAME, help="Serve application name")
@@ -407,11 +409,19 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
     q = subparsers.add_parser("query", help="send texts to a running ensemble server")
     q.add_argument("texts", nargs="*", help="texts to classify; '-' or none reads stdin lines")
-    q.add_argument("--url", default=url_for(ServeConfig()), help="server URL with route prefix")
+    q.add_argument("--url", default=url_for(ServeConfig()), type=_http_url,
+                   help="server URL with route prefix")
     q.add_argument("--json", action="store_true", help="print the raw JSON response")
     q.add_argument("--members", action="store_true", help="include every member's output")
     q.add_argument("--timeout", type=float, default=30.0, help="seconds before giving up")
     q.set_defaults(func=_query)
+
+
+def _http_url(value: str) -> str:
+    if not value.startswith(("http://", "https://")):
+        raise argparse.ArgumentTypeError(
+            f"{value!r} has no scheme; use e.g. http://{value.split('://')[-1]}")
+    return value
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:

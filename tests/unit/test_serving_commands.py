@@ -191,9 +191,10 @@ def test_cli_serve_write_config(run_dir, tmp_path, capsys):
 
 
 def test_cli_serve_rejects_an_unknown_cascade_confidence(run_dir, tmp_path, capsys):
-    args = _parse(["serve", str(run_dir), "--write-config", str(tmp_path / "x.yaml"),
-                   "--cascade-confidence", "entropy"])
-    assert args.func(args) == 1
+    with pytest.raises(SystemExit) as exit_:  # argparse's choices: nothing runs
+        _parse(["serve", str(run_dir), "--write-config", str(tmp_path / "x.yaml"),
+                "--cascade-confidence", "entropy"])
+    assert exit_.value.code == 2
     assert "margin" in capsys.readouterr().err and not (tmp_path / "x.yaml").exists()
 
 

@@ -1,0 +1,42 @@
+"""Bad input on the command line gets one clear line and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ensemble.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_a_yaml_syntax_error_names_the_line(tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nmembers: {a: [1, 2\n")
+    assert main(["validate", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "is not valid YAML at line 3, column 1" in err and "Traceback" not in err
+
+
+def test_a_data_file_that_is_not_utf8_names_the_byte_and_the_fix(tmp_path: Path, capsys) -> None:
+    data = tmp_path / "all.csv"
+    data.write_bytes(b"text,label\ngood,1\ncaf\xe9 ok,1\nbad,0\nmeh,0\n")
+    args = ["validate", str(REPO / "configs" / "tiny.yaml"), f"data.source={data}",
+            "data.intensity_column=null", "--data"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "is not UTF-8 text: byte 0xe9 on line 3" in err and "iconv" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["query", "--url", "127.0.0.1:8000", "hi"], "has no scheme; use e.g. http://127.0.0.1:8000"),
+    (["--log-level", "LOUD", "validate", "x.yaml"], "invalid choice: 'LOUD'"),
+    (["serve", "run", "--method", "bogus"], "invalid choice: 'bogus'"),
+    (["serve", "run", "--cascade-confidence", "sure"], "invalid choice: 'sure'"),
+])
+def test_flags_reject_bad_values_before_anything_starts(argv, message, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
