@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 from rich.console import Console
 from rich.table import Table
 
+from ensemble.metrics import ECE_BINS, expected_calibration_error, reliability_bins
 from ensemble.rundir import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
@@ -32,13 +33,15 @@ __all__ = [
     "metrics_table",
     "plot_confusion",
     "plot_learning_curves",
+    "plot_reliability",
     "plot_roc",
     "plot_rounds",
     "render",
 ]
 
 ENSEMBLE = "ensemble"
-# (column header, metrics key); the ratio columns appear only when some row has the key.
+# (column header, metrics key); the calibration and ratio columns appear only when some row has
+# the key.
 METRIC_COLUMNS = [
     ("accuracy", "accuracy"),
     ("macro-F1", "macro_f1"),
@@ -46,8 +49,9 @@ METRIC_COLUMNS = [
     ("spearman", "spearman"),
     ("MAE", "mae"),
 ]
+CALIBRATION_COLUMNS = [("NLL", "nll"), ("ECE", "ece")]
 RATIO_COLUMNS = [("params x", "size_ratio"), ("speed-up x", "speedup")]
-ROUND_METRICS = ["accuracy", "macro_f1", "pearson", "spearman", "mae", "rmse"]
+ROUND_METRICS = ["accuracy", "macro_f1", "nll", "ece", "pearson", "spearman", "mae", "rmse"]
 _DPI = 120
 
 
@@ -60,17 +64,20 @@ def metrics_table(metrics: Mapping[str, Mapping[str, Any]], title: str) -> Table
 
     Args:
         metrics: row name (member, or ``"ensemble"``) -> metrics dict. The ensemble row, if any,
-            goes last; others keep their order. ``size_ratio`` and ``speedup`` (student vs
-            teacher) get the columns "params x" and "speed-up x" when some row has them.
+            goes last; others keep their order. ``nll`` and ``ece`` get the columns "NLL" and
+            "ECE", and ``size_ratio`` and ``speedup`` (student vs teacher) the columns
+            "params x" and "speed-up x", when some row has them. A temperature-scaled member
+            (a row with ``temperature`` and ``nll_calibrated``) gets a second row, ``<name>
+            (T=<temperature>)``, with the NLL and ECE of its scaled probabilities.
         title: table title.
 
     Returns:
         A `rich.table.Table`; print it or turn it into text with `render`.
     """
-    columns = list(METRIC_COLUMNS)
-    columns += [
-        c for c in RATIO_COLUMNS if any(_lookup(m, c[1]) is not None for m in _rows(metrics))
-    ]
+    rows = _rows(metrics)
+    present = [c for c in CALIBRATION_COLUMNS if any(_lookup(m, c[1]) is not None for m in rows)]
+    columns = [*METRIC_COLUMNS[:2], *present, *METRIC_COLUMNS[2:]]
+    columns += [c for c in RATIO_COLUMNS if any(_lookup(m, c[1]) is not None for m in rows)]
     table = Table(title=title)
     table.add_column("member", style="bold")
     for header, _ in columns:
@@ -78,6 +85,15 @@ def metrics_table(metrics: Mapping[str, Mapping[str, Any]], title: str) -> Table
     for name in _ordered(metrics):
         cells = [_format(_lookup(metrics[name], key), key) for _, key in columns]
         table.add_row(name, *cells, style="bold" if name == ENSEMBLE else None)
+        t = _lookup(metrics[name], "temperature")
+        if t is not None and _lookup(metrics[name], "nll_calibrated") is not None:
+            scaled = [
+                _format(_lookup(metrics[name], f"{key}_calibrated"), key)
+                if (header, key) in CALIBRATION_COLUMNS
+                else ""
+                for header, key in columns
+            ]
+            table.add_row(f"{name} (T={t:.2f})", *scaled)
     return table
 
 
@@ -191,12 +207,61 @@ def plot_roc(curves: Mapping[str, tuple], path: Any, title: str) -> None:
     _save(fig, path)
 
 
+def plot_reliability(
+    labels: np.ndarray,
+    panels: Mapping[str, Mapping[str, np.ndarray]],
+    path: Any,
+    bins: int = ECE_BINS,
+) -> None:
+    """Reliability diagram: accuracy against mean top-1 confidence in equal-width bins.
+
+    One line per row (member or ensemble), its ECE in the legend, marker area by the bin's share
+    of texts; the diagonal is perfect calibration. Below it, overconfident.
+
+    Args:
+        labels: (N,) class ids.
+        panels: panel title -> row name -> (N, C) probabilities; e.g. the members as trained in
+            one panel and as combined (temperature-scaled) with the ensemble in another.
+        path: PNG file to write.
+        bins: confidence bins (`ensemble.metrics.reliability_bins`).
+
+    Raises:
+        ValueError: if there is nothing to plot.
+    """
+    if not any(panels.values()):
+        raise ValueError("no probabilities to plot; pass panel title -> {name: (N, C) probs}")
+    ncols = len(panels)
+    fig, axes = _figure(figsize=(5.2 * ncols, 5.4), ncols=ncols)
+    colors = _colors({name for rows in panels.values() for name in rows})
+    for ax, (panel, rows) in zip(np.atleast_1d(axes), panels.items(), strict=True):
+        ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=0.8,
+                label="perfect calibration")
+        for name in _ordered(rows):
+            r = reliability_bins(labels, rows[name], bins)
+            full = [i for i, c in enumerate(r["count"]) if c]
+            share = np.array([r["count"][i] for i in full]) / max(1, sum(r["count"]))
+            ece = expected_calibration_error(labels, rows[name], bins)
+            width, z = (2.5, 3) if name.startswith(ENSEMBLE) else (1.3, 2)
+            color = "black" if name.startswith(ENSEMBLE) else colors[name]
+            x = [r["confidence"][i] for i in full]
+            y = [r["accuracy"][i] for i in full]
+            ax.plot(x, y, color=color, linewidth=width, zorder=z, label=f"{name} (ECE {ece:.3f})")
+            ax.scatter(x, y, s=10 + 300 * share, color=color, zorder=z, alpha=0.8)
+        ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="confidence (top-1 probability)",
+               ylabel="accuracy", title=panel)
+        ax.set_aspect("equal")
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="upper left", fontsize="small")
+    fig.suptitle(f"Reliability ({bins} bins)")
+    _save(fig, path)
+
+
 def plot_rounds(rounds: Sequence[Mapping[str, Any]], path: Any) -> None:
     """Dev metrics against the round: one subplot per metric, one line per member.
 
-    A subplot is drawn for each of accuracy, macro_f1, pearson, spearman, mae and rmse that some
-    member reports; a member without a metric (a regressor has no accuracy) is left out of that
-    subplot.
+    A subplot is drawn for each of accuracy, macro_f1, nll, ece, pearson, spearman, mae and rmse
+    that some member reports; a member without a metric (a regressor has no accuracy) is left out
+    of that subplot.
 
     Args:
         rounds: ``[{"round": r, "dev": {member_or_"ensemble": {"accuracy": .., ...}}}, ...]``.

@@ -15,6 +15,7 @@ from ensemble.report import (
     metrics_table,
     plot_confusion,
     plot_learning_curves,
+    plot_reliability,
     plot_roc,
     plot_rounds,
     render,
@@ -98,12 +99,41 @@ def test_table_student_ratio_columns_nested_and_bad_values(evaluated):
     teacher = next(line for line in lines if "teacher" in line)
     assert f"{evaluated['cls']['accuracy']:.3f}" in teacher
     assert teacher.count(" - ") == 5  # no regression metrics, no ratios
+    for col in ["NLL", "ECE"]:
+        assert col in header
+    assert f"{evaluated['cls']['nll']:.3f}" in teacher
     ensemble = next(line for line in lines if "ensemble" in line)
     assert f"{evaluated['reg']['pearson']:.3f}" in ensemble
     assert f"{evaluated['cls']['macro_f1']:.3f}" in ensemble
     broken = next(line for line in lines if "broken" in line)
     assert "nan" not in broken.lower() and "true" not in broken.lower()
-    assert broken.count(" - ") == 7
+    assert broken.count(" - ") == 9
+
+
+def test_table_calibration_columns_and_the_scaled_member_row():
+    metrics = {
+        "classifier": {"accuracy": 0.45, "macro_f1": 0.4, "nll": 1.4021, "ece": 0.1234,
+                       "temperature": 1.5172, "nll_calibrated": 1.2511, "ece_calibrated": 0.0311},
+        "regressor": {"accuracy": 0.40, "nll": 1.5, "ece": 0.05, "pearson": 0.6},
+        "ensemble/soft_vote": {"accuracy": 0.5, "macro_f1": 0.45, "nll": 1.2, "ece": 0.02},
+    }
+    lines = render(metrics_table(metrics, "test")).splitlines()
+    header = next(line for line in lines if "member" in line)
+    assert header.index("macro-F1") < header.index("NLL") < header.index("ECE") < header.index(
+        "pearson"
+    )
+    names = [line.split("│")[1].strip() for line in lines if line.startswith("│")]
+    assert names == ["classifier", "classifier (T=1.52)", "regressor", "ensemble/soft_vote"]
+    raw = next(line for line in lines if "classifier" in line and "T=" not in line)
+    scaled = next(line for line in lines if "classifier (T=1.52)" in line)
+    assert "1.402" in raw and "0.123" in raw
+    assert "1.251" in scaled and "0.031" in scaled and "0.450" not in scaled
+    assert scaled.count(" - ") == 0  # only NLL and ECE are filled in
+
+
+def test_table_without_calibration_metrics_has_no_nll_columns():
+    text = render(metrics_table({"regressor": {"pearson": 0.6}}, "dev"))
+    assert "NLL" not in text and "ECE" not in text
 
 
 def test_empty_table_renders():
@@ -195,6 +225,22 @@ def test_plot_rounds(tmp_path):
     _assert_png(tmp_path / "rounds.png")
     plot_rounds(rounds[:1], tmp_path / "rounds.png")  # one round, overwrite in place
     _assert_png(tmp_path / "rounds.png")
+
+
+def test_plot_reliability(tmp_path, evaluated):
+    labels, probs = evaluated["labels"], evaluated["probs"]
+    sharp = probs**3 / (probs**3).sum(axis=1, keepdims=True)  # overconfident
+    panels = {
+        "members as trained": {"classifier": sharp, "teacher": probs},
+        "as combined": {"classifier": probs, "teacher": probs,
+                        "ensemble/soft_vote": (probs + sharp) / 2},
+    }
+    plot_reliability(labels, panels, tmp_path / "plots" / "reliability.png")
+    _assert_png(tmp_path / "plots" / "reliability.png")
+    plot_reliability(labels, {"test": {"classifier": probs}}, tmp_path / "one.png")
+    _assert_png(tmp_path / "one.png")
+    with pytest.raises(ValueError, match="no probabilities to plot"):
+        plot_reliability(labels, {"test": {}}, tmp_path / "none.png")
 
 
 def test_plot_rounds_rejects_bad_input(tmp_path):
