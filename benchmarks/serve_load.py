@@ -338,8 +338,10 @@ def cascade_quality(run_dir: Path, confidence: str = "auto") -> dict[str, Any] |
         except FileNotFoundError:
             return out
         ens = cascade.combine_outputs(test, spec).probs
+        student = cascade.student_of(spec)
         out["test"] = cascade.cascade_accuracy(
-            test[cascade.student_of(spec)], ens, test["labels"].astype(int), threshold, m
+            cascade.member_probs(spec, student, test[student]), ens, test["labels"].astype(int),
+            threshold, m,
         )
         return out
 

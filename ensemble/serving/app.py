@@ -50,6 +50,7 @@ from ensemble.serving.cascade import (
     combination_from_manifest,
     ensemble_answer,
     hard_examples,
+    member_probs,
     student_of,
 )
 from ensemble.serving.commands import (
@@ -340,8 +341,10 @@ class Combiner:
             self._local_texts += len(texts)
         else:
             first = (await self._call([student], texts))[student]  # (B, C)
-        hard = hard_examples(
-            first, settings.cascade_threshold, settings.cascade_confidence  # type: ignore[arg-type]
+        hard = hard_examples(  # on the student's vote: temperature-scaled, as fitted
+            member_probs(spec, student, first),
+            settings.cascade_threshold,  # type: ignore[arg-type]
+            settings.cascade_confidence,
         )
         rest = {}
         if hard.size:
@@ -378,8 +381,7 @@ class Combiner:
         except s.RequestLimitError as err:
             raise HTTPException(413, str(err)) from None
         out = (await self._call([name], texts))[name]
-        kind = self._spec.members[name]
-        return [s.member_output(kind, v, self._spec) for v in out]
+        return [s.member_output(name, v, self._spec) for v in out]
 
     @api.get("/healthz", response_model=s.HealthResponse)
     async def healthz(self, deep: bool = False) -> JSONResponse:

@@ -4,7 +4,10 @@ Pure numpy (no Ray, no torch), so the Serve combiner, the load benchmark and the
 exactly the same code. The arithmetic itself lives in `ensemble.combine`; this module adapts the
 run directory's view of the members (a mapping ``name -> output``) to it:
 
-* classification members (classifier, teacher, student) output ``(B, C)`` probabilities;
+* classification members (classifier, teacher, student) output ``(B, C)`` probabilities; a
+  member with a temperature in ``params["temperatures"]`` (fitted on dev when the run had
+  ``training.calibrate``) votes them scaled by `calibration.temper`, everywhere: in the
+  combination, as the cascade's student and in the member views of a response;
 * the regressor outputs ``(B,)`` intensities and votes through `combine.regressor_probs`;
 * the ensemble intensity is `combine.combine_intensity` over the regressor's intensity and each
   classification member's `combine.expected_intensity`, weighted as `evaluate.ensemble_intensity`
@@ -31,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from ensemble import combine
+from ensemble import calibration, combine
 from ensemble.rundir import Manifest
 
 __all__ = [
@@ -51,6 +54,7 @@ __all__ = [
     "fit_cascade_from_run",
     "fit_threshold_from_run",
     "load_predictions",
+    "member_probs",
     "stack_member_probs",
     "student_confidence",
     "student_of",
@@ -92,7 +96,9 @@ class Combination:
         method: one of `combine.METHODS`.
         weights: member name -> weight; empty means equal weights.
         params: method parameters (``coef``/``intercept`` for stacking; an optional
-            ``regressor_sharpness`` turns the regressor's one-hot vote into a soft one).
+            ``regressor_sharpness`` turns the regressor's one-hot vote into a soft one; optional
+            ``temperatures``, member name -> T, scale classification members' probabilities;
+            a member without one, or a manifest without the key, votes with T = 1).
     """
 
     members: dict[str, str]
@@ -134,6 +140,7 @@ class Combination:
                 problems.append("all weights are 0; give at least one member a positive weight")
         if self.method == "stacking" and not {"coef", "intercept"} <= set(self.params):
             problems.append("method 'stacking' needs params.coef and params.intercept")
+        problems += self._temperature_problems()
         if self.method in ("weighted", "caruana") and not self.weights:
             problems.append(f"method {self.method!r} needs learned weights in combine.weights")
         if len(self.class_intensity) != len(self.label_names):
@@ -143,9 +150,29 @@ class Combination:
         if problems:
             raise ValueError("; ".join(problems))
 
+    def _temperature_problems(self) -> list[str]:
+        temps = self.params.get("temperatures") or {}
+        if not isinstance(temps, Mapping):
+            return [f"params.temperatures must map member names to T > 0, got {temps!r}"]
+        problems = []
+        not_cls = sorted(n for n in temps if self.members.get(n) not in CLASSIFICATION_KINDS)
+        if not_cls:
+            problems.append(
+                f"params.temperatures names {not_cls}, which are not classification members "
+                f"{[n for n, k in self.members.items() if k in CLASSIFICATION_KINDS]}"
+            )
+        bad = {n: t for n, t in temps.items() if not _positive(t)}
+        if bad:
+            problems.append(f"params.temperatures {bad} must be finite and > 0")
+        return problems
+
     @property
     def num_classes(self) -> int:
         return len(self.label_names)
+
+    def temperature(self, name: str) -> float:
+        """Member ``name``'s temperature; 1.0 (its probabilities as they are) without one."""
+        return float((self.params.get("temperatures") or {}).get(name, 1.0))
 
     def weight_vector(self, names: list[str] | None = None) -> np.ndarray | None:
         """(M,) weights of ``names`` (default: all members) in that order; None = equal."""
@@ -165,10 +192,33 @@ class Combined:
     disagreement: np.ndarray  # (B,)
 
 
+def member_probs(spec: Combination, name: str, output: np.ndarray) -> np.ndarray:
+    """Member ``name``'s vote: its (B, C) probabilities as the combination uses them.
+
+    A classification member's probabilities are scaled by its temperature (`Combination.
+    temperature`); the regressor's (B,) intensities vote through their bin, softened by
+    ``params["regressor_sharpness"]`` when there is one.
+    """
+    out = np.asarray(output, dtype=np.float64)
+    if spec.members[name] == "regressor":
+        sharpness = spec.params.get("regressor_sharpness")
+        return combine.regressor_probs(
+            out.reshape(-1), spec.intensity_edges, spec.num_classes, sharpness=sharpness
+        )  # (B, C)
+    return calibration.temper(out, spec.temperature(name)) if out.ndim == 2 else out  # (B, C)
+
+
+def _positive(value: Any) -> bool:
+    try:
+        return bool(np.isfinite(float(value)) and float(value) > 0)
+    except (TypeError, ValueError):
+        return False
+
+
 def stack_member_probs(
     outputs: Mapping[str, np.ndarray], spec: Combination, names: list[str] | None = None
 ) -> np.ndarray:
-    """Member outputs as one probability tensor; the regressor votes through its bin.
+    """Member outputs as one probability tensor of their votes (`member_probs`).
 
     Args:
         outputs: member name -> (B, C) probabilities or, for the regressor, (B,) intensities.
@@ -185,14 +235,9 @@ def stack_member_probs(
     missing = [n for n in names if n not in outputs]
     if missing:
         raise ValueError(f"no outputs for members {missing}; have {sorted(outputs)}")
-    sharpness = spec.params.get("regressor_sharpness")
     stacked = []
     for name in names:
-        out = np.asarray(outputs[name], dtype=np.float64)
-        if spec.members[name] == "regressor":
-            out = combine.regressor_probs(
-                out.reshape(-1), spec.intensity_edges, spec.num_classes, sharpness=sharpness
-            )  # (B, C)
+        out = member_probs(spec, name, outputs[name])  # (B, C)
         if out.ndim != 2 or out.shape[1] != spec.num_classes:
             raise ValueError(
                 f"member {name!r} gave shape {out.shape}; expected (B, "
@@ -292,15 +337,18 @@ def cascade_answer(
 
     Args:
         spec: the combination (the student is ``student_of(spec)``).
-        student_probs: (B, C) student probabilities for all B texts.
-        hard: indices (from `hard_examples`) the other members were asked about.
+        student_probs: (B, C) student probabilities for all B texts, as the student gave them
+            (its temperature is applied here).
+        hard: indices (from `hard_examples` on `member_probs` of the student) the other members
+            were asked about.
         rest: the other members' outputs on ``hard`` only (rows aligned with ``hard``).
 
     Returns:
         The student's prediction where it was confident, the ensemble's elsewhere.
     """
     student = student_of(spec)
-    probs = np.asarray(student_probs, dtype=np.float64)  # (B, C)
+    raw = np.asarray(student_probs, dtype=np.float64)  # (B, C)
+    probs = member_probs(spec, student, raw)  # (B, C) the student's vote
     n = len(probs)
     comb = Combined(
         probs=probs.copy(),
@@ -309,10 +357,10 @@ def cascade_answer(
         intensity=combine.expected_intensity(probs, spec.class_intensity),
         disagreement=np.zeros(n),
     )
-    outputs: dict[str, np.ndarray] = {student: probs}
+    outputs: dict[str, np.ndarray] = {student: raw}
     answered_by = ["student"] * n
     if len(hard):
-        comb_hard = combine_outputs({student: probs[hard], **rest}, spec)
+        comb_hard = combine_outputs({student: raw[hard], **rest}, spec)
         for f in dataclasses.fields(Combined):
             getattr(comb, f.name)[hard] = getattr(comb_hard, f.name)
         for name, values in rest.items():
@@ -550,7 +598,8 @@ def fit_cascade_from_run(
         )
     measures = CONFIDENCE_MEASURES if confidence == "auto" else (confidence,)
     preds = load_predictions(run_dir, split)  # read and combined once for every measure
-    student = preds[student_of(spec)]
+    name = student_of(spec)
+    student = member_probs(spec, name, preds[name])  # (N, C) as served: temperature-scaled
     labels = np.asarray(preds["labels"]).astype(np.int64)
     ensemble = combine_outputs(preds, spec).probs
     fits = {}

@@ -13,7 +13,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ensemble import combine
-from ensemble.serving.cascade import Answer, Combination
+from ensemble.serving.cascade import Answer, Combination, member_probs
 
 __all__ = [
     "CascadeInfo",
@@ -235,18 +235,17 @@ class CombinerSettings(BaseModel):
         return self
 
 
-def member_output(kind: str, value: np.ndarray, spec: Combination) -> MemberOutput:
-    """One member's output for one text: (C,) probabilities, or a scalar for the regressor."""
+def member_output(name: str, value: np.ndarray, spec: Combination) -> MemberOutput:
+    """Member ``name``'s output for one text: (C,) probabilities, or a scalar for the regressor.
+
+    The probabilities shown are the member's vote (`cascade.member_probs`): temperature-scaled,
+    or the regressor's binned intensity.
+    """
+    kind = spec.members[name]
+    probs = member_probs(spec, name, np.asarray(value, dtype=np.float64)[None])[0]  # (C,)
     if kind == "regressor":
         intensity = float(value)
-        probs = combine.regressor_probs(
-            np.array([intensity]),
-            spec.intensity_edges,
-            spec.num_classes,
-            sharpness=spec.params.get("regressor_sharpness"),
-        )[0]
     else:
-        probs = np.asarray(value, dtype=np.float64)
         intensity = float(combine.expected_intensity(probs[None], spec.class_intensity)[0])
     return MemberOutput(
         kind=kind,
@@ -264,7 +263,7 @@ def predictions(answer: Answer, spec: Combination, return_members: bool) -> list
         members = None
         if return_members:
             members = {
-                n: member_output(spec.members[n], v[i], spec)
+                n: member_output(n, v[i], spec)
                 for n, v in answer.outputs.items()
                 if not np.isnan(v[i]).any()
             }

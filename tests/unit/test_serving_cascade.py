@@ -224,9 +224,45 @@ def test_regressor_sharpness_param_gives_a_soft_vote():
     np.testing.assert_array_equal(hard.argmax(1), soft.argmax(1))
 
 
+TEMPS = {"clf": 2.0, "teach": 0.5, "stud": 1.5}
+
+
+def test_temperatures_scale_classification_votes_and_their_absence_is_t_1():
+    from ensemble.calibration import temper
+
+    out = _outputs(6, seed=7)
+    plain = cascade.stack_member_probs(out, _spec())
+    scaled = cascade.stack_member_probs(out, _spec(params={"temperatures": TEMPS}))
+    for i, name in enumerate(MEMBERS):
+        if name in TEMPS:
+            np.testing.assert_allclose(scaled[i], temper(out[name], TEMPS[name]))
+            np.testing.assert_array_equal(scaled[i].argmax(1), plain[i].argmax(1))
+        else:
+            np.testing.assert_array_equal(scaled[i], plain[i])  # the regressor has its sharpness
+    # without the key (an older manifest) the members vote their probabilities as they are
+    np.testing.assert_array_equal(plain, np.stack([
+        cascade.member_probs(_spec(), n, out[n]) for n in MEMBERS
+    ]))
+    np.testing.assert_array_equal(plain[0], out["clf"])
+    assert _spec().temperature("clf") == 1.0
+    assert _spec(params={"temperatures": {"clf": 2.0}}).temperature("teach") == 1.0
+
+
+def test_combined_probs_use_the_scaled_votes():
+    out = _outputs(8, seed=8)
+    spec = _spec(params={"temperatures": TEMPS})
+    votes = cascade.stack_member_probs(out, spec)
+    np.testing.assert_allclose(cascade.combine_outputs(out, spec).probs, combine.soft_vote(votes))
+
+
 @pytest.mark.parametrize(
     ("kw", "match"),
     [
+        ({"params": {"temperatures": {"reg": 2.0}}}, r"not classification members"),
+        ({"params": {"temperatures": {"ghost": 2.0}}}, r"not classification members"),
+        ({"params": {"temperatures": {"clf": 0.0}}}, "must be finite and > 0"),
+        ({"params": {"temperatures": {"clf": "hot"}}}, "must be finite and > 0"),
+        ({"params": {"temperatures": [2.0]}}, "must map member names"),
         ({"method": "median"}, "unknown"),
         ({"weights": {"clf": 1.0}}, r"weights lack members \['reg', 'stud', 'teach'\]"),
         ({"weights": {**dict.fromkeys(MEMBERS, 1.0), "ghost": 1.0}}, "unknown members"),
@@ -298,6 +334,21 @@ def test_answer_rows_split_a_batch_back_into_requests():
     np.testing.assert_array_equal(part.outputs["reg"], whole.outputs["reg"][1:3])
 
 
+def test_cascade_answer_scales_the_student_as_the_ensemble_does():
+    spec = _spec(params={"temperatures": TEMPS})
+    out = _outputs(6, seed=3)
+    vote = cascade.member_probs(spec, "stud", out["stud"])
+    hard = cascade.hard_examples(vote, threshold=0.5, measure="max_prob")
+    rest = {n: v[hard] for n, v in out.items() if n != "stud"}
+    ans = cascade.cascade_answer(spec, out["stud"], hard, rest)
+    easy = np.setdiff1d(np.arange(6), hard)
+    np.testing.assert_allclose(ans.combined.probs[easy], vote[easy])
+    np.testing.assert_allclose(ans.combined.confidence[easy], vote[easy].max(1))
+    full = cascade.combine_outputs(out, spec)
+    np.testing.assert_allclose(ans.combined.probs[hard], full.probs[hard])
+    np.testing.assert_array_equal(ans.outputs["stud"], out["stud"])  # members' own outputs kept
+
+
 def test_cascade_needs_a_student():
     with pytest.raises(ValueError, match="kind 'student'"):
         cascade.student_of(_spec(members={"clf": "classifier", "reg": "regressor"}))
@@ -345,6 +396,19 @@ def test_fit_threshold_from_run_uses_the_served_combination(tmp_path):
     assert threshold == cascade.fit_threshold(preds["stud"], ensemble, preds["labels"])
     assert stats["accuracy_loss"] <= 0.005 + 1e-12
     assert 0.0 < stats["student_fraction"] < 1.0  # a real split on this data
+
+
+def test_cascade_fit_on_a_calibrated_run_uses_the_scaled_student(tmp_path):
+    temps = {"clf": 1.3, "teach": 0.8, "stud": 2.5}
+    preds = _manifest_run(tmp_path, {"method": "soft_vote", "params": {"temperatures": temps}})
+    spec = cascade.combination_from_manifest(Manifest.load(tmp_path))
+    assert spec.temperature("stud") == 2.5
+    ensemble = cascade.combine_outputs(preds, spec).probs
+    student = cascade.member_probs(spec, "stud", preds["stud"])
+    for m in cascade.CONFIDENCE_MEASURES:
+        threshold, stats = cascade.fit_threshold_from_run(tmp_path, spec, measure=m)
+        assert threshold == cascade.fit_threshold(student, ensemble, preds["labels"], measure=m)
+        assert stats == cascade.cascade_accuracy(student, ensemble, preds["labels"], threshold, m)
 
 
 def test_combination_from_manifest_reads_method_and_weights(tmp_path):

@@ -92,3 +92,22 @@ def test_predictions_from_a_cascade_answer():
         s.predictions(cascade.cascade_answer(spec, student, hard, rest), spec, False)[1].members
         is None
     )
+
+
+def test_member_views_show_the_temperature_scaled_vote():
+    import dataclasses
+
+    from ensemble.calibration import temper
+
+    spec = dataclasses.replace(_spec(), params={"temperatures": {"c": 2.0, "st": 0.5}})
+    probs = np.array([0.1, 0.1, 0.8])
+    scaled = temper(probs[None], 2.0)[0]
+    out = s.member_output("c", probs, spec)
+    assert out.kind == "classifier" and out.label == "pos"
+    assert list(out.probs.values()) == pytest.approx(scaled.tolist())
+    assert out.confidence == pytest.approx(scaled.max())
+    assert out.intensity == pytest.approx(scaled @ np.array([0.0, 0.5, 1.0]))
+    assert s.member_output("c", probs, _spec()).probs == pytest.approx(
+        dict(zip(LABELS, probs.tolist(), strict=True))  # no temperatures: as the member gave them
+    )
+    assert s.member_output("r", np.float64(0.9), spec).probs == {"neg": 0.0, "neu": 0.0, "pos": 1.0}
