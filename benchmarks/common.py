@@ -197,6 +197,7 @@ def combiners_on_test(run_dir: Path, seed: int | None = None) -> dict[str, Any]:
         # the out-of-fold dev scores depend on the folds: the run's own seed picks what it picked
         seed = training.seed
     sharpness = (manifest.combine.get("params") or {}).get("regressor_sharpness")
+    temperatures = (manifest.combine.get("params") or {}).get("temperatures")  # None: older runs
     kinds = {n: m.kind for n, m in manifest.members.items()}
     num_classes = len(manifest.label_names)
     stacked, labels = {}, {}
@@ -205,7 +206,7 @@ def combiners_on_test(run_dir: Path, seed: int | None = None) -> dict[str, Any]:
             outputs = {n: z[n] for n in kinds}
             labels[split] = z["labels"]
         names, stacked[split] = E.vote_probs(
-            outputs, kinds, manifest.intensity_edges, num_classes, sharpness
+            outputs, kinds, manifest.intensity_edges, num_classes, sharpness, temperatures
         )
     methods = ("hard_vote", *AUTO)
     _, fitted = choose(stacked["dev"], labels["dev"], methods=methods, seed=seed, rule="best")

@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from ensemble import combine
-from ensemble.metrics import classification_metrics, regression_metrics
+from ensemble import calibration, combine
+from ensemble.metrics import calibration_metrics, classification_metrics, regression_metrics
 
 FIXED_METHODS = ("hard_vote", "soft_vote")
 
@@ -23,15 +23,21 @@ def vote_probs(
     edges: Sequence[float],
     num_classes: int,
     sharpness: float | None = None,
+    temperatures: Mapping[str, float] | None = None,
 ) -> tuple[list[str], np.ndarray]:
     """Member names and their class votes stacked as (M, N, C); the regressor votes by its bin.
 
     ``sharpness`` is `combine.regressor_probs`'s: None for a one-hot regressor vote.
+    ``temperatures`` (member -> T, `member_temperatures`) scale classification members'
+    probabilities with `calibration.temper`; a member without one votes as it is.
     """
+    temps = temperatures or {}
     names = list(outputs)
     stacked = [
         combine.regressor_probs(outputs[n], edges, num_classes, sharpness=sharpness)
         if kinds[n] == "regressor"
+        else calibration.temper(outputs[n], temps[n])
+        if n in temps
         else np.asarray(outputs[n], dtype=np.float64)
         for n in names
     ]
@@ -58,6 +64,21 @@ def regressor_sharpness(
         return None
     labels = np.concatenate([np.asarray(dev_labels)] * len(reg))
     return combine.fit_regressor_sharpness(np.concatenate(reg), labels, edges, num_classes)
+
+
+def member_temperatures(
+    dev_outputs: Mapping[str, np.ndarray],
+    kinds: Mapping[str, str],
+    dev_labels: np.ndarray,
+    calibrate: bool = True,
+) -> dict[str, float] | None:
+    """Each classification member's temperature for ``training.calibrate``, fitted on dev.
+
+    None (every member votes its raw probabilities) when ``calibrate`` is off.
+    """
+    if not calibrate:
+        return None
+    return calibration.fit_temperatures(dev_outputs, kinds, np.asarray(dev_labels))
 
 
 def intensity_estimates(
@@ -100,6 +121,7 @@ def evaluate_split(
     edges: Sequence[float],
     learned: Mapping[str, Any] | None = None,
     sharpness: float | None = None,
+    temperatures: Mapping[str, float] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Metrics of every member and of the ensemble under each combination method.
 
@@ -110,20 +132,35 @@ def evaluate_split(
         label_names, class_intensity, edges: the label space (see `Manifest`).
         learned: optional learned combiner {"method", "weights": {name: w}, "params"}.
         sharpness: the regressor vote's sharpness (`regressor_sharpness`); None for one-hot.
+        temperatures: member -> T (`member_temperatures`); None combines raw probabilities.
 
     Returns:
         {name: metrics} for members and "ensemble/<method>" rows; each row has the
         classification metrics and, with intensities, pearson/spearman/mae of its intensity.
+        A member's row scores its own probabilities; a temperature-scaled member's row adds
+        ``temperature`` and the ``nll_calibrated``, ``ece_calibrated`` and ``brier_calibrated``
+        of its scaled probabilities, the ones the ensemble rows combine.
     """
     num_classes = len(label_names)
-    names, probs = vote_probs(outputs, kinds, edges, num_classes, sharpness)
-    estimates = intensity_estimates(outputs, kinds, class_intensity)
+    names, probs = vote_probs(outputs, kinds, edges, num_classes, sharpness, temperatures)
+    temps = temperatures or {}
     rows: dict[str, dict[str, Any]] = {}
     for i, name in enumerate(names):
-        rows[name] = classification_metrics(labels, probs[i], label_names)
-        if intensity is not None:
-            rows[name].update(regression_metrics(intensity, estimates[name]))
-    ens_intensity = ensemble_intensity(estimates, kinds) if intensity is not None else None
+        own = np.asarray(outputs[name], dtype=np.float64) if name in temps else probs[i]
+        rows[name] = classification_metrics(labels, own, label_names)
+        if name in temps:
+            rows[name]["temperature"] = float(temps[name])
+            scaled = calibration_metrics(labels, probs[i])
+            rows[name].update({f"{k}_calibrated": v for k, v in scaled.items()})
+    ens_intensity = None
+    if intensity is not None:
+        for name, estimate in intensity_estimates(outputs, kinds, class_intensity).items():
+            rows[name].update(regression_metrics(intensity, estimate))
+        # the ensemble's intensity averages what the members vote: scaled probabilities
+        voted = {n: probs[i] if n in temps else outputs[n] for i, n in enumerate(names)}
+        ens_intensity = ensemble_intensity(
+            intensity_estimates(voted, kinds, class_intensity), kinds
+        )
     methods: dict[str, np.ndarray] = {m: combine.apply(m, probs) for m in FIXED_METHODS}
     if learned and learned.get("method") not in FIXED_METHODS:
         weights = (
@@ -142,5 +179,6 @@ def evaluate_split(
 
 def compact(rows: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float]]:
     """The headline numbers of each row (for round tables and Tune)."""
-    keys = ("accuracy", "macro_f1", "pearson", "spearman", "mae")
+    keys = ("accuracy", "macro_f1", "nll", "ece", "temperature", "nll_calibrated",
+            "ece_calibrated", "pearson", "spearman", "mae")
     return {name: {k: float(r[k]) for k in keys if k in r} for name, r in rows.items()}

@@ -68,14 +68,33 @@ def regressor_sharpness(
     )
 
 
+def member_temperatures(
+    cfg: RunConfig, splits: Splits, kinds: dict[str, str], outputs: dict[str, dict[str, np.ndarray]]
+) -> dict[str, float] | None:
+    """Each classification member's temperature for this round, fitted on its dev outputs.
+
+    None when ``training.calibrate`` is off.
+    """
+    dev = {n: o["dev"] for n, o in outputs.items() if "dev" in o}
+    return E.member_temperatures(
+        to_probs(dev, kinds), kinds, splits.labels["dev"], cfg.training.calibrate
+    )
+
+
 def _ensemble_probs(
     train: dict[str, np.ndarray],
     kinds: dict[str, str],
     splits: Splits,
     temperature: float,
     sharpness: float | None,
+    member_t: dict[str, float] | None = None,
 ) -> np.ndarray:
-    """The members' soft vote on the training texts (the regressor votes by its bin)."""
+    """The members' soft vote on the training texts (the regressor votes by its bin).
+
+    A member's logits are divided by its own dev-fitted temperature (when calibrated) and then by
+    the guidance ``temperature``, which softens the target the members learn from.
+    """
+    temps = member_t or {}
     stacked = []
     for name, out in train.items():
         if kinds[name] == "regressor":
@@ -85,7 +104,7 @@ def _ensemble_probs(
                 )
             )
         else:
-            stacked.append(softmax(out / temperature))
+            stacked.append(softmax(out / (temperature * temps.get(name, 1.0))))
     return combine.soft_vote(np.stack(stacked)).astype(np.float32)
 
 
@@ -100,7 +119,8 @@ def build(
     ensemble = None
     if (g.mutual > 0 or g.student_from_ensemble > 0) and train:
         sharpness = regressor_sharpness(cfg, splits, kinds, outputs)
-        ensemble = ray.put(_ensemble_probs(train, kinds, splits, g.temperature, sharpness))
+        temps = member_temperatures(cfg, splits, kinds, outputs)
+        ensemble = ray.put(_ensemble_probs(train, kinds, splits, g.temperature, sharpness, temps))
     for name, m in cfg.members.items():
         arrays: dict[str, Any] = {}
         w = loss_weights(cfg, name, available=True)

@@ -282,9 +282,11 @@ def _round(cfg, r, state, runners, outputs, splits, splits_ref, kinds, board_nam
 def _round_row(cfg, r, splits, kinds, outputs, state) -> dict[str, Any]:
     dev = G.to_probs({n: o["dev"] for n, o in outputs.items()}, kinds)
     sharpness = G.regressor_sharpness(cfg, splits, kinds, outputs)
+    temperatures = G.member_temperatures(cfg, splits, kinds, outputs)
     rows = E.evaluate_split(dev, kinds, splits.labels["dev"],
                             splits.intensity["dev"] if splits.intensity else None,
                             splits.label_names, splits.class_intensity(), splits.intensity_edges(),
-                            sharpness=sharpness)
+                            sharpness=sharpness, temperatures=temperatures)
     stages = {n: state.get("member_info", {}).get(n, {}).get("stages", []) for n in outputs}
-    return {"round": r, "dev": E.compact(rows), "stages": stages, "regressor_sharpness": sharpness}
+    return {"round": r, "dev": E.compact(rows), "stages": stages, "regressor_sharpness": sharpness,
+            "temperatures": temperatures}

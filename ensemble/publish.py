@@ -40,18 +40,21 @@ def fit_combiner(
     regressor_vote: str = "calibrated",
     method: str = "auto",
     select: str = "one_se",
+    calibrate: bool = True,
 ) -> dict[str, Any]:
     """Fit the combination ``method`` on dev, or with ``auto`` choose one (`weights.choose`).
 
     Learned methods are scored out-of-fold. The regressor vote's fitted sharpness goes into
-    ``params["regressor_sharpness"]``, where Serve reads it, so served votes equal the evaluated
-    ones.
+    ``params["regressor_sharpness"]`` and, with ``calibrate``, each classification member's
+    dev-fitted temperature into ``params["temperatures"]``; Serve reads both there, so served
+    votes equal the evaluated ones. The combiner is fitted on the temperature-scaled votes.
     """
     edges, num_classes = splits.intensity_edges(), splits.num_labels()
     sharpness = E.regressor_sharpness(
         dev_probs, kinds, splits.labels["dev"], edges, num_classes, regressor_vote
     )
-    names, probs = E.vote_probs(dev_probs, kinds, edges, num_classes, sharpness)
+    temperatures = E.member_temperatures(dev_probs, kinds, splits.labels["dev"], calibrate)
+    names, probs = E.vote_probs(dev_probs, kinds, edges, num_classes, sharpness, temperatures)
     best, results = choose(
         probs, splits.labels["dev"], methods=candidates(method), seed=seed, rule=select
     )
@@ -59,6 +62,8 @@ def fit_combiner(
     entry["select"] = select if method == "auto" else "fixed"
     if sharpness is not None:
         entry["params"] = {**entry["params"], "regressor_sharpness": sharpness}
+    if temperatures:
+        entry["params"] = {**entry["params"], "temperatures": temperatures}
     entry["candidates"] = {m: r.dev_score for m, r in results.items()}
     return entry
 
@@ -82,7 +87,7 @@ def publish(
         save_npz(run_dir / "predictions" / f"{split}.npz", arrays)
     combine = fit_combiner(
         probs["dev"], kinds, splits, cfg.training.seed, cfg.training.regressor_vote,
-        cfg.training.combiner, cfg.training.combiner_select,
+        cfg.training.combiner, cfg.training.combiner_select, cfg.training.calibrate,
     )
     common = dict(
         kinds=kinds,
@@ -91,6 +96,7 @@ def publish(
         edges=splits.intensity_edges(),
         learned=combine,
         sharpness=combine["params"].get("regressor_sharpness"),
+        temperatures=combine["params"].get("temperatures"),
     )
     results = {}
     for split in ("dev", "test"):
@@ -199,16 +205,24 @@ def _plots(run_dir: Path, splits: Splits, test_probs, kinds, test_rows, state, c
     report.plot_learning_curves(state.get("history", {}), plots / "learning_curves.png")
     if state.get("rounds"):
         report.plot_rounds(state["rounds"], plots / "rounds.png")
-    names, stacked = E.vote_probs(
-        test_probs, kinds, splits.intensity_edges(), splits.num_labels(),
-        combine["params"].get("regressor_sharpness"),
-    )
+    edges, num_classes = splits.intensity_edges(), splits.num_labels()
+    sharpness = combine["params"].get("regressor_sharpness")
+    temperatures = combine["params"].get("temperatures")
+    names, raw = E.vote_probs(test_probs, kinds, edges, num_classes, sharpness)
+    _, voted = E.vote_probs(test_probs, kinds, edges, num_classes, sharpness, temperatures)
     from ensemble import combine as comb
 
     weights = [combine["weights"].get(n, 0.0) for n in names] if combine.get("weights") else None
-    ens = comb.apply(combine["method"], stacked, weights, combine.get("params"))
+    ens = comb.apply(combine["method"], voted, weights, combine.get("params"))
     key = f"ensemble/{combine['method']}"
-    for name, p in [*zip(names, stacked, strict=True), (key, ens)]:
+    combined = {**dict(zip(names, voted, strict=True)), key: ens}
+    panels = {"test": combined}
+    if temperatures:  # the members before and after scaling
+        panels = {"members as trained (test)": dict(zip(names, raw, strict=True)),
+                  "temperature-scaled, as combined (test)": combined}
+    report.plot_reliability(splits.labels["test"], panels, plots / "reliability.png")
+    # a member's confusion matrix and ROC are its own, as in metrics.json
+    for name, p in [*zip(names, raw, strict=True), (key, ens)]:
         slug = name.replace("/", "_")
         report.plot_confusion(
             test_rows[name]["confusion"],

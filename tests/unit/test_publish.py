@@ -1,0 +1,119 @@
+"""ensemble.publish without Ray running: the combiner's temperatures, the plots, the summary."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ensemble import evaluate as E
+from ensemble import publish as P
+from ensemble.calibration import temper
+from ensemble.data import Splits
+
+NAMES = ["neg", "neu", "pos"]
+KINDS = {"clf": "classifier", "reg": "regressor", "teach": "teacher", "stud": "student"}
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _run(n: int = 300, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    labels = {s: rng.integers(0, 3, n) for s in ("train", "dev", "test")}
+    intensity = {s: y - 1.0 + rng.normal(0, 0.3, n) for s, y in labels.items()}
+    splits = Splits(texts={s: ["t"] * n for s in labels}, labels=labels, intensity=intensity,
+                    label_names=NAMES)
+    probs = {}
+    for split in ("dev", "test"):
+        y = labels[split]
+        probs[split] = {
+            name: _softmax(scale * (rng.normal(size=(n, 3)) + 1.5 * np.eye(3)[y]))
+            for name, scale in (("clf", 4.0), ("teach", 0.4), ("stud", 1.0))
+        }
+        probs[split]["reg"] = y - 1.0 + rng.normal(0, 0.6, n)
+    return splits, probs
+
+
+def _soft_vote_accuracy(probs, splits, entry, temperatures) -> float:
+    sharpness = entry["params"]["regressor_sharpness"]
+    _, votes = E.vote_probs(probs, KINDS, splits.intensity_edges(), 3, sharpness, temperatures)
+    return float(np.mean(votes.mean(axis=0).argmax(axis=1) == splits.labels["dev"]))
+
+
+def test_fit_combiner_without_calibration_fits_the_raw_votes():
+    splits, probs = _run()
+    entry = P.fit_combiner(probs["dev"], KINDS, splits, seed=0, method="soft_vote",
+                           calibrate=False)
+    assert "temperatures" not in entry["params"]
+    raw = _soft_vote_accuracy(probs["dev"], splits, entry, None)
+    assert entry["candidates"]["soft_vote"] == pytest.approx(raw)
+
+
+def test_fit_combiner_stores_temperatures_and_fits_the_scaled_votes():
+    splits, probs = _run()
+    entry = P.fit_combiner(probs["dev"], KINDS, splits, seed=0, method="soft_vote")
+    temps = entry["params"]["temperatures"]
+    assert set(temps) == {"clf", "teach", "stud"}
+    assert temps == E.member_temperatures(probs["dev"], KINDS, splits.labels["dev"])
+    scaled = _soft_vote_accuracy(probs["dev"], splits, entry, temps)
+    assert entry["candidates"]["soft_vote"] == pytest.approx(scaled)
+    assert scaled != _soft_vote_accuracy(probs["dev"], splits, entry, None)  # it mattered here
+
+
+def test_plots_include_the_reliability_diagram(tmp_path):
+    splits, probs = _run()
+    combine = P.fit_combiner(probs["dev"], KINDS, splits, seed=0, method="soft_vote")
+    rows = E.evaluate_split(
+        probs["test"], KINDS, splits.labels["test"], splits.intensity["test"], NAMES,
+        splits.class_intensity(), splits.intensity_edges(), learned=combine,
+        sharpness=combine["params"]["regressor_sharpness"],
+        temperatures=combine["params"]["temperatures"],
+    )
+    state = {"history": {"clf": [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}]}}
+    P._plots(tmp_path, splits, probs["test"], KINDS, rows, state, combine)
+    png = tmp_path / "plots" / "reliability.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_summary_shows_nll_ece_and_the_scaled_rows(tmp_path, capsys):
+    splits, probs = _run()
+    combine = P.fit_combiner(probs["dev"], KINDS, splits, seed=0, method="soft_vote")
+    rows = E.evaluate_split(
+        probs["test"], KINDS, splits.labels["test"], splits.intensity["test"], NAMES,
+        splits.class_intensity(), splits.intensity_edges(), learned=combine,
+        sharpness=combine["params"]["regressor_sharpness"],
+        temperatures=combine["params"]["temperatures"],
+    )
+    P.print_summary(rows, {}, tmp_path)
+    text = capsys.readouterr().out
+    header = next(line for line in text.splitlines() if "member" in line)
+    assert "NLL" in header and "ECE" in header
+    t = combine["params"]["temperatures"]["clf"]
+    scaled = next(line for line in text.splitlines() if f"clf (T={t:.2f})" in line)
+    assert f"{rows['clf']['nll_calibrated']:.3f}" in scaled
+
+
+def test_guidance_ensemble_target_divides_by_each_members_temperature():
+    from ensemble import guidance as G
+
+    splits, _ = _run(n=20)
+    rng = np.random.default_rng(1)
+    train = {"clf": rng.normal(size=(20, 3)), "teach": rng.normal(size=(20, 3)),
+             "reg": rng.normal(size=20)}
+    kinds = {n: KINDS[n] for n in train}
+    before = G._ensemble_probs(train, kinds, splits, 2.0, 1.5)
+    assert np.array_equal(before, G._ensemble_probs(train, kinds, splits, 2.0, 1.5, None))
+    temps = {"clf": 3.0, "teach": 0.5}
+    after = G._ensemble_probs(train, kinds, splits, 2.0, 1.5, temps)
+    from ensemble import combine
+
+    reg = combine.regressor_probs(train["reg"], splits.intensity_edges(), 3, sharpness=1.5)
+    expected = combine.soft_vote(np.stack([
+        _softmax(train["clf"] / 6.0), _softmax(train["teach"] / 1.0), reg
+    ]))
+    np.testing.assert_allclose(after, expected, rtol=1e-5)
+    np.testing.assert_allclose(  # the same as scaling the probabilities, then softening
+        _softmax(train["clf"] / 6.0), temper(_softmax(train["clf"] / 3.0), 2.0), rtol=1e-9
+    )
