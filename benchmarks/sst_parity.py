@@ -224,9 +224,28 @@ def markdown(r: dict) -> str:
                      f"{r['plain_disagreement']:.3f}")
     lines += ["", f"commit {r['machine']['git_commit']}, torch {r['machine']['torch']}, "
               f"transformers {r['machine']['transformers']}, ray {r['machine']['ray']}, "
-              f"deepspeed {r['machine']['deepspeed']}; load {r['load_average']}; "
-              f"wall {r['wall_s']:.0f} s"]
+              f"deepspeed {r['machine']['deepspeed']}; load when written {r['load_average']}",
+              f"- wall seconds per arm (the arms shared 2 cores with up to 7 other training "
+              f"processes, so these are not speeds): {r['arm_wall_s']}"]
     return "\n".join(lines) + "\n"
+
+
+def arm_walls(work: Path, epochs: int, seeds: list[int], members: int) -> dict[str, float]:
+    """Wall time of each finished arm: the plain loop's own clock, the run's metrics.json."""
+    out = {}
+    for s in seeds:
+        path = work / f"plain_e{epochs}_s{s}.json"
+        if path.is_file():
+            out[f"plain_s{s}"] = json.loads(path.read_text())["wall_s"]
+    runs = ([f"ens_e{epochs}_k{members}"] if members > 1
+            else [f"ens_e{epochs}_s{s}" for s in seeds])
+    for name in runs:
+        metrics = work / name / "metrics.json"
+        if metrics.is_file():
+            wall = json.loads(metrics.read_text()).get("wall_s")
+            if wall is not None:
+                out[name] = round(float(wall), 1)
+    return out
 
 
 def main() -> None:
@@ -249,7 +268,8 @@ def main() -> None:
     def write() -> None:
         result = collect(a.work_dir, a.epochs, a.seeds, a.members, data)
         result.update(machine=common.machine(), load_average=common.load_average(),
-                      wall_s=time.time() - start)
+                      wall_s=None if a.summarize else time.time() - start,
+                      arm_wall_s=arm_walls(a.work_dir, a.epochs, a.seeds, a.members))
         common.write_results(name, result, markdown(result))
 
     if not a.summarize:
