@@ -169,6 +169,12 @@ def collect(work: Path, epochs: int, seeds: list[int], members: int, data: Path)
             name: {k: row.get(k) for k in KEYS}
             for name, row in ens_metrics["test"].items() if name.startswith("ensemble")}
         result["ensemble_run"]["chosen"] = ens_metrics.get("combine", {})
+        from ensemble.metrics import pairwise_disagreement
+
+        with np.load(runs[0] / "predictions" / "test.npz") as test:
+            names = [n for n in test.files if n.startswith("classifier")]
+            result["run_disagreement"] = pairwise_disagreement(
+                {n: test[n].argmax(1) for n in names})
     return result
 
 
@@ -208,20 +214,31 @@ def markdown(r: dict) -> str:
                    + ("(within one SE: no measurable difference)" if abs(gap) <= se else ""))
         lines += ["", f"- ensemble minus plain accuracy: {gap:+.2f} ± {se:.2f} pt over "
                   f"{d['accuracy']['n']} seeds: {verdict}"]
-    if "plain_deep_ensemble" in r:
-        pd = r["plain_deep_ensemble"]
-        lines += ["", f"## Deep ensembles of the {r['members']} seeds", "",
+    if "ensemble_run" in r:
+        lines += ["", f"## Ensembles of the {r['members']} seeds on SST-5 test", "",
                   "| ensemble | accuracy | macro-F1 | NLL | ECE | Brier |",
                   "|---|---:|---:|---:|---:|---:|"]
-        for key in ("soft_vote", "soft_vote_calibrated"):
+        pd = r.get("plain_deep_ensemble")
+        for key in ("soft_vote", "soft_vote_calibrated") if pd else ():
             lines.append(f"| plain models, {key.replace('_', ' ')} | " + " | ".join(
                 cell(pd[key], k) for k in KEYS) + " |")
-        for name, row in r.get("ensemble_run", {}).items():
+        for name, row in r["ensemble_run"].items():
             if name != "chosen":
                 lines.append(f"| `ensemble` run, {name} | " + " | ".join(
                     cell(row, k) for k in KEYS) + " |")
-        lines.append(f"\n- plain models' pairwise test disagreement: "
-                     f"{r['plain_disagreement']:.3f}")
+        best = max((row["accuracy"], s) for s, row in
+                   ((s, v["ensemble"]) for s, v in r["per_seed"].items()) if row)
+        lines.append(f"\n- best member of the run: seed {best[1]}, {best[0]:.4f}; the run "
+                     f"published {r['ensemble_run']['chosen'].get('method')}")
+        if "run_disagreement" in r:
+            lines.append(f"- the run's members' mean pairwise test disagreement: "
+                         f"{r['run_disagreement']['mean']:.3f}")
+        if pd:
+            lines.append(f"- plain models' pairwise test disagreement: "
+                         f"{r['plain_disagreement']:.3f}")
+        else:
+            lines.append("- plain deep ensemble: not formed (fewer plain seeds finished than "
+                         "members)")
     lines += ["", f"commit {r['machine']['git_commit']}, torch {r['machine']['torch']}, "
               f"transformers {r['machine']['transformers']}, ray {r['machine']['ray']}, "
               f"deepspeed {r['machine']['deepspeed']}; load when written {r['load_average']}",
