@@ -152,7 +152,7 @@ def markdown(data: dict[str, Any]) -> str:
         "# Cost of `model: mpnet` (MPNet-base, offline from the `mpnet` extra)",
         "",
         f"Load average at start {data['loadavg_start']}, at end {data['loadavg_end']} on "
-        f"{data['machine']['cpu_count']} CPUs (another benchmark shared the cores); commit "
+        f"{data['machine']['cpu_count']} CPUs (other processes may share them); commit "
         f"{data['machine']['git_commit']}, torch {data['machine']['torch']}, transformers "
         f"{data['machine']['transformers']}.",
         "",
