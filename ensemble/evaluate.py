@@ -12,7 +12,12 @@ from typing import Any
 import numpy as np
 
 from ensemble import calibration, combine
-from ensemble.metrics import calibration_metrics, classification_metrics, regression_metrics
+from ensemble.metrics import (
+    calibration_metrics,
+    classification_metrics,
+    pairwise_disagreement,
+    regression_metrics,
+)
 
 FIXED_METHODS = ("hard_vote", "soft_vote")
 
@@ -42,6 +47,15 @@ def vote_probs(
         for n in names
     ]
     return names, np.stack(stacked)
+
+
+def disagreement(
+    outputs: Mapping[str, np.ndarray], kinds: Mapping[str, str], edges: Sequence[float]
+) -> dict[str, Any]:
+    """`metrics.pairwise_disagreement` of the members' top-1 classes; a regressor's is its bin."""
+    num_classes = len(edges) + 1
+    names, votes = vote_probs(outputs, kinds, edges, num_classes)
+    return pairwise_disagreement(dict(zip(names, votes.argmax(axis=2), strict=True)))
 
 
 def regressor_sharpness(

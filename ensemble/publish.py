@@ -16,6 +16,7 @@ import numpy as np
 from ensemble import config as C
 from ensemble import evaluate as E
 from ensemble import report
+from ensemble.cards import write_cards
 from ensemble.data import Splits
 from ensemble.guidance import to_probs
 from ensemble.metrics import roc_curves
@@ -114,9 +115,16 @@ def publish(
         "wall_s": wall_s,
         "rounds": state["rounds_completed"],
         "data": splits.summary(),
+        # the share of test texts on which two members' classes differ (a regressor by its bin)
+        "test_disagreement": E.disagreement(probs["test"], kinds, splits.intensity_edges()),
     }
     atomic_write_json(run_dir / "metrics.json", metrics)
     _plots(run_dir, splits, probs["test"], kinds, results["test"], state, combine)
+    if len(kinds) > 1:
+        report.plot_disagreement(
+            metrics["test_disagreement"], run_dir / "plots" / "disagreement.png",
+            "members' top-1 disagreement (test)",
+        )
     manifest = Manifest(
         name=cfg.name,
         label_names=list(splits.label_names),
@@ -140,6 +148,7 @@ def publish(
         metrics=E.compact({k: v for k, v in results["test"].items() if k.startswith("ensemble")}),
         config=C.to_dict(cfg),
     )
+    write_cards(cfg, run_dir, manifest, metrics)  # a README.md beside each member's export
     manifest.save(run_dir)
     print_summary(results["test"], info, run_dir)
     return manifest

@@ -181,6 +181,34 @@ def plot_confusion(
     _save(fig, path)
 
 
+def plot_disagreement(disagreement: Mapping[str, Any], path: Any, title: str) -> None:
+    """Heatmap of the share of texts on which two members' top-1 classes differ.
+
+    Args:
+        disagreement: ``metrics.pairwise_disagreement``'s result (``models``, ``matrix``,
+            ``mean``).
+        path: PNG file to write.
+        title: figure title; the mean over pairs is appended.
+    """
+    names = list(disagreement["models"])
+    matrix = np.asarray(disagreement["matrix"], dtype=np.float64)
+    n = len(names)
+    size = 2.5 + 0.9 * n
+    fig, ax = _figure(figsize=(size + 1.2, size))
+    top = max(float(matrix.max()), 1e-9)
+    image = ax.imshow(matrix, cmap="Oranges", vmin=0.0, vmax=top)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of texts")
+    for i in range(n):
+        for j in range(n):
+            color = "white" if matrix[i, j] > 0.6 * top else "black"
+            ax.text(j, i, f"{matrix[i, j]:.1%}", ha="center", va="center", color=color,
+                    fontsize="small")
+    ax.set_xticks(range(n), labels=names, rotation=30, ha="right")
+    ax.set_yticks(range(n), labels=names)
+    ax.set(title=f"{title}; mean over pairs {disagreement['mean']:.1%}")
+    _save(fig, path)
+
+
 def plot_roc(curves: Mapping[str, tuple], path: Any, title: str) -> None:
     """One-vs-rest ROC curves, one line per class with its AUC in the legend.
 

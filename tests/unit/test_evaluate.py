@@ -97,3 +97,17 @@ def test_compact_carries_calibration_for_tables_and_tune():
     )
     assert {"nll", "ece"} <= set(rows["ensemble/soft_vote"])
     assert "temperature" not in rows["reg"]
+
+
+def test_disagreement_compares_top1_classes_and_the_regressors_bin():
+    probs = np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8], [0.6, 0.3, 0.1]])
+    outputs = {
+        "clf": probs,
+        "teach": probs[[0, 1, 2, 2]],  # differs on the last text
+        "reg": np.array([-1.5, 0.0, 1.5, 1.2]),  # bins 0, 1, 2, 2: same as the teacher
+    }
+    d = E.disagreement(outputs, KINDS, EDGES)
+    assert d["models"] == ["clf", "teach", "reg"]
+    assert d["matrix"][0][1] == d["matrix"][1][0] == 0.25
+    assert d["matrix"][0][2] == 0.25 and d["matrix"][1][2] == 0.0
+    assert d["mean"] == pytest.approx(0.5 / 3)

@@ -77,6 +77,15 @@ def test_plots_include_the_reliability_diagram(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
+def test_disagreement_heatmap_is_written(tmp_path):
+    splits, probs = _run()
+    d = E.disagreement(probs["test"], KINDS, splits.intensity_edges())
+    assert set(d["models"]) == set(KINDS) and 0.0 < d["mean"] < 1.0
+    png = tmp_path / "disagreement.png"
+    P.report.plot_disagreement(d, png, "test")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
 def test_summary_shows_nll_ece_and_the_scaled_rows(tmp_path, capsys):
     splits, probs = _run()
     combine = P.fit_combiner(probs["dev"], KINDS, splits, seed=0, method="soft_vote")
