@@ -55,8 +55,11 @@ def test_summaries_keep_variants_apart(tmp_path: Path) -> None:
     assert not main["targets"]["joint_classifier_beats_independent"]
     assert sorted(ablation["seeds"]) == [0]
     assert ablation["over_seeds"]["classifier"]["diff_mean"] == pytest.approx(0.02)
-    assert ablation["targets"]["joint_classifier_beats_independent"]
+    # one seed gives no standard error: a lead on one seed is never "better"
+    assert not ablation["targets"]["joint_classifier_beats_independent"]
     assert "(no_c2r)" in Q.summary_markdown(ablation)
+    _write(tmp_path, 1, "no_c2r", independent=0.47, joint=0.50)  # +2 and +3 pt: beyond one SE
+    assert Q.summarize(tmp_path, "no_c2r")["targets"]["joint_classifier_beats_independent"]
     with pytest.raises(FileNotFoundError, match="sst_quality_other"):
         Q.summarize(tmp_path, "other")
 
