@@ -150,8 +150,32 @@ def publish(
     )
     write_cards(cfg, run_dir, manifest, metrics)  # a README.md beside each member's export
     manifest.save(run_dir)
+    if "student" in kinds.values():
+        _cascade(cfg, run_dir, manifest, metrics)
     print_summary(results["test"], info, run_dir)
     return manifest
+
+
+def _cascade(cfg: C.RunConfig, run_dir: Path, manifest: Manifest, metrics: dict) -> None:
+    """The cascade Serve would fit (`serve.*` settings), its test loss, and its curve plot."""
+    from ensemble.serving import cascade
+
+    spec = cascade.combination_from_manifest(manifest)
+    threshold, measure, stats = cascade.fit_cascade_from_run(
+        run_dir, spec, cfg.serve.cascade_confidence, cfg.serve.cascade_max_accuracy_loss
+    )
+    student = cascade.student_of(spec)
+    curves = {}
+    for split in ("dev", "test"):
+        preds = cascade.load_predictions(run_dir, split)
+        curves[split] = cascade.cascade_curve(
+            cascade.member_probs(spec, student, preds[student]),
+            cascade.combine_outputs(preds, spec).probs, preds["labels"].astype(np.int64), measure,
+        )
+    report.plot_cascade(curves, run_dir / "plots" / "cascade.png", threshold,
+                        cfg.serve.cascade_max_accuracy_loss,
+                        f"cascade on the student's {measure} (test loss at the dev-fitted dot)")
+    atomic_write_json(run_dir / "metrics.json", {**metrics, "cascade": stats})
 
 
 def _student_ratios(

@@ -209,6 +209,40 @@ def plot_disagreement(disagreement: Mapping[str, Any], path: Any, title: str) ->
     _save(fig, path)
 
 
+def plot_cascade(
+    curves: Mapping[str, Mapping[str, Any]], path: Any, threshold: float | None = None,
+    budget: float | None = None, title: str = "cascade",
+) -> None:
+    """Student share vs accuracy loss against the full ensemble, one line per split.
+
+    Args:
+        curves: split -> `cascade.cascade_curve` (``threshold``, ``student_fraction``,
+            ``accuracy_loss`` arrays).
+        path: PNG file to write.
+        threshold: the fitted threshold; each curve marks the point it gives.
+        budget: the allowed loss, drawn as a horizontal line.
+    """
+    fig, ax = _figure(figsize=(6.4, 4.4))
+    colors = _colors(curves, keep_order=True)
+    for split, curve in curves.items():
+        color = colors[split]
+        share = np.asarray(curve["student_fraction"])
+        loss = 100 * np.asarray(curve["accuracy_loss"])
+        ax.plot(share, loss, color=color, linewidth=1.2, label=split)
+        if threshold is not None:
+            at = np.asarray(curve["threshold"]) >= threshold
+            i = int(np.flatnonzero(at)[-1]) if at.any() else None
+            if i is not None:
+                ax.scatter([share[i]], [loss[i]], color=color, zorder=3)
+    if budget is not None:
+        ax.axhline(100 * budget, linestyle="--", color="grey", linewidth=0.8, label="budget")
+    ax.axhline(0.0, color="black", linewidth=0.5)
+    ax.set(xlim=(0, 1), xlabel="share of texts the student answers alone",
+           ylabel="accuracy loss vs the full ensemble (pt)", title=title)
+    ax.legend(loc="upper left")
+    _save(fig, path)
+
+
 def plot_roc(curves: Mapping[str, tuple], path: Any, title: str) -> None:
     """One-vs-rest ROC curves, one line per class with its AUC in the legend.
 

@@ -15,8 +15,9 @@ run directory's view of the members (a mapping ``name -> output``) to it:
   the run's metrics describe.
 
 The cascade lets the (cheap) student answer alone when its confidence reaches a threshold;
-`fit_threshold` picks the lowest threshold whose dev accuracy stays within a tolerance of the
-full ensemble's, which sends as much traffic as possible to the student. The confidence is the
+`fit_threshold` picks the lowest threshold whose dev accuracy loss against the full ensemble
+stays within a budget with 95 % confidence (a bootstrap upper bound), which sends as much
+traffic to the student as the budget safely allows. The confidence is the
 student's margin (top probability minus the runner-up) or its top probability
 (`CONFIDENCE_MEASURES`); `fit_cascade_from_run` with ``auto`` (Serve's default) fits both and
 keeps the one that lets the student answer more. Which wins depends on the student: on SST the
@@ -47,7 +48,9 @@ __all__ = [
     "intensity_weights",
     "Combination",
     "Combined",
+    "accuracy_loss_bound",
     "cascade_accuracy",
+    "cascade_curve",
     "combination_from_manifest",
     "combine_outputs",
     "fit_threshold",
@@ -390,21 +393,75 @@ def _check_cascade_inputs(
     return s, e, y
 
 
+def _routing(
+    student_probs: np.ndarray, ensemble_probs: np.ndarray, labels: np.ndarray, measure: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The examples most confident first: confidences, the accuracy each costs, valid cuts.
+
+    Returns ``(conf, cost, valid)``, all (N,) in that order: ``cost`` is 1 where the ensemble is
+    right and the student wrong, -1 the other way round, else 0, so sending the first k + 1
+    examples to the student loses ``cost[:k + 1].sum() / N`` accuracy; ``valid`` marks the cuts
+    that do not split tied confidences (a threshold cannot).
+    """
+    s, e, y = _check_cascade_inputs(student_probs, ensemble_probs, labels)
+    conf = student_confidence(s, measure)
+    order = np.argsort(-conf, kind="stable")
+    conf = conf[order]
+    cost = (e.argmax(axis=1) == y).astype(np.int64) - (s.argmax(axis=1) == y).astype(np.int64)
+    valid = np.append(conf[1:] < conf[:-1], True)
+    return conf, cost[order], valid
+
+
+def accuracy_loss_bound(
+    cost: np.ndarray, level: float = 0.95, bootstrap: int = 1000, seed: int = 0
+) -> np.ndarray:
+    """One-sided upper confidence bound of the accuracy loss at every cut, by bootstrap.
+
+    Args:
+        cost: (N,) per-example cost in routing order (`_routing`).
+        level: the bound's confidence level, e.g. 0.95.
+        bootstrap: resamples of the N examples (seeded by ``seed``).
+
+    Returns:
+        (N,) the ``level`` quantile over resamples of the loss of sending the first k + 1
+        examples to the student.
+    """
+    n = cost.size
+    rng = np.random.default_rng(seed)
+    counts = rng.multinomial(n, np.full(n, 1.0 / n), size=bootstrap).astype(np.float32)
+    losses = np.cumsum(counts * cost.astype(np.float32), axis=1) / n  # (B, N)
+    return np.quantile(losses, level, axis=0)
+
+
 def fit_threshold(
     student_probs: np.ndarray,
     ensemble_probs: np.ndarray,
     labels: np.ndarray,
     max_accuracy_loss: float = 0.005,
     measure: str = "margin",
+    bound: float | None = 0.95,
+    bootstrap: int = 1000,
+    seed: int = 0,
 ) -> float:
-    """Lowest student-confidence threshold whose cascade keeps the ensemble's dev accuracy.
+    """Lowest student-confidence threshold whose cascade keeps the ensemble's accuracy.
 
     At threshold ``t`` the student answers every example whose confidence (`student_confidence`
     by ``measure``) is ``>= t`` and the ensemble answers the rest. Only thresholds equal to an
     observed confidence matter, so all of them are scored at once (sort by confidence, cumulative
-    sums). A lower threshold sends more traffic to the student; the lowest one whose accuracy is
-    at least ``ensemble accuracy - max_accuracy_loss`` wins. If none is, the result is just above
-    the largest confidence, i.e. the student never answers alone.
+    sums). A lower threshold sends more traffic to the student.
+
+    With ``bound`` (the default, 0.95) the accuracy loss must hold with that confidence: its
+    one-sided upper bound over ``bootstrap`` resamples of the dev examples must stay within
+    ``max_accuracy_loss``. Thresholds are tested in a fixed sequence, from the highest down, and
+    the scan stops at the first one that fails, so picking among many thresholds does not spend
+    the bound's confidence (fixed-sequence testing). A point estimate on a thousand dev texts
+    overfits their noise: its test loss exceeds the budget about half the time.
+
+    With ``bound=None`` the point estimate decides: the lowest threshold whose dev accuracy is at
+    least ``ensemble accuracy - max_accuracy_loss`` wins.
+
+    Either way, if no threshold passes, the result is just above the largest confidence, i.e. the
+    student never answers alone.
 
     Args:
         student_probs: (N, C) dev probabilities of the student.
@@ -412,33 +469,55 @@ def fit_threshold(
         labels: (N,) integer dev labels.
         max_accuracy_loss: allowed accuracy drop as a fraction (0.005 = half a point).
         measure: the confidence, one of `CONFIDENCE_MEASURES`.
+        bound: confidence level of the loss's upper bound in (0, 1), or None for the point
+            estimate.
+        bootstrap: resamples behind the bound; seed: their seed.
 
     Returns:
         The threshold, a Python float.
 
     Raises:
-        ValueError: on mismatched shapes, empty input, bad labels, a negative tolerance or an
-            unknown measure.
+        ValueError: on mismatched shapes, empty input, bad labels, a negative tolerance, a
+            level outside (0, 1) or an unknown measure.
     """
     if not 0.0 <= max_accuracy_loss < 1.0:
         raise ValueError(f"max_accuracy_loss={max_accuracy_loss} must be in [0, 1), e.g. 0.005")
-    s, e, y = _check_cascade_inputs(student_probs, ensemble_probs, labels)
-    n = y.size
-    conf = student_confidence(s, measure)  # (N,)
-    order = np.argsort(-conf, kind="stable")  # most confident first
-    conf_sorted = conf[order]
-    student_ok = (s.argmax(axis=1) == y)[order]
-    ensemble_ok = (e.argmax(axis=1) == y)[order]
-    ensemble_acc = ensemble_ok.mean()
-    # accuracy when the k+1 most confident examples go to the student, k = 0..N-1
-    acc = (np.cumsum(student_ok) + ensemble_ok.sum() - np.cumsum(ensemble_ok)) / n  # (N,)
-    # a threshold cannot split tied confidences: only the last index of each tie group counts
-    valid = np.append(conf_sorted[1:] < conf_sorted[:-1], True)
+    if bound is not None and not 0.0 < bound < 1.0:
+        raise ValueError(f"bound={bound} must be in (0, 1), e.g. 0.95, or None")
+    conf, cost, valid = _routing(student_probs, ensemble_probs, labels, measure)
     # small slack so a loss of exactly max_accuracy_loss passes despite float rounding
-    ok = valid & (acc >= ensemble_acc - max_accuracy_loss - 1e-12)
+    budget = max_accuracy_loss + 1e-6 if bound is not None else max_accuracy_loss + 1e-12
+    if bound is None:
+        ok = valid & (np.cumsum(cost) / cost.size <= budget)
+    else:
+        passes = accuracy_loss_bound(cost, bound, bootstrap, seed) <= budget
+        failed = valid & ~passes
+        stop = int(np.argmax(failed)) if failed.any() else cost.size  # the first failing cut
+        ok = valid & (np.arange(cost.size) < stop)
     if not ok.any():
-        return float(np.nextafter(conf_sorted[0], np.inf))
-    return float(conf_sorted[np.flatnonzero(ok)[-1]])
+        return float(np.nextafter(conf[0], np.inf))
+    return float(conf[np.flatnonzero(ok)[-1]])
+
+
+def cascade_curve(
+    student_probs: np.ndarray,
+    ensemble_probs: np.ndarray,
+    labels: np.ndarray,
+    measure: str = "margin",
+) -> dict[str, np.ndarray]:
+    """Student share and accuracy loss at every threshold (for plots and reports).
+
+    Returns:
+        ``threshold``, ``student_fraction`` and ``accuracy_loss`` arrays, one entry per
+        distinct confidence, most confident first.
+    """
+    conf, cost, valid = _routing(student_probs, ensemble_probs, labels, measure)
+    idx = np.flatnonzero(valid)
+    return {
+        "threshold": conf[idx],
+        "student_fraction": (idx + 1) / cost.size,
+        "accuracy_loss": np.cumsum(cost)[idx] / cost.size,
+    }
 
 
 def cascade_accuracy(
@@ -585,7 +664,9 @@ def fit_cascade_from_run(
         split: which saved predictions to use.
 
     Returns:
-        (threshold, measure, `cascade_accuracy` at that threshold on the same split).
+        (threshold, measure, `cascade_accuracy` at that threshold on the same split, with the
+        budget under ``max_accuracy_loss`` and, when the run saved test predictions,
+        `cascade_accuracy` on test under ``test``).
 
     Raises:
         FileNotFoundError: without saved predictions.
@@ -608,5 +689,14 @@ def fit_cascade_from_run(
         fits[m] = threshold, cascade_accuracy(student, ensemble, labels, threshold, m)
     measure = max(measures, key=lambda m: fits[m][1]["student_fraction"])
     threshold, stats = fits[measure]
+    stats = {**stats, "max_accuracy_loss": max_accuracy_loss}
+    try:  # the budget's check on data the threshold never saw
+        test = load_predictions(run_dir, "test")
+    except FileNotFoundError:
+        return threshold, measure, stats
+    stats["test"] = cascade_accuracy(
+        member_probs(spec, name, test[name]), combine_outputs(test, spec).probs,
+        np.asarray(test["labels"]).astype(np.int64), threshold, measure,
+    )
     return threshold, measure, stats
 

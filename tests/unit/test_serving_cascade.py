@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -78,7 +80,9 @@ def test_threshold_stops_where_the_student_starts_to_err():
     # top probabilities 0.9, 0.8 (right) then 0.7, 0.6 (wrong); margins 0.8, 0.6, 0.4, 0.2
     student = np.array([[0.9, 0.1, 0], [0.8, 0.2, 0], [0.3, 0.7, 0], [0.4, 0.6, 0]])
     ensemble = np.tile([1.0, 0, 0], (4, 1))
-    fit = cascade.fit_threshold
+    def fit(*args, **kwargs):  # the point estimate: four examples are too few for a bound
+        return cascade.fit_threshold(*args, bound=None, **kwargs)
+
     assert fit(student, ensemble, y, max_accuracy_loss=0.0, measure="max_prob") == 0.8
     assert fit(student, ensemble, y, max_accuracy_loss=0.0) == pytest.approx(0.6)
     # allowing a 25-point loss lets the student also take its third example (one error)
@@ -121,13 +125,83 @@ def test_matches_brute_force_on_random_data(seed, measure):
     conf = cascade.student_confidence(student, measure)
     for loss in (0.0, 0.005, 0.05):
         expected = _brute_force(student, ensemble, y, loss, measure)
-        got = cascade.fit_threshold(student, ensemble, y, max_accuracy_loss=loss, measure=measure)
+        got = cascade.fit_threshold(student, ensemble, y, max_accuracy_loss=loss, measure=measure,
+                                    bound=None)
         if expected is None:
             assert got > conf.max()
         else:
             assert got == pytest.approx(expected)
             stats = cascade.cascade_accuracy(student, ensemble, y, got, measure)
             assert stats["accuracy_loss"] <= loss + 1e-12
+
+
+def _known_loss_population(n: int, rng: np.random.Generator):
+    """Dev sets where the accuracy loss of every threshold is known in closed form.
+
+    The student's confidence c is uniform on [0, 1] (top probability 1/3 + 2c/3); an example
+    costs the cascade a point (ensemble right, student wrong) with probability 0.3 (1 - c) and
+    gains one (the other way round) with probability 0.05. Sending every example with
+    confidence >= c0 to the student loses 0.15 (1 - c0)^2 - 0.05 (1 - c0) in expectation.
+    """
+    c = rng.random(n)
+    u = rng.random(n)
+    student_right = u >= 0.3 * (1 - c)
+    ensemble_right = student_right & ~(u < 0.3 * (1 - c) + 0.05) | ~student_right
+    top = 1 / 3 + 2 / 3 * c
+    student = np.repeat(((1 - top) / 2)[:, None], 3, axis=1)
+    student[np.arange(n), np.where(student_right, 0, 1)] = top
+    ensemble = np.eye(3)[np.where(ensemble_right, 0, 1)]
+    return student, ensemble, np.zeros(n, dtype=np.int64)
+
+
+def _true_loss(threshold: float) -> tuple[float, float]:
+    """(expected accuracy loss, expected student share) at a max_prob threshold."""
+    x = 1 - float(np.clip((threshold - 1 / 3) * 1.5, 0.0, 1.0))
+    return 0.15 * x * x - 0.05 * x, x
+
+
+def test_the_bound_holds_the_budget_where_the_point_estimate_does_not():
+    rng = np.random.default_rng(0)
+    budget, fits = 0.005, {0.95: [], None: []}
+    for _ in range(20):
+        student, ensemble, y = _known_loss_population(800, rng)
+        for bound in fits:
+            t = cascade.fit_threshold(student, ensemble, y, budget, "max_prob", bound=bound)
+            fits[bound].append(_true_loss(t))
+    ucb, point = np.array(fits[0.95]), np.array(fits[None])
+    # the point estimate spends the budget's noise: its true loss is over budget about half
+    # the time; the 95 % bound is over budget at most rarely, yet still routes traffic
+    assert np.mean(point[:, 0] > budget) >= 0.25
+    assert np.mean(ucb[:, 0] > budget) <= 0.1
+    assert 0.1 < ucb[:, 1].mean() < point[:, 1].mean()
+
+
+def test_the_bound_is_the_bootstrap_quantile_of_the_loss():
+    cost = np.array([0, 0, 1, -1, 1, 0, 1, 1])
+    bound = cascade.accuracy_loss_bound(cost, level=0.9, bootstrap=4000, seed=1)
+    assert bound.shape == cost.shape
+    assert bound[0] == bound[1] == 0.0  # nothing lost yet in any resample
+    assert np.all(bound >= np.cumsum(cost) / cost.size)  # a 90 % upper bound sits above the mean
+    rng = np.random.default_rng(1)
+    counts = rng.multinomial(8, np.full(8, 1 / 8), size=4000)
+    expected = np.quantile(np.cumsum(counts * cost, axis=1) / 8, 0.9, axis=0)
+    np.testing.assert_allclose(bound, expected, atol=1e-6)
+
+
+def test_cascade_curve_matches_cascade_accuracy_at_each_threshold():
+    rng = np.random.default_rng(3)
+    student, ensemble, y = _known_loss_population(200, rng)
+    curve = cascade.cascade_curve(student, ensemble, y, "max_prob")
+    for i in (0, 50, 199):
+        stats = cascade.cascade_accuracy(student, ensemble, y, curve["threshold"][i], "max_prob")
+        assert stats["student_fraction"] == pytest.approx(curve["student_fraction"][i])
+        assert stats["accuracy_loss"] == pytest.approx(curve["accuracy_loss"][i])
+
+
+def test_fit_threshold_rejects_a_bound_outside_0_1():
+    y = np.array([0, 1])
+    with pytest.raises(ValueError, match="bound=1.5 must be in"):
+        cascade.fit_threshold(np.eye(2)[y], np.eye(2)[y], y, bound=1.5)
 
 
 @pytest.mark.parametrize(
@@ -398,6 +472,25 @@ def test_fit_threshold_from_run_uses_the_served_combination(tmp_path):
     assert 0.0 < stats["student_fraction"] < 1.0  # a real split on this data
 
 
+def test_a_fitted_threshold_reports_its_loss_on_test_beside_dev(tmp_path):
+    spec_section = {"method": "soft_vote", "weights": {}, "params": {}}
+    dev = _manifest_run(tmp_path, spec_section)
+    assert "test" not in cascade.fit_cascade_from_run(tmp_path, _run_spec(tmp_path))[2]
+    test = {k: np.roll(v, 7, axis=0) for k, v in dev.items()}  # other texts, same members
+    np.savez(tmp_path / "predictions" / "test.npz", **test)
+    spec = _run_spec(tmp_path)
+    threshold, measure, stats = cascade.fit_cascade_from_run(tmp_path, spec, "margin", 0.01)
+    expected = cascade.cascade_accuracy(
+        cascade.member_probs(spec, "stud", test["stud"]),
+        cascade.combine_outputs(test, spec).probs, test["labels"], threshold, measure,
+    )
+    assert stats["test"] == expected and stats["max_accuracy_loss"] == 0.01
+
+
+def _run_spec(run_dir):
+    return cascade.combination_from_manifest(Manifest.load(run_dir))
+
+
 def test_cascade_fit_on_a_calibrated_run_uses_the_scaled_student(tmp_path):
     temps = {"clf": 1.3, "teach": 0.8, "stud": 2.5}
     preds = _manifest_run(tmp_path, {"method": "soft_vote", "params": {"temperatures": temps}})
@@ -408,7 +501,8 @@ def test_cascade_fit_on_a_calibrated_run_uses_the_scaled_student(tmp_path):
     for m in cascade.CONFIDENCE_MEASURES:
         threshold, stats = cascade.fit_threshold_from_run(tmp_path, spec, measure=m)
         assert threshold == cascade.fit_threshold(student, ensemble, preds["labels"], measure=m)
-        assert stats == cascade.cascade_accuracy(student, ensemble, preds["labels"], threshold, m)
+        dev = cascade.cascade_accuracy(student, ensemble, preds["labels"], threshold, m)
+        assert {k: stats[k] for k in dev} == dev and stats["max_accuracy_loss"] == 0.005
 
 
 def test_combination_from_manifest_reads_method_and_weights(tmp_path):
@@ -446,3 +540,19 @@ def test_auto_confidence_keeps_the_measure_with_the_larger_student_share(tmp_pat
         assert cascade.fit_cascade_from_run(tmp_path, spec, m)[:2] == (each[m][0], m)
     with pytest.raises(ValueError, match="use auto or one of"):
         cascade.fit_cascade_from_run(tmp_path, spec, "entropy")
+
+
+def test_a_published_run_with_a_student_plots_its_cascade_and_records_the_test_loss(tmp_path):
+    from ensemble import config as C
+    from ensemble import publish
+
+    dev = _manifest_run(tmp_path, {"method": "soft_vote", "weights": {}, "params": {}})
+    np.savez(tmp_path / "predictions" / "test.npz", **{k: v[::-1] for k, v in dev.items()})
+    cfg = C.load("configs/tiny.yaml", ["serve.cascade_max_accuracy_loss=0.02"])
+    publish._cascade(cfg, tmp_path, Manifest.load(tmp_path), {"wall_s": 1.0})
+    stats = json.loads((tmp_path / "metrics.json").read_text())["cascade"]
+    assert stats["max_accuracy_loss"] == 0.02 and set(stats["test"]) >= {"accuracy_loss",
+                                                                          "student_fraction"}
+    assert stats["test"]["threshold"] == stats["threshold"]  # the dev-fitted one, scored on test
+    png = tmp_path / "plots" / "cascade.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
