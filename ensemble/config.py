@@ -193,6 +193,8 @@ class MemberConfig:
     seed: int | None = None
     bootstrap: bool = False
     data_fraction: float = 1.0
+    # tokens a text is cut to for this member, in training and serving (None: data.max_length)
+    max_length: int | None = None
     # None: train every stage for its full epochs; else epochs are a maximum (see the class)
     early_stopping: EarlyStoppingConfig | None = None
 
@@ -200,6 +202,11 @@ class MemberConfig:
         problems = []
         if not 0.0 < self.data_fraction <= 1.0:
             problems.append(f"data_fraction={self.data_fraction} must be in (0, 1]")
+        if self.max_length is not None and self.max_length < 8:
+            problems.append(
+                f"max_length={self.max_length} is too short; use at least 8, or null for "
+                "data.max_length"
+            )
         es = self.early_stopping
         if es is not None:
             metric = es.metric_for(self.kind)
@@ -408,6 +415,11 @@ class RunConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+
+    def max_length(self, member: str) -> int:
+        """Tokens a text is cut to for ``member``: its own `max_length`, else data.max_length."""
+        own = self.members[member].max_length
+        return own if own is not None else self.data.max_length
 
     def __post_init__(self) -> None:
         problems = []

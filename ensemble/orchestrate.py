@@ -107,7 +107,7 @@ def _jobs(cfg: C.RunConfig, name: str, r: int, state: dict[str, Any], splits_ref
         repeat = 1 if i < last else r
         jobs.append(MemberJob(
             name=name, member=member, stage=plan[i], num_labels=_num_outputs(member, splits),
-            class_intensity=splits.class_intensity(), max_length=cfg.data.max_length,
+            class_intensity=splits.class_intensity(), max_length=cfg.max_length(name),
             seed=seed, round=r, repeats=1 if i < last else cfg.training.rounds,
             repeat=repeat, splits=splits_ref, guidance=guidance_ref,
             weights=G.loss_weights(cfg, name, available=r > 1),
@@ -128,7 +128,7 @@ def _runners(cfg: C.RunConfig, run_dir: Path) -> dict[str, Any]:
     return {
         name: MemberRunner.options(num_cpus=0, scheduling_strategy=here).remote(
             name, m, str(run_dir), storage, cfg.training.max_failures,
-            cfg.training.eval_batch_size, cfg.data.max_length)
+            cfg.training.eval_batch_size, cfg.max_length(name))
         for name, m in cfg.members.items()
     }
 

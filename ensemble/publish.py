@@ -136,7 +136,7 @@ def publish(
                 kind=kinds[n],
                 path=f"members/{n}/export",
                 num_labels=1 if kinds[n] == "regressor" else splits.num_labels(),
-                max_length=cfg.data.max_length,
+                max_length=cfg.max_length(n),
                 metrics=E.compact({n: results["test"][n]})[n],
                 params=int(info.get(n, {}).get("params", 0)),
             )

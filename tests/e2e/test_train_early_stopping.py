@@ -26,7 +26,7 @@ EVERY = 2  # optimizer steps between dev evaluations
 def run_dir(ray_local, sst_dir: Path, tmp_path_factory) -> Path:
     tiny = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
     tiny["members"] = {"classifier": {"kind": "classifier"},
-                       "regressor": {"kind": "regressor", "loss": "mse"}}
+                       "regressor": {"kind": "regressor", "loss": "mse", "max_length": 12}}
     # min_delta beyond any possible gain: the first evaluation is the best, the second stops
     stop = {"patience": 1, "every_steps": EVERY}
     tiny["members"]["classifier"]["early_stopping"] = {**stop, "min_delta": 2.0}
@@ -79,3 +79,10 @@ def test_the_export_is_the_best_evaluation_not_the_last_step(run_dir: Path) -> N
     assert not np.allclose(export[key].numpy(), latest[key].numpy())
     same_shape = [k for k in export if k in latest and export[k].shape == latest[k].shape]
     assert len(same_shape) > 10
+
+
+def test_a_member_max_length_reaches_its_manifest_entry(run_dir: Path) -> None:
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    tiny = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    assert manifest["members"]["regressor"]["max_length"] == 12  # what Serve cuts texts to
+    assert manifest["members"]["classifier"]["max_length"] == tiny["data"]["max_length"]

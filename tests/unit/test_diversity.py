@@ -36,3 +36,11 @@ def test_member_seed_and_bagging_config() -> None:
     assert cfg.members["regressor"].seed is None
     with pytest.raises(C.ConfigError, match="data_fraction"):
         C.load("configs/tiny.yaml", ["members.classifier.data_fraction=0"])
+
+
+def test_member_max_length_falls_back_to_the_data_setting() -> None:
+    cfg = C.load("configs/tiny.yaml", ["data.max_length=48", "members.classifier.max_length=16"])
+    assert cfg.max_length("classifier") == 16
+    assert cfg.max_length("regressor") == 48  # no max_length of its own
+    with pytest.raises(C.ConfigError, match="max_length=4 is too short"):
+        C.load("configs/tiny.yaml", ["members.classifier.max_length=4"])
