@@ -102,17 +102,38 @@ class Splits:
         return np.interp(np.arange(c), present, means).tolist()
 
     def intensity_edges(self) -> list[float]:
-        """C-1 strictly ascending bin edges: midpoints between consecutive class intensities.
+        """C-1 strictly ascending bin edges that turn an intensity into a class.
 
-        The class intensities are sorted first, so the edges are ascending even if the training
-        data break the ordinal assumption; ties are nudged apart by one ulp.
+        When the training intensities separate the classes (every text of class c is at most as
+        intense as every text of class c+1, as when the labels were cut from the intensity, e.g.
+        SST-5 or VADER), each edge lies midway between the two classes' nearest texts, i.e. on the
+        cut the labels came from. Otherwise each edge is the midpoint between consecutive class
+        mean intensities (`class_intensity`), sorted first so the edges ascend even if the data
+        break the ordinal assumption. Ties are nudged apart by one ulp.
         """
+        separated = self._separating_edges()
+        if separated is not None:
+            return separated
         ci = np.sort(np.asarray(self.class_intensity(), dtype=np.float64))
         edges = (ci[1:] + ci[:-1]) / 2.0
         for i in range(1, len(edges)):
             if edges[i] <= edges[i - 1]:
                 edges[i] = np.nextafter(edges[i - 1], np.inf)
         return edges.tolist()
+
+    def _separating_edges(self) -> list[float] | None:
+        """Edges midway between adjacent classes when intensity separates them, else None."""
+        if self.intensity is None:
+            return None
+        y, x = self.labels["train"], self.intensity["train"].astype(np.float64)
+        c = self.num_labels()
+        if np.any(np.bincount(y, minlength=c) == 0):
+            return None
+        lo = np.array([x[y == k].min() for k in range(c)])
+        hi = np.array([x[y == k].max() for k in range(c)])
+        if np.any(hi[:-1] >= lo[1:]):  # overlapping (or touching) classes: no clean cut
+            return None
+        return ((hi[:-1] + lo[1:]) / 2.0).tolist()
 
     def intensity_range(self) -> tuple[float, float]:
         """(min, max) training intensity; (0.0, 1.0) without intensities."""

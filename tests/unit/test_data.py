@@ -64,7 +64,7 @@ def test_sst_has_the_official_splits_and_five_ordinal_classes(sst: Splits) -> No
     ci = sst.class_intensity()
     assert len(ci) == 5 and np.all(np.diff(ci) > 0.1)
     edges = sst.intensity_edges()
-    # SST-5 classes are cut at 0.2/0.4/0.6/0.8; midpoints of class means land near them
+    # SST-5 classes are cut at 0.2/0.4/0.6/0.8, and the edges sit between the nearest texts
     assert np.allclose(edges, [0.2, 0.4, 0.6, 0.8], atol=0.02)
     assert sst.texts["train"][0].startswith("The Rock is destined")
 
@@ -185,6 +185,20 @@ def test_class_intensity_fills_a_class_missing_from_train() -> None:
     assert np.allclose(s.class_intensity(), [0.1, 0.3, 0.5, 0.5])
     edges = s.intensity_edges()
     assert np.allclose(edges, [0.2, 0.4, 0.5]) and np.all(np.diff(edges) > 0)
+
+
+def test_edges_sit_on_the_cut_the_labels_came_from() -> None:
+    # VADER-like: neutral is a narrow band, the outer classes are wide, so the class means
+    # (-2, 0, 2.5) put midpoints at -1 and 1.25, far from the cuts at -0.2 and 0.2
+    x = [-4.0, -2.0, -0.3, -0.1, 0.0, 0.1, 0.3, 2.0, 4.0, 3.7]
+    y = [0, 0, 0, 1, 1, 1, 2, 2, 2, 2]
+    s = Splits(texts={"train": ["t"] * 10}, labels={"train": y}, intensity={"train": x},
+               label_names=["neg", "neu", "pos"])
+    assert np.allclose(s.intensity_edges(), [-0.2, 0.2])
+    # overlapping classes have no clean cut: the midpoints of the class means decide
+    s.intensity["train"][3] = -0.5  # a neutral text below a negative one
+    means = np.array(s.class_intensity())
+    assert np.allclose(s.intensity_edges(), (means[1:] + means[:-1]) / 2)
 
 
 # ---------------------------------------------------------------- errors, each naming the fix
