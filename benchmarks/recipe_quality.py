@@ -54,7 +54,7 @@ except ModuleNotFoundError:  # run as a script: benchmarks/ is on sys.path
 KEYS = ("accuracy", "macro_f1", "nll", "ece", "brier")
 SEED_STRIDE = 10  # a benchmark seed shifts every member's seed by this much
 BOOTSTRAP = 1000
-# targets of the quality issue, for SST-5 (accuracy points)
+# targets for SST-5 (fractions); other datasets are judged against their best member only
 TARGET_ACCURACY = 0.525
 TARGET_OVER_BEST = 0.015
 
@@ -305,8 +305,9 @@ def summarize(dataset: str) -> None:
     acc = table["rows"]["(d) ensemble"]["accuracy"][0]
     best = table["rows"]["best member"]
     ens = table["rows"]["(d) ensemble"]
-    targets = {
-        f"(d) >= {100 * TARGET_ACCURACY:.1f} %": acc >= TARGET_ACCURACY,
+    targets = {} if dataset != "sst" else {
+        f"(d) >= {100 * TARGET_ACCURACY:.1f} %": acc >= TARGET_ACCURACY}
+    targets |= {
         f"(d) >= best member + {100 * TARGET_OVER_BEST:.1f} pt and beyond one SE": (
             diffs["(d) minus best member"]["mean"] >= TARGET_OVER_BEST
             and diffs["(d) minus best member"]["met"]),
