@@ -19,6 +19,8 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import logsumexp
 
+from ensemble.combine import softmax
+
 __all__ = ["T_BOUNDS", "fit_temperature", "fit_temperatures", "log_probs", "temper"]
 
 T_BOUNDS = (0.05, 20.0)  # the search range of T; a fit at a bound means the dev data wanted more
@@ -28,11 +30,6 @@ _TINY = np.finfo(np.float64).tiny  # log(0) would be -inf: a probability 0 is re
 def log_probs(probs: np.ndarray) -> np.ndarray:
     """log of (N, C) probabilities, 0 read as the smallest float64; usable as logits."""
     return np.log(np.maximum(np.asarray(probs, dtype=np.float64), _TINY))
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 def temper(probs: np.ndarray, temperature: float) -> np.ndarray:
@@ -53,7 +50,7 @@ def temper(probs: np.ndarray, temperature: float) -> np.ndarray:
     p = np.asarray(probs, dtype=np.float64)
     if temperature == 1.0:
         return p
-    return _softmax(log_probs(p) / temperature)  # (N, C)
+    return softmax(log_probs(p) / temperature)  # (N, C)
 
 
 def fit_temperature(

@@ -90,7 +90,7 @@ def regressor_probs(
     dist = np.maximum(lower[None, :] - x[:, None], 0.0) + np.maximum(
         x[:, None] - upper[None, :], 0.0
     )
-    return _softmax(-sharpness * dist)  # (B, C)
+    return softmax(-sharpness * dist)  # (B, C)
 
 
 def fit_regressor_sharpness(
@@ -239,7 +239,7 @@ def stack_apply(probs: np.ndarray, params: Mapping[str, Any]) -> np.ndarray:
             f"{m} members x {c} classes need ({c}, {m * c}) and ({c},); refit the stacker on "
             "the current members"
         )
-    return _softmax(x @ coef.T + intercept)  # (B, C)
+    return softmax(x @ coef.T + intercept)  # (B, C)
 
 
 def apply(
@@ -354,10 +354,16 @@ def confidence(probs: np.ndarray) -> np.ndarray:
     return _check_probs_2d(probs).max(axis=1)
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis (the project's one definition)."""
     z = logits - logits.max(axis=-1, keepdims=True)  # stable; rows with -inf entries stay finite
     e = np.exp(z)
     return e / e.sum(axis=-1, keepdims=True)
+
+
+def to_probs(outputs: Mapping[str, np.ndarray], kinds: Mapping[str, str]) -> dict[str, np.ndarray]:
+    """Classification members' logits -> probabilities; the regressor's intensities unchanged."""
+    return {n: o if kinds[n] == "regressor" else softmax(o) for n, o in outputs.items()}
 
 
 def check_probs(probs: np.ndarray) -> np.ndarray:

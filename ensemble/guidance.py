@@ -18,20 +18,10 @@ import ray
 
 from ensemble import combine
 from ensemble import evaluate as E
+from ensemble.combine import softmax, to_probs
 from ensemble.config import RunConfig
 from ensemble.data import Splits
 from ensemble.losses import LossWeights
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def to_probs(outputs: dict[str, np.ndarray], kinds: dict[str, str]) -> dict[str, np.ndarray]:
-    """Classification members' logits -> probabilities; the regressor's intensities unchanged."""
-    return {n: o if kinds[n] == "regressor" else softmax(o) for n, o in outputs.items()}
 
 
 def loss_weights(cfg: RunConfig, name: str, available: bool) -> LossWeights:

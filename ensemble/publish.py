@@ -17,8 +17,8 @@ from ensemble import config as C
 from ensemble import evaluate as E
 from ensemble import report
 from ensemble.cards import write_cards
+from ensemble.combine import to_probs
 from ensemble.data import Splits
-from ensemble.guidance import to_probs
 from ensemble.metrics import roc_curves
 from ensemble.rundir import Manifest, MemberEntry, atomic_write_bytes, atomic_write_json
 from ensemble.tuning.weights import candidates, choose

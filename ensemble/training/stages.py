@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
+from ensemble.combine import softmax
 from ensemble.config import MemberConfig, StageConfig
 from ensemble.models.members import layer_index
 
@@ -94,9 +95,7 @@ def difficulty(
                 "(a teacher member trained in an earlier round); use "
                 "intensity_extremity for the first round"
             )
-        z = teacher_logits - teacher_logits.max(axis=1, keepdims=True)
-        p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
-        return 1.0 - p.max(axis=1)
+        return 1.0 - softmax(teacher_logits).max(axis=1)
     if intensity is None:
         raise ValueError("curriculum difficulty=intensity_extremity needs data.intensity_column")
     mid = 0.5 * (intensity.min() + intensity.max())

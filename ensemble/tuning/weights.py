@@ -118,7 +118,7 @@ def fit_weighted(
     picked = p[:, np.arange(b), y]  # (M, B): each member's probability of the true class
 
     def loss_and_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
-        w = _softmax(theta)  # (M,)
+        w = combine.softmax(theta)  # (M,)
         mix = np.maximum(w @ picked, _EPS)  # (B,)
         grad_w = -(picked / mix).mean(axis=1)  # (M,)
         return float(-np.mean(np.log(mix))), w * (grad_w - w @ grad_w)  # chain rule via softmax
@@ -127,7 +127,7 @@ def fit_weighted(
     starts = [np.zeros(m)] + [rng.normal(size=m) for _ in range(restarts)]
     fits = [minimize(loss_and_grad, x0, jac=True, method="L-BFGS-B") for x0 in starts]
     best = min(fits, key=lambda r: r.fun)
-    weights = _softmax(best.x)
+    weights = combine.softmax(best.x)
     return FitResult(
         "weighted", weights.tolist(), {}, _soft_score(weights, p, y, metric), metric, False
     )
@@ -417,11 +417,6 @@ def _key(combined: np.ndarray, y: np.ndarray, metric: str) -> tuple[float, float
 
 def _soft_score(weights: np.ndarray, p: np.ndarray, y: np.ndarray, metric: str) -> float:
     return metric_value(combine.soft_vote(p, weights), y, metric)
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max())
-    return e / e.sum()
 
 
 def _check_dev(probs: np.ndarray, labels: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
