@@ -5,7 +5,8 @@
             print(p.label, p.confidence, p.intensity)
 
 Every call is bounded by a timeout; HTTP errors raise `EnsembleHTTPError` carrying the server's
-message, so a 413 says which limit was exceeded and how to fix the request.
+message, so a 413 says which limit was exceeded and how to fix the request. `predict_in_parts`
+sends a batch larger than the server's ``serve.max_texts`` as several requests.
 """
 
 from __future__ import annotations
@@ -96,6 +97,43 @@ class EnsembleClient:
             texts if isinstance(texts, str) else list(texts)
         )
         return self._request("POST", "predict", PredictResponse, json=body)
+
+    def predict_in_parts(
+        self, texts: Sequence[str], return_members: bool = False, max_texts: int | None = None
+    ) -> PredictResponse:
+        """Predictions for a batch of any size: requests of at most ``max_texts`` texts, sent in
+        order, their predictions concatenated in input order.
+
+        Args:
+            texts: the texts, in order.
+            return_members: include every member's output.
+            max_texts: texts per request; default the server's ``serve.max_texts`` (``GET /info``).
+
+        Returns:
+            One body: every prediction, with the method and revision of the last request (a
+            live update between two requests is logged as a warning).
+
+        Raises:
+            ValueError: for ``max_texts < 1``; EnsembleHTTPError and the other client errors as
+                `predict`, e.g. 413 for a text longer than ``serve.max_text_chars``.
+        """
+        texts = list(texts)
+        if max_texts is None:
+            max_texts = int(self.info().limits["max_texts"])
+        if max_texts < 1:
+            raise ValueError(f"max_texts={max_texts} must be >= 1")
+        parts = [
+            self.predict_response(texts[i : i + max_texts], return_members)
+            for i in range(0, len(texts), max_texts)
+        ] or [self.predict_response(texts, return_members)]  # no texts: the server's 422
+        revisions = {p.revision for p in parts}
+        if len(revisions) > 1:
+            logger.warning(
+                "the server's settings changed while %d requests were answered (revisions %s): "
+                "the predictions mix them", len(parts), sorted(revisions),
+            )
+        predictions = [pred for part in parts for pred in part.predictions]
+        return parts[-1].model_copy(update={"predictions": predictions})
 
     def predict_member(self, name: str, texts: Sequence[str]) -> list[MemberOutput]:
         """One member's outputs alone (no combination)."""

@@ -407,7 +407,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=_serve)
 
-    q = subparsers.add_parser("query", help="send texts to a running ensemble server")
+    q = subparsers.add_parser(
+        "query",
+        help="send texts to a running ensemble server",
+        description="Classify texts with a running `ensemble serve`. More texts than the "
+        "server's serve.max_texts are sent as several requests, in order.",
+    )
     q.add_argument("texts", nargs="*", help="texts to classify; '-' or none reads stdin lines")
     q.add_argument("--url", default=url_for(ServeConfig()), type=_http_url,
                    help="server URL with route prefix")
@@ -525,7 +530,8 @@ def _query(args: argparse.Namespace) -> int:
         texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
     try:
         with EnsembleClient(args.url, timeout=args.timeout) as client:
-            response = client.predict_response(texts, return_members=args.members)
+            # a batch above serve.max_texts goes as several requests, in order
+            response = client.predict_in_parts(texts, return_members=args.members)
     except EnsembleError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -365,6 +365,20 @@ def test_cli_update_and_query(served, capsys):
         body = json.loads(capsys.readouterr().out)
         assert body["method"] == "hard_vote" and len(body["predictions"]) == 2
         assert set(body["predictions"][0]["members"]) == set(KINDS)
+
+        # more texts than serve.max_texts: several requests, in order, answers concatenated
+        served.push(max_texts=4)
+        with pytest.raises(EnsembleHTTPError, match="limit is 4"):
+            served.client.predict(TEXTS)
+        requests = served.client.stats().combiner.requests
+        args = parser.parse_args(["query", *TEXTS, "--url", served.url, "--json"])
+        assert args.func(args) == 0
+        body = json.loads(capsys.readouterr().out)
+        assert served.client.stats().combiner.requests == requests + 2  # 4 texts, then 2
+        alone = [served.client.predict(t)[0] for t in TEXTS]
+        assert [p["label"] for p in body["predictions"]] == [p.label for p in alone]
+        for got, want in zip(body["predictions"], alone, strict=True):
+            assert got["probs"] == pytest.approx(want.probs, abs=1e-6)
     finally:
         served.push()
 
