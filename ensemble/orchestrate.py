@@ -24,6 +24,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from ensemble import config as C
 from ensemble import evaluate as E
 from ensemble import guidance as G
+from ensemble import tracking
 from ensemble.data import Splits, load_splits
 from ensemble.progress import LiveView, start_board
 from ensemble.rundir import atomic_write_json, atomic_write_text, read_json
@@ -205,14 +206,22 @@ def train(cfg: C.RunConfig, address: str | None = None, verbose: bool = False,
         return run_dir
     init_ray(cfg.ray, address, verbose)
     run = JointRun(cfg, run_dir, splits, progress)
+    tracker = tracking.start(cfg, run_dir)  # MLflow (MLFLOW_TRACKING_URI) and TensorBoard
+    status = "FAILED"
     try:
         if run.rounds_completed:
             print(f"resuming {run_dir} after round {run.rounds_completed}", flush=True)
         while not run.done():
-            run.run_round()
+            tracker.log_round(run.run_round(), run.state["history"])
         run.publish(wall_s=time.time() - start)
+        tracker.log_published(run_dir)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     finally:
         run.close()
+        tracker.close(status)
     return run_dir
 
 

@@ -208,14 +208,16 @@ def callbacks(cfg: C.RunConfig) -> list[Any]:
     """Tune's CSV/JSON/TensorBoard loggers are on by default; MLflow joins when configured."""
     import os
 
+    from ensemble.tracking import package_available
+
     out: list[Any] = []
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        try:
-            from ray.air.integrations.mlflow import MLflowLoggerCallback
-        except ImportError:
-            logger.warning("MLFLOW_TRACKING_URI is set but mlflow is not installed")
-        else:
-            out.append(MLflowLoggerCallback(experiment_name=cfg.name))
+    # Ray's integration module imports without mlflow and fails only when the callback starts
+    if os.environ.get("MLFLOW_TRACKING_URI") and package_available(
+        "mlflow", "MLFLOW_TRACKING_URI is set"
+    ):
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        out.append(MLflowLoggerCallback(experiment_name=cfg.name))
     return out
 
 
