@@ -79,10 +79,27 @@ class Trained:
     wall: dict[str, float]
     runs3: dict[str, dict[str, float]]
     manifest3_mtime: int
+    mlflow_uri: str
 
 
 @pytest.fixture(scope="module")
-def trained(ray_local, sst_dir: Path, tmp_path_factory) -> Trained:
+def mlflow_env(tmp_path_factory):
+    """Every `ensemble train` of the module logs to a file-store MLflow (the `tracking` extra)."""
+    pytest.importorskip("mlflow", reason='the tracking extra: pip install -e ".[tracking]"')
+    uri = f"file:{tmp_path_factory.mktemp('mlflow') / 'mlruns'}"
+    env = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_ALLOW_FILE_STORE": "true"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield uri
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def trained(ray_local, sst_dir: Path, tmp_path_factory, mlflow_env: str) -> Trained:
     run_dir = tmp_path_factory.mktemp("train") / "run"
     wall = {}
     t0 = time.perf_counter()
@@ -109,6 +126,7 @@ def trained(ray_local, sst_dir: Path, tmp_path_factory) -> Trained:
         wall,
         _ray_runs(run_dir),
         (run_dir / "manifest.json").stat().st_mtime_ns,
+        mlflow_env,
     )
 
 
@@ -157,6 +175,70 @@ def test_exports_load_with_plain_transformers(trained: Trained) -> None:
             logits = model(**dict(tokenizer(texts, padding=True, return_tensors="pt"))).logits
         assert logits.shape == (2, entry.num_labels) and torch.isfinite(logits).all()
         assert model.config.num_hidden_layers == (1 if name == "student" else 2)
+
+
+def test_exports_carry_a_model_card_and_name_their_labels_in_a_pipeline(
+    trained: Trained,
+) -> None:
+    from transformers import pipeline
+
+    manifest = Manifest.load(trained.run_dir)
+    metrics = json.loads((trained.run_dir / "metrics.json").read_text())
+    for name, entry in manifest.members.items():
+        card = (manifest.member_path(trained.run_dir, name) / "README.md").read_text()
+        assert card.startswith("---\nlibrary_name: transformers\n")
+        assert f"# tiny: {name}" in card and "round 2 " in card  # both rounds' stages
+        key = "pearson" if entry.kind == "regressor" else "accuracy"
+        for split in ("dev", "test"):
+            assert f"{metrics[split][name][key]:.4f}" in card  # the run's own numbers
+        assert "128 texts" in card and "## Training" in card  # the data, how it trained
+    text = "a gorgeous , witty film"
+    export = str(manifest.member_path(trained.run_dir, "classifier"))
+    scores = pipeline("text-classification", model=export, top_k=None)(text)
+    assert sorted(s["label"] for s in scores) == sorted(manifest.label_names)
+    assert sum(s["score"] for s in scores) == pytest.approx(1.0, abs=1e-5)
+    export = str(manifest.member_path(trained.run_dir, "regressor"))
+    (out,) = pipeline("text-classification", model=export, function_to_apply="none")(text)
+    assert out["label"] == "intensity" and np.isfinite(out["score"])
+
+
+def test_training_is_tracked_in_mlflow_and_tensorboard(trained: Trained) -> None:
+    from mlflow.tracking import MlflowClient
+
+    run_dir = trained.run_dir
+    run_id = read_json(run_dir / "tracking.json")["mlflow"]["run_id"]
+    client = MlflowClient(trained.mlflow_uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert len(client.search_runs([run.info.experiment_id])) == 1  # the resume logged here too
+    params, tags, values = run.data.params, run.data.tags, run.data.metrics
+    assert params["members.student.teacher"] == "teacher" and params["data.max_length"] == "32"
+    assert params["training.rounds"] == "1" and tags["training.rounds"] == "2"  # set on resume
+    for name, kind in MEMBERS.items():
+        key = "pearson" if kind == "regressor" else "accuracy"
+        rounds = client.get_metric_history(run_id, f"dev/{name}/{key}")
+        assert sorted(m.step for m in rounds) == [1, 2]
+        stage = trained.state2["history"][name][0]["stage"]
+        steps = client.get_metric_history(run_id, f"train/{name}/{stage}/loss")
+        assert sorted(m.step for m in steps) == [p["step"] for p in trained.state2["history"][name]]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert values["final_test/classifier/accuracy"] == pytest.approx(
+        metrics["test"]["classifier"]["accuracy"]
+    )
+    assert values["member/student/size_ratio"] == pytest.approx(
+        metrics["members"]["student"]["size_ratio"]
+    )
+    assert params["published.combine_method"] == metrics["combine"]["method"]
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"manifest.json", "metrics.json", "plots", "cards"} <= artifacts
+    plots = {Path(a.path).name for a in client.list_artifacts(run_id, "plots")}
+    assert plots == {p.name for p in (run_dir / "plots").glob("*.png")}
+    card = client.download_artifacts(run_id, "cards/student/README.md")
+    assert Path(card).read_text() == (run_dir / "members/student/export/README.md").read_text()
+    events = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 2  # one per training command; the finished re-run logs nothing
+    logged = b"".join(e.read_bytes() for e in events)
+    assert b"dev/ensemble/" in logged and b"train/student/distill/loss" in logged
 
 
 def test_each_members_training_loss_goes_down(trained: Trained) -> None:
