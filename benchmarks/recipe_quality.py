@@ -285,10 +285,12 @@ def mean_se(values: list[float]) -> tuple[float, float | None]:
     return float(arr.mean()), (float(arr.std(ddof=1) / np.sqrt(len(arr))) if len(arr) > 1 else None)
 
 
-def summarize(dataset: str) -> None:
-    files = sorted(common.RESULTS.glob(f"recipe_{dataset}_seed*.json"))
+def summarize(dataset: str, directory: Path | None = None) -> dict[str, Any]:
+    """Every seed's file of `dataset` -> recipe_<dataset>.{json,md} in the same directory."""
+    directory = directory or common.RESULTS
+    files = sorted(directory.glob(f"recipe_{dataset}_seed*.json"))
     if not files:
-        raise SystemExit(f"no recipe_{dataset}_seed*.json in {common.RESULTS}; run a seed first")
+        raise SystemExit(f"no recipe_{dataset}_seed*.json in {directory}; run a seed first")
     per_seed = [json.loads(f.read_text()) for f in files]
     n = len(per_seed)
     rows = ["(d) ensemble", "(c) deep ensemble", "(b) single classifier"]
@@ -336,7 +338,8 @@ def summarize(dataset: str) -> None:
     lines += [f"| {k} | {'yes' if v else 'no'} |" for k, v in targets.items()]
     if n == 1:
         lines += ["", "One seed: the SEs are paired bootstrap SEs over test texts, not over seeds."]
-    common.write_results(f"recipe_{dataset}", table, "\n".join(lines) + "\n")
+    common.write_results(f"recipe_{dataset}", table, "\n".join(lines) + "\n", directory)
+    return table
 
 
 def main() -> None:
