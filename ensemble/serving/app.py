@@ -41,6 +41,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from ensemble.inference import LoadedMember
 from ensemble.rundir import Manifest
 from ensemble.serving import schemas as s
 from ensemble.serving.cascade import (
@@ -74,49 +75,6 @@ def _count_texts(chunks: list[list[str]]) -> int:
 
 def _replica_id() -> str:
     return serve.get_replica_context().replica_id.unique_id
-
-
-class LoadedMember:
-    """One member's exported model in this process: texts in, probabilities or intensities out."""
-
-    def __init__(self, run_dir: str, name: str, num_threads: int = 1, gpu: bool = False) -> None:
-        import torch  # imported here: a combiner without a cascade never needs torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        manifest = Manifest.load(run_dir)
-        entry = manifest.members[name]
-        path = manifest.member_path(run_dir, name)
-        torch.set_num_threads(max(1, num_threads))
-        self._torch = torch
-        if gpu and not torch.cuda.is_available():
-            raise RuntimeError(
-                f"member {name} asked for a GPU (serve.num_gpus > 0) but CUDA is "
-                "not available in its replica; set serve.num_gpus=0"
-            )
-        self.device = "cuda" if gpu else "cpu"
-        self._tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True)
-        self._model = model.eval().to(self.device)
-        self._regressor = entry.kind == "regressor"
-        self._max_length = entry.max_length
-        logger.info("member %s loaded from %s on %s", name, path, self.device)
-
-    def __call__(self, texts: list[str], chunk_size: int = 0) -> np.ndarray:
-        """(B, C) probabilities, or (B,) intensities for the regressor, in the order of `texts`.
-
-        The texts run shortest first, ``chunk_size`` per forward pass, so a pass pads to its own
-        longest text, not the whole batch's (0: the whole batch in one pass).
-        """
-        from ensemble.training.loop import encode, predict_logits
-
-        ids = encode(self._tokenizer, texts, self._max_length)
-        logits = predict_logits(
-            self._model, ids, self._tokenizer.pad_token_id, chunk_size or max(len(ids), 1),
-            self.device,
-        )  # fmt: skip
-        if self._regressor:
-            return logits[:, 0]  # (B,)
-        return self._torch.softmax(self._torch.from_numpy(logits), dim=-1).numpy()  # (B, C)
 
 
 @serve.deployment
