@@ -136,7 +136,7 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     _, scaled = E.vote_probs(outputs, kinds, edges, num_classes, params.get("regressor_sharpness"),
                              params.get("temperatures"))
     c = manifest.combine
-    weights = [c["weights"].get(n, 0.0) for n in names] if c.get("weights") else None
+    weights = combine.weight_vector(c.get("weights"), names)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     return {
         "names": names, "kinds": kinds, "labels": labels, "label_names": manifest.label_names,

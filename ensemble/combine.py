@@ -361,6 +361,14 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def weight_vector(weights: Mapping[str, float] | None, names: Sequence[str]) -> list[float] | None:
+    """A combiner's ``{member: weight}`` as a list in ``names`` order (absent members weigh 0).
+
+    None (no weights: every member counts equally) stays None.
+    """
+    return [float(weights.get(n, 0.0)) for n in names] if weights else None
+
+
 def to_probs(outputs: Mapping[str, np.ndarray], kinds: Mapping[str, str]) -> dict[str, np.ndarray]:
     """Classification members' logits -> probabilities; the regressor's intensities unchanged."""
     return {n: o if kinds[n] == "regressor" else softmax(o) for n, o in outputs.items()}

@@ -177,9 +177,7 @@ def evaluate_split(
         )
     methods: dict[str, np.ndarray] = {m: combine.apply(m, probs) for m in FIXED_METHODS}
     if learned and learned.get("method") not in FIXED_METHODS:
-        weights = (
-            [learned["weights"].get(n, 0.0) for n in names] if learned.get("weights") else None
-        )
+        weights = combine.weight_vector(learned.get("weights"), names)
         methods[learned["method"]] = combine.apply(
             learned["method"], probs, weights, learned.get("params")
         )

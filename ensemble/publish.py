@@ -245,7 +245,7 @@ def _plots(run_dir: Path, splits: Splits, test_probs, kinds, test_rows, state, c
     _, voted = E.vote_probs(test_probs, kinds, edges, num_classes, sharpness, temperatures)
     from ensemble import combine as comb
 
-    weights = [combine["weights"].get(n, 0.0) for n in names] if combine.get("weights") else None
+    weights = comb.weight_vector(combine.get("weights"), names)
     ens = comb.apply(combine["method"], voted, weights, combine.get("params"))
     key = f"ensemble/{combine['method']}"
     combined = {**dict(zip(names, voted, strict=True)), key: ens}

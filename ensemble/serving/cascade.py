@@ -179,9 +179,8 @@ class Combination:
 
     def weight_vector(self, names: list[str] | None = None) -> np.ndarray | None:
         """(M,) weights of ``names`` (default: all members) in that order; None = equal."""
-        if not self.weights:
-            return None
-        return np.array([self.weights[n] for n in (names or list(self.members))], dtype=np.float64)
+        w = combine.weight_vector(self.weights, names or list(self.members))
+        return None if w is None else np.array(w, dtype=np.float64)
 
 
 @dataclass(frozen=True)
