@@ -406,6 +406,39 @@ class TuneConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    """Ensemble distillation: after the last round, the student learns the published ensemble.
+
+    The ensemble's calibrated probabilities on the training texts (plus an optional unlabelled
+    `corpus`) are computed once by the members through Ray and cached in the run directory
+    (`distill/targets.npz`); the student then trains from its last weights on
+    ``(1 - alpha) * CE(label) + alpha * T^2 * KL(ensemble || student)`` at temperature
+    `temperature`, where a corpus text's label is the ensemble's class. `epochs` is a maximum
+    when the student has `early_stopping`.
+    """
+
+    student: str = ""  # a member of kind student
+    epochs: float = 3.0
+    alpha: float = 0.9
+    temperature: float = 2.0
+    corpus: str | None = None  # a csv/tsv/json/jsonl/parquet file of extra texts (no labels)
+    corpus_text_column: str | None = None  # None: data.text_column
+    max_corpus_texts: int | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.epochs <= 0:
+            problems.append(f"distill.epochs={self.epochs} must be > 0")
+        if not 0.0 <= self.alpha <= 1.0:
+            problems.append(f"distill.alpha={self.alpha} must be in [0, 1]")
+        if self.temperature <= 0:
+            problems.append(f"distill.temperature={self.temperature} must be > 0")
+        if self.max_corpus_texts is not None and self.max_corpus_texts < 1:
+            problems.append("distill.max_corpus_texts must be >= 1, or null for all")
+        _check(problems)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     name: str = "ensemble"
     output_dir: str = "runs/ensemble"
@@ -415,6 +448,7 @@ class RunConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    distill: DistillConfig | None = None  # ensemble distillation into a student after the rounds
 
     def max_length(self, member: str) -> int:
         """Tokens a text is cut to for ``member``: its own `max_length`, else data.max_length."""
@@ -440,6 +474,14 @@ class RunConfig:
                         f"members.{name}.teacher={member.teacher!r} has kind={teacher.kind}; "
                         "set its kind to teacher"
                     )
+        if self.distill is not None:
+            student = self.members.get(self.distill.student)
+            if student is None or student.kind != "student":
+                students = [n for n, m in self.members.items() if m.kind == "student"]
+                problems.append(
+                    f"distill.student={self.distill.student!r} must name a member of kind "
+                    f"student ({', '.join(students) or 'add one, with its teacher'})"
+                )
         _check(problems)
 
 

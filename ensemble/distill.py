@@ -1,0 +1,138 @@
+"""Ensemble distillation's targets: what the published ensemble says about each training text.
+
+Pure numpy (no Ray): `orchestrate.JointRun.distill` has the members predict the texts through
+Ray, and this module turns their outputs into the student's targets, caches them in the run
+directory, and builds the student's training split. See `config.DistillConfig`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ensemble import combine
+from ensemble import evaluate as E
+from ensemble.config import RunConfig
+from ensemble.data import Splits
+from ensemble.data.sources import DataError, read_file
+from ensemble.rundir import atomic_write_bytes
+
+CACHE = Path("distill") / "targets.npz"
+
+
+def read_corpus(cfg: RunConfig) -> list[str]:
+    """The extra unlabelled texts of ``distill.corpus`` (empty without one)."""
+    d = cfg.distill
+    if d is None or not d.corpus:
+        return []
+    column = d.corpus_text_column or cfg.data.text_column
+    table = read_file(Path(d.corpus))
+    if column not in table.columns:
+        raise DataError(
+            f"distill.corpus {d.corpus} has no column {column!r} (it has "
+            f"{', '.join(table.columns)}); set distill.corpus_text_column"
+        )
+    texts = [str(t) for t in table.columns[column] if t is not None and str(t).strip()]
+    return texts[: d.max_corpus_texts] if d.max_corpus_texts else texts
+
+
+def texts_key(texts: list[str]) -> str:
+    """A fingerprint of the texts the targets belong to (the cache is reused only for them)."""
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def prediction_splits(splits: Splits, corpus: list[str]) -> Splits:
+    """The splits with the corpus appended to train, for the members to predict (labels unused)."""
+    if not corpus:
+        return splits
+    n = len(corpus)
+    intensity = None
+    if splits.intensity is not None:
+        intensity = {**splits.intensity,
+                     "train": np.concatenate([splits.intensity["train"], np.zeros(n, np.float32)])}
+    return Splits(
+        texts={**splits.texts, "train": splits.texts["train"] + corpus},
+        labels={**splits.labels,
+                "train": np.concatenate([splits.labels["train"], np.zeros(n, np.int64)])},
+        intensity=intensity,
+        label_names=splits.label_names,
+    )
+
+
+def ensemble_probs(
+    outputs: dict[str, np.ndarray], kinds: dict[str, str], entry: dict[str, Any], splits: Splits
+) -> np.ndarray:
+    """The ensemble described by a manifest ``combine`` entry, applied to members' raw outputs.
+
+    Args:
+        outputs: member -> logits (N, C), or intensities (N,) for a regressor.
+        entry: `publish.fit_combiner`'s result: method, weights and params (member
+            temperatures, the regressor vote's sharpness).
+
+    Returns:
+        (N, C) probabilities, as the published ensemble would answer.
+    """
+    params = entry.get("params") or {}
+    names, votes = E.vote_probs(
+        combine.to_probs(outputs, kinds), kinds, splits.intensity_edges(), splits.num_labels(),
+        params.get("regressor_sharpness"), params.get("temperatures"),
+    )
+    weights = combine.weight_vector(entry.get("weights"), names)
+    return combine.apply(entry["method"], votes, weights, params)
+
+
+def load_cached(run_dir: Path, key: str) -> np.ndarray | None:
+    """The cached targets for these texts, or None (no cache, or it belongs to other texts)."""
+    path = run_dir / CACHE
+    if not path.is_file():
+        return None
+    with np.load(path) as z:
+        if str(z["key"]) != key:
+            return None
+        return z["probs"]
+
+
+def save(run_dir: Path, key: str, probs: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, key=np.array(key), probs=probs.astype(np.float32))
+    atomic_write_bytes(run_dir / CACHE, buf.getvalue())
+
+
+def training_splits(splits: Splits, corpus: list[str], probs: np.ndarray) -> Splits:
+    """The student's training split: train plus the corpus, whose labels are the ensemble's."""
+    if not corpus:
+        return splits
+    n_train = len(splits.texts["train"])
+    extra = probs[n_train:]
+    intensity = None
+    if splits.intensity is not None:
+        ci = np.asarray(splits.class_intensity(), dtype=np.float32)
+        intensity = {**splits.intensity,
+                     "train": np.concatenate([splits.intensity["train"], extra @ ci])}
+    return Splits(
+        texts={**splits.texts, "train": splits.texts["train"] + corpus},
+        labels={**splits.labels,
+                "train": np.concatenate([splits.labels["train"], extra.argmax(axis=1)])},
+        intensity=intensity,
+        label_names=splits.label_names,
+    )
+
+
+def teacher_logits(probs: np.ndarray) -> np.ndarray:
+    """Log-probabilities as logits: softmax(log p / T) is p tempered by T, as the loss expects."""
+    return np.log(np.maximum(probs, 1e-12)).astype(np.float32)
+
+
+def mean_kl(target: np.ndarray, probs: np.ndarray) -> float:
+    """Mean KL(target || probs) over rows."""
+    t = np.maximum(np.asarray(target, np.float64), 1e-12)
+    p = np.maximum(np.asarray(probs, np.float64), 1e-12)
+    return float(np.mean(np.sum(t * (np.log(t) - np.log(p)), axis=1)))
