@@ -144,6 +144,45 @@ def test_members_serve_their_exported_weights(served):
             np.testing.assert_allclose(got, torch.softmax(logits, -1).numpy(), atol=1e-5)
 
 
+def test_in_process_ensemble_answers_like_the_server(served):
+    """`Ensemble.from_run` gives the served answers: learned weights, temperatures, the
+    regressor's soft vote, member views, and the cascade."""
+    from ensemble.inference import Ensemble
+
+    manifest_path = served.run_dir / "manifest.json"
+    original = manifest_path.read_text()
+    manifest = json.loads(original)
+    manifest["combine"] = {
+        "method": "weighted",
+        "weights": {"classifier": 0.4, "regressor": 0.2, "teacher": 0.3, "student": 0.1},
+        "params": {
+            "temperatures": {"classifier": 1.8, "teacher": 0.6, "student": 1.3},
+            "regressor_sharpness": 15.0,
+        },
+    }
+    try:
+        manifest_path.write_text(json.dumps(manifest))
+        served.push()
+        here = Ensemble.from_run(served.run_dir)
+        for members in (False, True):
+            got = here.predict(TEXTS, return_members=members)
+            want = served.client.predict_response(TEXTS, return_members=members).predictions
+            # one request is one member batch on both sides: the same passes, the same floats
+            assert [p.model_dump() for p in got] == [p.model_dump() for p in want]
+
+        student = np.array([[p.members["student"].probs[label] for label in LABELS] for p in got])
+        threshold = float(np.median(cascade.student_confidence(student)))
+        served.push(cascade=True, cascade_threshold=threshold)
+        cascaded = Ensemble.from_run(served.run_dir, cascade=True, cascade_threshold=threshold)
+        got = cascaded.predict(TEXTS, return_members=True)
+        want = served.client.predict_response(TEXTS, return_members=True).predictions
+        assert {p.answered_by for p in got} == {"student", "ensemble"}
+        assert [p.model_dump() for p in got] == [p.model_dump() for p in want]
+    finally:
+        manifest_path.write_text(original)
+        served.push()
+
+
 def test_every_method_matches_direct_computation_and_updates_live(served):
     before = _stats(served)
     rng = np.random.default_rng(0)
