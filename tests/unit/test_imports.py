@@ -23,6 +23,8 @@ PURE = [
     "ensemble.evaluate",
     "ensemble.tuning.objective",
     "ensemble.tuning.weights",
+    "ensemble.inference",
+    "ensemble.parts",
 ]
 
 
