@@ -35,6 +35,7 @@ import argparse
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -150,6 +151,39 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     }
 
 
+def load_unfinished_single(run_dir: Path, dev_labels: np.ndarray, texts: dict[str, list[str]],
+                           max_length: int) -> dict[str, Any]:
+    """(b) cut short (no manifest yet): its latest checkpoint's export, the best dev weights so far.
+
+    Predicts dev and test in this process and fits the temperature on dev, as `load_run` reads
+    them from a finished run; the row says it is unfinished and how many dev evaluations it had.
+    """
+    import torch
+
+    from ensemble.calibration import fit_temperature, log_probs, temper
+    from ensemble.combine import softmax
+    from ensemble.models.members import load_exported
+    from ensemble.training.loop import encode, predict_logits
+
+    (job,) = [d for d in (run_dir / "ray").iterdir() if d.is_dir()]
+    snapshot = json.loads((job / "checkpoint_manager_snapshot.json").read_text())
+    evals = re.findall(r'"evals": (\[[^\]]*\])', json.dumps(snapshot))
+    evals = json.loads(evals[-1]) if evals else []
+    checkpoint = max(p for p in job.glob("checkpoint_*") if p.is_dir())
+    torch.set_num_threads(2)
+    model, tokenizer = load_exported(checkpoint / "hf")
+    model.eval()
+    probs = {}
+    for split in ("dev", "test"):
+        ids = encode(tokenizer, texts[split], max_length)
+        probs[split] = softmax(predict_logits(model, ids, tokenizer.pad_token_id, 128))
+    t = fit_temperature(log_probs(probs["dev"]), dev_labels)
+    kept = [i for i, e in enumerate(evals, 1) if e.get("best")]
+    return {"raw": probs["test"], "scaled": temper(probs["test"], t), "temperature": t,
+            "dev_evals": len(evals), "kept_eval": kept[-1] if kept else None,
+            "checkpoint": checkpoint.name}
+
+
 def scores(labels: np.ndarray, probs: np.ndarray, names: list[str]) -> dict[str, float]:
     from ensemble.metrics import classification_metrics
 
@@ -168,7 +202,7 @@ def paired_se(labels: np.ndarray, a: np.ndarray, b: np.ndarray, seed: int = 0) -
 def score_seed(recipe_dir: Path, single_dir: Path) -> dict[str, Any]:
     from ensemble.metrics import pairwise_disagreement
 
-    run, single = load_run(recipe_dir), load_run(single_dir)
+    run = load_run(recipe_dir)
     y, names = run["labels"], run["label_names"]
     rows: dict[str, dict[str, Any]] = {}
     for n in run["names"]:
@@ -178,13 +212,29 @@ def score_seed(recipe_dir: Path, single_dir: Path) -> dict[str, Any]:
             rows[n].update(temperature=run["temperatures"][n], nll_calibrated=cal["nll"],
                            ece_calibrated=cal["ece"])
         rows[n].update(_evals(run["info"].get(n, {})))
-    (s_name,) = single["names"]
-    rows["(b) single classifier"] = {
-        "role": "(b)", **scores(y, single["raw"][s_name], names),
-        "temperature": single["temperatures"].get(s_name),
-        **_evals(single["info"].get(s_name, {})), "wall_s": single["wall_s"],
-    }
-    single_scaled = single["scaled"][s_name]
+    if (single_dir / "manifest.json").is_file():
+        single = load_run(single_dir)
+        (s_name,) = single["names"]
+        rows["(b) single classifier"] = {
+            "role": "(b)", **scores(y, single["raw"][s_name], names),
+            "temperature": single["temperatures"].get(s_name),
+            **_evals(single["info"].get(s_name, {})), "wall_s": single["wall_s"],
+        }
+        single_scaled = single["scaled"][s_name]
+    else:  # cut short for time: scored from its best checkpoint so far, and marked so
+        from ensemble import config as C
+        from ensemble.data import load_splits
+
+        cfg = C.load(single_dir / "config.yaml")
+        splits = load_splits(cfg.data)
+        b = load_unfinished_single(single_dir, splits.labels["dev"], splits.texts,
+                                   cfg.max_length("classifier"))
+        rows["(b) single classifier"] = {
+            "role": "(b)", **scores(y, b["raw"], names), "temperature": b["temperature"],
+            "dev_evals": b["dev_evals"], "kept_eval": b["kept_eval"], "finished": False,
+            "checkpoint": b["checkpoint"],
+        }
+        single_scaled = b["scaled"]
     cal = scores(y, single_scaled, names)
     rows["(b) single classifier"].update(nll_calibrated=cal["nll"], ece_calibrated=cal["ece"])
     seeds = [n for n in run["names"] if run["kinds"][n] == "classifier"]
@@ -232,6 +282,8 @@ def seed_markdown(dataset: str, seed: int, res: dict[str, Any]) -> str:
              "| dev evals (kept) |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     for name, r in res["rows"].items():
         nll_c = f"{r['nll_calibrated']:.3f}" if "nll_calibrated" in r else "-"
+        if r.get("finished") is False:
+            name += f" (unfinished: best of {r['dev_evals']} dev evaluations so far)"
         lines.append(
             f"| {name}{' (' + r['method'] + ')' if 'method' in r else ''} | {_pt(r['accuracy'])} "
             f"| {_pt(r['macro_f1'])} | {r['nll']:.3f} | {_pt(r['ece'])} | {nll_c} "
@@ -253,7 +305,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> None:
     work = Path(args.work_dir)
     recipe = recipe_config(args.dataset, seed, work, args.data)
     single = single_config(recipe, args.dataset, seed, work)
-    procs = [start(recipe), start(single)]
+    procs = [start(recipe)] + ([] if args.score_unfinished_single else [start(single)])
     for p in procs:
         if p is not None and p.wait() != 0:
             raise SystemExit(f"{' '.join(map(str, p.args))} failed (rc {p.returncode}); see its "
@@ -349,6 +401,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, action="append", help="benchmark seed (repeatable)")
     ap.add_argument("--work-dir", default=str(ROOT / "runs" / "recipe"))
     ap.add_argument("--summarize", action="store_true")
+    ap.add_argument("--score-unfinished-single", action="store_true",
+                    help="score (b) from its best checkpoint so far when its run has not finished")
     args = ap.parse_args()
     for seed in args.seed or ([] if args.summarize else [0]):
         run_seed(args, seed)
