@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from helpers_procs import kill_session  # noqa: E402
 from helpers_serve import make_run_dir  # noqa: E402
 
 from ensemble.cli import main  # noqa: E402
@@ -112,30 +112,6 @@ def test_predict_csv_and_parquet_inputs_on_two_actor_pools(ray_local, run_dir, t
         _assert_rows_equal(_read(out), texts[:25], ensemble_only)
 
 
-def _session_pids(sid: int) -> list[int]:
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid:  # field 6 of /proc/PID/stat: the session id
-            pids.append(int(stat.parent.name))
-    return pids
-
-
-def _kill_session(sid: int) -> None:
-    """SIGKILL the predict process and everything it started (its own session: Ray, actors)."""
-    for pid in _session_pids(sid):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    deadline = time.time() + 30
-    while _session_pids(sid) and time.time() < deadline:
-        time.sleep(0.5)
-
-
 def test_killed_predict_resumes_without_duplicate_or_missing_rows(
     ray_local, run_dir, tmp_path, capsys
 ):
@@ -156,7 +132,7 @@ def test_killed_predict_resumes_without_duplicate_or_missing_rows(
             assert time.time() < deadline, "no block landed in time"
             time.sleep(0.1)
     finally:
-        _kill_session(proc.pid)
+        kill_session(proc.pid)
         proc.wait()
         log.close()
     assert proc.returncode == -signal.SIGKILL

@@ -21,7 +21,10 @@ import numpy as np
 import pytest
 import torch
 
-from ensemble.cli import main
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from helpers_procs import kill_session, session_pids  # noqa: E402
+
+from ensemble.cli import main  # noqa: E402
 from ensemble.rundir import Manifest, read_json
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -299,30 +302,6 @@ ray: {{num_cpus: 2, node_ip_address: 127.0.0.2}}
 """
 
 
-def _session_pids(sid: int) -> list[int]:
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid:  # field 6 of /proc/PID/stat: the session id
-            pids.append(int(stat.parent.name))
-    return pids
-
-
-def _kill_session(sid: int) -> None:
-    """SIGKILL the driver we started and everything it spawned (its own session)."""
-    for pid in _session_pids(sid):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    deadline = time.time() + 30
-    while _session_pids(sid) and time.time() < deadline:
-        time.sleep(0.5)
-
-
 def _wait_for(predicate, proc: subprocess.Popen, timeout: float) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -354,11 +333,11 @@ def test_killed_run_resumes_and_completes(ray_local, sst_dir: Path, tmp_path: Pa
         _wait_for(lambda: state.is_file() and any(student_run.glob("checkpoint_*/hf")), proc,
                   900)
     finally:
-        _kill_session(proc.pid)
+        kill_session(proc.pid)
         proc.wait()
         log.close()
     assert proc.returncode == -signal.SIGKILL
-    assert not _session_pids(proc.pid)  # Ray and its workers went down with the driver
+    assert not session_pids(proc.pid)  # Ray and its workers went down with the driver
     assert not (run_dir / "manifest.json").exists()
     for path in run_dir.rglob("*.json"):  # every file written so far is whole
         json.loads(path.read_text())
