@@ -118,7 +118,6 @@ def publish(
         # the share of test texts on which two members' classes differ (a regressor by its bin)
         "test_disagreement": E.disagreement(probs["test"], kinds, splits.intensity_edges()),
     }
-    atomic_write_json(run_dir / "metrics.json", metrics)
     _plots(run_dir, splits, probs["test"], kinds, results["test"], state, combine)
     if len(kinds) > 1:
         report.plot_disagreement(
@@ -148,34 +147,30 @@ def publish(
         metrics=E.compact({k: v for k, v in results["test"].items() if k.startswith("ensemble")}),
         config=C.to_dict(cfg),
     )
-    write_cards(cfg, run_dir, manifest, metrics)  # a README.md beside each member's export
-    manifest.save(run_dir)
     if "student" in kinds.values():
-        _cascade(cfg, run_dir, manifest, metrics)
+        metrics["cascade"] = _cascade(cfg, run_dir, manifest)
+    atomic_write_json(run_dir / "metrics.json", metrics)
+    write_cards(cfg, run_dir, manifest, metrics)  # a README.md beside each member's export
+    manifest.save(run_dir)  # last: a run directory with a manifest is complete
     print_summary(results["test"], info, run_dir)
     return manifest
 
 
-def _cascade(cfg: C.RunConfig, run_dir: Path, manifest: Manifest, metrics: dict) -> None:
-    """The cascade Serve would fit (`serve.*` settings), its test loss, and its curve plot."""
+def _cascade(cfg: C.RunConfig, run_dir: Path, manifest: Manifest) -> dict[str, Any]:
+    """The cascade Serve would fit (`serve.*` settings): its stats with the test loss, and the
+    curve plot."""
     from ensemble.serving import cascade
 
     spec = cascade.combination_from_manifest(manifest)
     threshold, measure, stats = cascade.fit_cascade_from_run(
         run_dir, spec, cfg.serve.cascade_confidence, cfg.serve.cascade_max_accuracy_loss
     )
-    student = cascade.student_of(spec)
-    curves = {}
-    for split in ("dev", "test"):
-        preds = cascade.load_predictions(run_dir, split)
-        curves[split] = cascade.cascade_curve(
-            cascade.member_probs(spec, student, preds[student]),
-            cascade.combine_outputs(preds, spec).probs, preds["labels"].astype(np.int64), measure,
-        )
+    curves = {split: cascade.cascade_curve(*cascade.served_probs(run_dir, spec, split), measure)
+              for split in ("dev", "test")}
     report.plot_cascade(curves, run_dir / "plots" / "cascade.png", threshold,
                         cfg.serve.cascade_max_accuracy_loss,
                         f"cascade on the student's {measure} (test loss at the dev-fitted dot)")
-    atomic_write_json(run_dir / "metrics.json", {**metrics, "cascade": stats})
+    return stats
 
 
 def _student_ratios(

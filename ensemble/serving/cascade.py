@@ -60,6 +60,7 @@ __all__ = [
     "member_probs",
     "stack_member_probs",
     "student_confidence",
+    "served_probs",
     "student_of",
 ]
 
@@ -618,6 +619,23 @@ def load_predictions(run_dir: str | os.PathLike, split: str = "dev") -> dict[str
         return {k: data[k] for k in data.files}
 
 
+def served_probs(
+    run_dir: str | os.PathLike, spec: Combination, split: str = "dev"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A run's saved ``split`` as the cascade sees it: (student, ensemble, labels).
+
+    The student's (N, C) probabilities temperature-scaled as served, the combined ensemble's
+    (N, C) probabilities, and the (N,) integer labels.
+
+    Raises:
+        FileNotFoundError: if training did not save predictions for ``split``.
+    """
+    preds = load_predictions(run_dir, split)
+    name = student_of(spec)
+    return (member_probs(spec, name, preds[name]), combine_outputs(preds, spec).probs,
+            np.asarray(preds["labels"]).astype(np.int64))
+
+
 def fit_threshold_from_run(
     run_dir: str | os.PathLike,
     spec: Combination,
@@ -677,11 +695,7 @@ def fit_cascade_from_run(
             f"cascade confidence {confidence!r} unknown; use auto or one of {CONFIDENCE_MEASURES}"
         )
     measures = CONFIDENCE_MEASURES if confidence == "auto" else (confidence,)
-    preds = load_predictions(run_dir, split)  # read and combined once for every measure
-    name = student_of(spec)
-    student = member_probs(spec, name, preds[name])  # (N, C) as served: temperature-scaled
-    labels = np.asarray(preds["labels"]).astype(np.int64)
-    ensemble = combine_outputs(preds, spec).probs
+    student, ensemble, labels = served_probs(run_dir, spec, split)  # once for every measure
     fits = {}
     for m in measures:
         threshold = fit_threshold(student, ensemble, labels, max_accuracy_loss, m)
@@ -690,12 +704,9 @@ def fit_cascade_from_run(
     threshold, stats = fits[measure]
     stats = {**stats, "max_accuracy_loss": max_accuracy_loss}
     try:  # the budget's check on data the threshold never saw
-        test = load_predictions(run_dir, "test")
+        test = served_probs(run_dir, spec, "test")
     except FileNotFoundError:
         return threshold, measure, stats
-    stats["test"] = cascade_accuracy(
-        member_probs(spec, name, test[name]), combine_outputs(test, spec).probs,
-        np.asarray(test["labels"]).astype(np.int64), threshold, measure,
-    )
+    stats["test"] = cascade_accuracy(*test, threshold, measure)
     return threshold, measure, stats
 
