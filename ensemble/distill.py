@@ -51,18 +51,23 @@ def texts_key(texts: list[str]) -> str:
 
 def prediction_splits(splits: Splits, corpus: list[str]) -> Splits:
     """The splits with the corpus appended to train, for the members to predict (labels unused)."""
+    n = len(corpus)
+    return _with_corpus(splits, corpus, np.zeros(n, np.int64), np.zeros(n, np.float32))
+
+
+def _with_corpus(
+    splits: Splits, corpus: list[str], labels: np.ndarray, intensity: np.ndarray
+) -> Splits:
+    """``splits`` with the corpus texts, their labels and intensities appended to train."""
     if not corpus:
         return splits
-    n = len(corpus)
-    intensity = None
-    if splits.intensity is not None:
-        intensity = {**splits.intensity,
-                     "train": np.concatenate([splits.intensity["train"], np.zeros(n, np.float32)])}
     return Splits(
         texts={**splits.texts, "train": splits.texts["train"] + corpus},
-        labels={**splits.labels,
-                "train": np.concatenate([splits.labels["train"], np.zeros(n, np.int64)])},
-        intensity=intensity,
+        labels={**splits.labels, "train": np.concatenate([splits.labels["train"], labels])},
+        intensity=None if splits.intensity is None else {
+            **splits.intensity,
+            "train": np.concatenate([splits.intensity["train"], intensity]),
+        },
         label_names=splits.label_names,
     )
 
@@ -108,22 +113,9 @@ def save(run_dir: Path, key: str, probs: np.ndarray) -> None:
 
 def training_splits(splits: Splits, corpus: list[str], probs: np.ndarray) -> Splits:
     """The student's training split: train plus the corpus, whose labels are the ensemble's."""
-    if not corpus:
-        return splits
-    n_train = len(splits.texts["train"])
-    extra = probs[n_train:]
-    intensity = None
-    if splits.intensity is not None:
-        ci = np.asarray(splits.class_intensity(), dtype=np.float32)
-        intensity = {**splits.intensity,
-                     "train": np.concatenate([splits.intensity["train"], extra @ ci])}
-    return Splits(
-        texts={**splits.texts, "train": splits.texts["train"] + corpus},
-        labels={**splits.labels,
-                "train": np.concatenate([splits.labels["train"], extra.argmax(axis=1)])},
-        intensity=intensity,
-        label_names=splits.label_names,
-    )
+    extra = probs[len(splits.texts["train"]):]
+    ci = np.asarray(splits.class_intensity(), dtype=np.float32)
+    return _with_corpus(splits, corpus, extra.argmax(axis=1), (extra @ ci).astype(np.float32))
 
 
 def teacher_logits(probs: np.ndarray) -> np.ndarray:
