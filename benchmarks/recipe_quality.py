@@ -10,8 +10,8 @@ nice 0 so both compete on equal terms):
 
 - the recipe (`configs/<dataset>.yaml`): every member's `seed` plus 10*S, `training.seed` S;
 - baseline (b), one classifier given the whole ensemble's compute: the recipe's member settings,
-  `epochs` the sum of the members' epochs (K members x E epochs), the recipe's early stopping
-  (so it may stop sooner), seed 10*S.
+  `epochs` the sum of the members' epochs (K members x E epochs), early stopping on dev
+  accuracy with patience 2 (so it may stop sooner), seed 10*S.
 
 and then scores, on test, from the runs' `predictions/{dev,test}.npz` and manifests:
 
@@ -58,6 +58,7 @@ BOOTSTRAP = 1000
 # targets for SST-5 (fractions); other datasets are judged against their best member only
 TARGET_ACCURACY = 0.525
 TARGET_OVER_BEST = 0.015
+SINGLE_EARLY_STOPPING = {"metric": "auto", "patience": 2}
 
 
 def recipe_config(dataset: str, seed: int, work: Path, data: str | None) -> dict[str, Any]:
@@ -83,6 +84,9 @@ def single_config(recipe: dict[str, Any], dataset: str, seed: int, work: Path) -
     first = next(n for n, m in resolved.members.items() if m.kind == "classifier")
     member = dict(recipe["members"][first])
     member.update({"kind": "classifier", "epochs": budget, "seed": SEED_STRIDE * seed})
+    # K x E epochs is more than one model needs: (b) stops on dev, as a user training one model
+    # long would, whatever the recipe's members do
+    member["early_stopping"] = SINGLE_EARLY_STOPPING
     cfg["members"] = {"classifier": member}
     cfg.setdefault("ray", {})["num_cpus"] = 2
     return cfg
