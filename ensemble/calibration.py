@@ -19,38 +19,11 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import logsumexp
 
-from ensemble.combine import softmax
+from ensemble.combine import log_probs, temper
 
 __all__ = ["T_BOUNDS", "fit_temperature", "fit_temperatures", "log_probs", "temper"]
 
 T_BOUNDS = (0.05, 20.0)  # the search range of T; a fit at a bound means the dev data wanted more
-_TINY = np.finfo(np.float64).tiny  # log(0) would be -inf: a probability 0 is read as this
-
-
-def log_probs(probs: np.ndarray) -> np.ndarray:
-    """log of (N, C) probabilities, 0 read as the smallest float64; usable as logits."""
-    return np.log(np.maximum(np.asarray(probs, dtype=np.float64), _TINY))
-
-
-def temper(probs: np.ndarray, temperature: float) -> np.ndarray:
-    """Temperature-scaled probabilities ``softmax(log(probs) / T)``; T = 1 returns them as they are.
-
-    Args:
-        probs: (N, C) probabilities, rows summing to 1.
-        temperature: T > 0.
-
-    Returns:
-        (N, C) float64 probabilities, each row's argmax unchanged.
-
-    Raises:
-        ValueError: if the temperature is not a finite positive number.
-    """
-    if not (np.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature={temperature} must be finite and > 0")
-    p = np.asarray(probs, dtype=np.float64)
-    if temperature == 1.0:
-        return p
-    return softmax(log_probs(p) / temperature)  # (N, C)
 
 
 def fit_temperature(

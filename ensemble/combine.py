@@ -7,8 +7,10 @@ and stacking parameters with these same functions, so what Tune scores is exactl
 returns.
 
 Weights are per member, non-negative and need not sum to one (they are normalised here); a
-weight of 0 removes a member. Every function validates its inputs and raises ``ValueError``
-naming the fix; none of them mutate their arguments.
+weight of 0 removes a member. A combination's ``params`` may hold an ``output_temperature``: the
+combined probabilities are then temperature-scaled (`temper`) as the last step of `apply`, which
+undoes the under-confidence that averaging calibrated members brings. Every function validates
+its inputs and raises ``ValueError`` naming the fix; none of them mutate their arguments.
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ __all__ = [
     "expected_intensity",
     "fit_regressor_sharpness",
     "hard_vote",
+    "log_probs",
     "regressor_probs",
     "soft_vote",
     "stack_apply",
     "stack_features",
+    "temper",
 ]
 
 METHODS = ("hard_vote", "soft_vote", "weighted", "caruana", "stacking")
@@ -39,6 +43,9 @@ METHODS = ("hard_vote", "soft_vote", "weighted", "caruana", "stacking")
 _NEEDS_WEIGHTS = ("weighted", "caruana")
 # Bump given to classes tied for the most votes; far below any real difference in vote shares.
 _TIE_EPS = 1e-9
+# `params` key of the temperature applied to the combined probabilities (not to a hard vote)
+OUTPUT_TEMPERATURE = "output_temperature"
+_TINY = np.finfo(np.float64).tiny  # log(0) would be -inf: a probability 0 is read as this
 
 
 def regressor_probs(
@@ -258,7 +265,9 @@ def apply(
         method: one of `METHODS`.
         probs: (M, B, C) member probabilities.
         weights: (M,) member weights.
-        params: stacking parameters (see `stack_apply`).
+        params: stacking parameters (see `stack_apply`) and an optional ``output_temperature``
+            T > 0 that scales the combined probabilities (`temper`; a hard vote's vote shares are
+            left as they are).
 
     Returns:
         (B, C) combined probabilities.
@@ -271,13 +280,16 @@ def apply(
     if method == "stacking":
         if params is None:
             raise ValueError("method 'stacking' needs params; fit them with fit_stacking()")
-        return stack_apply(probs, params)
-    if method in _NEEDS_WEIGHTS and weights is None:
+        combined = stack_apply(probs, params)
+    elif method in _NEEDS_WEIGHTS and weights is None:
         raise ValueError(f"method {method!r} needs learned weights; fit them with fit_{method}()")
-    w = None if weights is None else np.asarray(weights, dtype=np.float64)
-    if method == "hard_vote":
-        return hard_vote(probs, w)
-    return soft_vote(probs, w)
+    else:
+        w = None if weights is None else np.asarray(weights, dtype=np.float64)
+        if method == "hard_vote":
+            return hard_vote(probs, w)
+        combined = soft_vote(probs, w)
+    t = (params or {}).get(OUTPUT_TEMPERATURE)
+    return combined if t is None else temper(combined, t)
 
 
 def combine_intensity(intensities: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
@@ -359,6 +371,34 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=-1, keepdims=True)  # stable; rows with -inf entries stay finite
     e = np.exp(z)
     return e / e.sum(axis=-1, keepdims=True)
+
+
+def log_probs(probs: np.ndarray) -> np.ndarray:
+    """log of (N, C) probabilities, 0 read as the smallest float64; usable as logits."""
+    return np.log(np.maximum(np.asarray(probs, dtype=np.float64), _TINY))
+
+
+def temper(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """Temperature-scaled probabilities ``softmax(log(probs) / T)``; T = 1 returns them as they are.
+
+    ``log p`` is the logits shifted by a per-row constant, so this equals ``softmax(z / T)``.
+
+    Args:
+        probs: (N, C) probabilities, rows summing to 1.
+        temperature: T > 0.
+
+    Returns:
+        (N, C) float64 probabilities, each row's argmax unchanged.
+
+    Raises:
+        ValueError: if the temperature is not a finite positive number.
+    """
+    if not (np.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature={temperature} must be finite and > 0")
+    p = np.asarray(probs, dtype=np.float64)
+    if temperature == 1.0:
+        return p
+    return softmax(log_probs(p) / temperature)  # (N, C)
 
 
 def weight_vector(weights: Mapping[str, float] | None, names: Sequence[str]) -> list[float] | None:

@@ -290,7 +290,8 @@ class TrainingConfig:
     regressor_vote: Literal["calibrated", "one_hot"] = "calibrated"
     # temperature-scale each classifier, teacher and student (T fitted on dev by log loss, see
     # ensemble.calibration) before members are combined: in round tables, the ensemble guidance
-    # target, the published combiner and Serve. False combines the members' raw probabilities
+    # target, the published combiner and Serve; the published combination's output gets a
+    # temperature of its own too. False combines the members' raw probabilities
     calibrate: bool = True
     eval_batch_size: int = 64
     max_failures: int = 1  # Ray Train FailureConfig per member job

@@ -144,7 +144,8 @@ def evaluate_split(
         kinds: member name -> kind.
         labels: (N,) class ids; intensity: (N,) targets or None.
         label_names, class_intensity, edges: the label space (see `Manifest`).
-        learned: optional learned combiner {"method", "weights": {name: w}, "params"}.
+        learned: optional published combiner {"method", "weights": {name: w}, "params"}; its
+            row replaces the plain row of the same method.
         sharpness: the regressor vote's sharpness (`regressor_sharpness`); None for one-hot.
         temperatures: member -> T (`member_temperatures`); None combines raw probabilities.
 
@@ -176,7 +177,7 @@ def evaluate_split(
             intensity_estimates(voted, kinds, class_intensity), kinds
         )
     methods: dict[str, np.ndarray] = {m: combine.apply(m, probs) for m in FIXED_METHODS}
-    if learned and learned.get("method") not in FIXED_METHODS:
+    if learned:  # the published combination, its params (an output temperature) included
         weights = combine.weight_vector(learned.get("weights"), names)
         methods[learned["method"]] = combine.apply(
             learned["method"], probs, weights, learned.get("params")

@@ -16,8 +16,9 @@ import numpy as np
 from ensemble import config as C
 from ensemble import evaluate as E
 from ensemble import report
+from ensemble.calibration import fit_temperature
 from ensemble.cards import write_cards
-from ensemble.combine import to_probs
+from ensemble.combine import OUTPUT_TEMPERATURE, log_probs, to_probs
 from ensemble.data import Splits
 from ensemble.metrics import roc_curves
 from ensemble.rundir import Manifest, MemberEntry, atomic_write_bytes, atomic_write_json
@@ -49,6 +50,11 @@ def fit_combiner(
     ``params["regressor_sharpness"]`` and, with ``calibrate``, each classification member's
     dev-fitted temperature into ``params["temperatures"]``; Serve reads both there, so served
     votes equal the evaluated ones. The combiner is fitted on the temperature-scaled votes.
+
+    With ``calibrate``, the combined output gets a temperature of its own, fitted on the chosen
+    combiner's dev output (out-of-fold for a learned one), in ``params["output_temperature"]``:
+    an average of calibrated members is less confident than it is accurate, and this undoes it.
+    A hard vote has none (its vote shares are not probabilities to scale).
     """
     edges, num_classes = splits.intensity_edges(), splits.num_labels()
     sharpness = E.regressor_sharpness(
@@ -65,6 +71,10 @@ def fit_combiner(
         entry["params"] = {**entry["params"], "regressor_sharpness": sharpness}
     if temperatures:
         entry["params"] = {**entry["params"], "temperatures": temperatures}
+    if calibrate and best.method != "hard_vote":
+        dev_out = best.dev_probs if best.dev_probs is not None else best.apply(probs)
+        t = fit_temperature(log_probs(dev_out), splits.labels["dev"])
+        entry["params"] = {**entry["params"], OUTPUT_TEMPERATURE: t}
     entry["candidates"] = {m: r.dev_score for m, r in results.items()}
     return entry
 

@@ -102,7 +102,8 @@ class Combination:
         params: method parameters (``coef``/``intercept`` for stacking; an optional
             ``regressor_sharpness`` turns the regressor's one-hot vote into a soft one; optional
             ``temperatures``, member name -> T, scale classification members' probabilities;
-            a member without one, or a manifest without the key, votes with T = 1).
+            a member without one, or a manifest without the key, votes with T = 1; an optional
+            ``output_temperature`` scales the combined probabilities).
     """
 
     members: dict[str, str]
@@ -168,6 +169,9 @@ class Combination:
         bad = {n: t for n, t in temps.items() if not _positive(t)}
         if bad:
             problems.append(f"params.temperatures {bad} must be finite and > 0")
+        out = self.params.get(combine.OUTPUT_TEMPERATURE)
+        if out is not None and not _positive(out):
+            problems.append(f"params.{combine.OUTPUT_TEMPERATURE}={out!r} must be finite and > 0")
         return problems
 
     @property

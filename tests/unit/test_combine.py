@@ -275,3 +275,21 @@ def test_pure_modules_import_without_ray_torch_or_deepspeed():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_output_temperature_scales_the_combined_probabilities_last():
+    rng = np.random.default_rng(3)
+    probs = rng.dirichlet(np.ones(4), size=(3, 50))  # (M, B, C)
+    w = np.array([0.5, 0.3, 0.2])
+    plain = combine.apply("weighted", probs, w)
+    scaled = combine.apply("weighted", probs, w, {"output_temperature": 0.5})
+    np.testing.assert_allclose(scaled, combine.temper(plain, 0.5))
+    np.testing.assert_array_equal(scaled.argmax(1), plain.argmax(1))
+    assert scaled.max(1).mean() > plain.max(1).mean()  # T < 1 sharpens
+    # a hard vote's shares are not scaled; T = 1 changes nothing
+    hard = combine.apply("hard_vote", probs, None, {"output_temperature": 0.5})
+    np.testing.assert_array_equal(hard, combine.apply("hard_vote", probs))
+    np.testing.assert_allclose(combine.apply("soft_vote", probs, None, {"output_temperature": 1.0}),
+                               combine.apply("soft_vote", probs))
+    with pytest.raises(ValueError, match="must be finite and > 0"):
+        combine.apply("soft_vote", probs, None, {"output_temperature": 0.0})

@@ -126,3 +126,42 @@ def test_guidance_ensemble_target_divides_by_each_members_temperature():
     np.testing.assert_allclose(  # the same as scaling the probabilities, then softening
         _softmax(train["clf"] / 6.0), temper(_softmax(train["clf"] / 3.0), 2.0), rtol=1e-9
     )
+
+
+def _diverse_members(n: int, seed: int):
+    """Two members that are each calibrated but err independently: their average is too unsure.
+
+    The label is drawn from softmax(z); each member sees z plus its own noise and has been
+    temperature-scaled on its own, as `fit_combiner` scales members before combining them.
+    """
+    rng = np.random.default_rng(seed)
+    z = 2.5 * rng.normal(size=(n, 3))
+    labels = np.array([rng.choice(3, p=p) for p in _softmax(z)])
+    members = {f"c{i}": _softmax(z + 2.0 * rng.normal(size=(n, 3))) for i in range(2)}
+    return members, labels
+
+
+def test_fit_combiner_gives_the_combined_output_a_temperature_that_holds_out_of_sample():
+    kinds = {"c0": "classifier", "c1": "classifier"}
+    dev, y_dev = _diverse_members(3000, seed=0)
+    test, y_test = _diverse_members(3000, seed=1)
+    splits = Splits(texts={s: ["t"] * 3000 for s in ("train", "dev", "test")},
+                    labels={"train": y_dev, "dev": y_dev, "test": y_test}, intensity=None,
+                    label_names=NAMES)
+    entry = P.fit_combiner(dev, kinds, splits, seed=0, method="soft_vote")
+    t = entry["params"]["output_temperature"]
+    assert t < 0.95  # the average of two calibrated, independently wrong members is too unsure
+    rows = E.evaluate_split(test, kinds, y_test, None, NAMES, [0.0, 0.5, 1.0], [0.25, 0.75],
+                            learned=entry, temperatures=entry["params"]["temperatures"])
+    unscaled = dict(entry, params={k: v for k, v in entry["params"].items()
+                                   if k != "output_temperature"})
+    plain = E.evaluate_split(test, kinds, y_test, None, NAMES, [0.0, 0.5, 1.0], [0.25, 0.75],
+                             learned=unscaled, temperatures=entry["params"]["temperatures"])
+    published, before = rows["ensemble/soft_vote"], plain["ensemble/soft_vote"]
+    assert published["accuracy"] == before["accuracy"]
+    assert published["nll"] < before["nll"] - 0.005 and published["ece"] < before["ece"]
+    # off with training.calibrate, and never for a hard vote
+    assert "output_temperature" not in P.fit_combiner(
+        dev, kinds, splits, seed=0, method="soft_vote", calibrate=False)["params"]
+    assert "output_temperature" not in P.fit_combiner(
+        dev, kinds, splits, seed=0, method="hard_vote")["params"]
