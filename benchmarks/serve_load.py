@@ -18,9 +18,10 @@ request count and time, loopback only). Scenarios:
 * ``ensemble-onepass``: batched, but each batch in one padded forward pass
   (``forward_chunk_size=0``) instead of length-sorted passes of ``--forward-chunk-size``.
 
-Writes ``benchmarks/results/serve_load.{json,md}`` with p50/p99/mean latency and throughput per
-scenario and concurrency, plus the ratios the issue sets targets for, and the cascade's dev
-accuracy loss computed from ``predictions/dev.npz`` with the fitted threshold. Each run also
+Writes ``benchmarks/results/serve_load.{json,md,png}`` with p50/p99/mean latency and throughput
+per scenario and concurrency (the PNG: p50 and p99 latency against concurrency), plus the ratios
+the issue sets targets for, and the cascade's dev accuracy loss computed from
+``predictions/dev.npz`` with the fitted threshold. Each run also
 records the CPU time every process spent per answered request (HTTP proxy, combiner, members,
 Ray's own processes, the load generator), read from /proc before and after: on a small machine
 that says where the cores went, which latency alone cannot.
@@ -619,7 +620,11 @@ def _bench(args: argparse.Namespace) -> int:
         "targets": TARGETS,
     }
     json_path, md_path = write_results("serve_load", data, _markdown(data), args.out_dir)
-    print(f"wrote {json_path} and {md_path}")
+    from ensemble.report import plot_latency
+
+    png = json_path.with_suffix(".png")
+    plot_latency(data["results"], png, f"serving latency ({', '.join(data['members'])})")
+    print(f"wrote {json_path}, {md_path} and {png}")
     for key, value in data["ratios"].items():
         print(f"{key}: {value if value is None else round(value, 3)} (target {TARGETS[key]})")
     return 0

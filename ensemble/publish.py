@@ -160,6 +160,7 @@ def publish(
     if "student" in kinds.values():
         metrics["cascade"] = _cascade(cfg, run_dir, manifest)
     atomic_write_json(run_dir / "metrics.json", metrics)
+    report.write_index(run_dir, metrics, cfg.name)  # every plot beside the metrics table
     write_cards(cfg, run_dir, manifest, metrics)  # a README.md beside each member's export
     manifest.save(run_dir)  # last: a run directory with a manifest is complete
     print_summary(results["test"], info, run_dir)
@@ -259,6 +260,14 @@ def _plots(run_dir: Path, splits: Splits, test_probs, kinds, test_rows, state, c
         panels = {"members as trained (test)": dict(zip(names, raw, strict=True)),
                   "temperature-scaled, as combined (test)": combined}
     report.plot_reliability(splits.labels["test"], panels, plots / "reliability.png")
+    if splits.intensity is not None:  # each regressor's and the ensemble's intensity vs the truth
+        scaled = {n: v if kinds[n] != "regressor" else test_probs[n]
+                  for n, v in zip(names, voted, strict=True)}
+        estimates = E.intensity_estimates(scaled, kinds, splits.class_intensity())
+        shown = {n: e for n, e in estimates.items() if kinds[n] == "regressor"}
+        shown[report.ENSEMBLE] = E.ensemble_intensity(estimates, kinds)
+        report.plot_intensity(splits.intensity["test"], shown, plots / "intensity.png",
+                              "intensity, predicted vs true (test)")
     # a member's confusion matrix and ROC are its own, as in metrics.json
     for name, p in [*zip(names, raw, strict=True), (key, ens)]:
         slug = name.replace("/", "_")

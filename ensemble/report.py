@@ -12,10 +12,12 @@ always drawn in black, thicker.
 
 from __future__ import annotations
 
+import html
 import io
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,18 +27,21 @@ from rich.console import Console
 from rich.table import Table
 
 from ensemble.metrics import ECE_BINS, expected_calibration_error, reliability_bins
-from ensemble.rundir import atomic_write_bytes
+from ensemble.rundir import atomic_write_bytes, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "metrics_table",
     "plot_confusion",
+    "plot_intensity",
+    "plot_latency",
     "plot_learning_curves",
     "plot_reliability",
     "plot_roc",
     "plot_rounds",
     "render",
+    "write_index",
 ]
 
 ENSEMBLE = "ensemble"
@@ -316,6 +321,136 @@ def plot_reliability(
         ax.legend(loc="upper left", fontsize="small")
     fig.suptitle(f"Reliability ({bins} bins)")
     _save(fig, path)
+
+
+def plot_intensity(
+    true: np.ndarray, estimates: Mapping[str, np.ndarray], path: Any, title: str
+) -> None:
+    """Predicted against true intensity, one panel per model, with the diagonal and Pearson r.
+
+    Args:
+        true: (N,) true intensities.
+        estimates: model name -> (N,) predicted intensities (e.g. each regressor, the ensemble).
+        path: PNG file to write.
+        title: figure title.
+
+    Raises:
+        ValueError: if there is nothing to plot or a prediction does not match ``true``.
+    """
+    y = np.asarray(true, dtype=np.float64)
+    if not estimates:
+        raise ValueError("no intensity estimates to plot; pass name -> (N,) predictions")
+    bad = {n: np.shape(e) for n, e in estimates.items() if np.shape(e) != y.shape}
+    if bad:
+        raise ValueError(f"predictions {bad} do not match the {y.shape} true intensities")
+    lo, hi = float(min(y.min(), *(np.min(e) for e in estimates.values()))), float(
+        max(y.max(), *(np.max(e) for e in estimates.values())))
+    n = len(estimates)
+    fig, axes = _figure(figsize=(4.4 * n, 4.6), ncols=n)
+    colors = _colors(estimates)
+    for ax, name in zip(np.atleast_1d(axes), _ordered(estimates), strict=True):
+        pred = np.asarray(estimates[name], dtype=np.float64)
+        r = float(np.corrcoef(y, pred)[0, 1]) if y.std() > 0 and pred.std() > 0 else float("nan")
+        mae = float(np.abs(pred - y).mean())
+        color = "black" if name.startswith(ENSEMBLE) else colors[name]
+        ax.scatter(y, pred, s=6, alpha=0.35, color=color, edgecolors="none")
+        ax.plot([lo, hi], [lo, hi], linestyle="--", color="grey", linewidth=0.8)
+        ax.set(xlim=(lo, hi), ylim=(lo, hi), xlabel="true intensity",
+               ylabel="predicted intensity", title=f"{name}: r {r:.3f}, MAE {mae:.3f}")
+        ax.set_aspect("equal")
+        ax.grid(True, alpha=0.3)
+    fig.suptitle(title)
+    _save(fig, path)
+
+
+def plot_latency(results: Mapping[str, Mapping[Any, Mapping[str, Any]]], path: Any,
+                 title: str = "latency vs concurrency") -> None:
+    """p50 and p99 latency against concurrency, one line per scenario (`serve_load.py`).
+
+    Args:
+        results: scenario -> concurrency -> a row with ``p50_ms`` and ``p99_ms`` (None when no
+            request succeeded; such points are left out).
+        path: PNG file to write.
+        title: figure title.
+    """
+    if not results:
+        raise ValueError("no load-test results to plot")
+    fig, axes = _figure(figsize=(11.0, 4.6), ncols=2)
+    colors = _colors(results, keep_order=True)
+    levels = sorted({int(c) for by_c in results.values() for c in by_c})
+    for ax, key in zip(axes, ("p50_ms", "p99_ms"), strict=True):
+        for name, by_c in results.items():
+            points = sorted((int(c), r[key]) for c, r in by_c.items() if r.get(key) is not None)
+            if points:
+                xs, ys = zip(*points, strict=True)
+                ax.plot(xs, ys, marker="o", linewidth=1.2, color=colors[name], label=name)
+        ax.set(xscale="log", yscale="log", xlabel="concurrent clients",
+               ylabel=f"{key.removesuffix('_ms')} latency (ms)", title=key.removesuffix("_ms"))
+        ax.set_xticks(levels, labels=[str(c) for c in levels])
+        ax.grid(True, which="both", alpha=0.3)
+    axes[1].legend(loc="upper left", fontsize="x-small")
+    fig.suptitle(title)
+    _save(fig, path)
+
+
+# the columns of the run page's table: (header, metrics key)
+INDEX_COLUMNS = [("accuracy", "accuracy"), ("macro-F1", "macro_f1"), ("NLL", "nll"),
+                 ("ECE", "ece"), ("Brier", "brier"), ("pearson", "pearson"), ("MAE", "mae")]
+
+
+def write_index(run_dir: Any, metrics: Mapping[str, Any], title: str) -> Path:
+    """``index.html`` in the run directory: the test metrics table, then every plot in ``plots/``.
+
+    The page has no scripts and links the PNGs by relative path, so it opens from the directory
+    (or an artifact store) as it is.
+
+    Args:
+        run_dir: the run directory (its ``plots/`` are shown).
+        metrics: the run's ``metrics.json`` content (``test`` rows, ``combine``).
+        title: page title (the run's name).
+
+    Returns:
+        The page's path.
+    """
+    run_dir = Path(run_dir)
+    rows = metrics.get("test", {})
+    keys = [(h, k) for h, k in INDEX_COLUMNS if any(k in r for r in rows.values())]
+    combine = metrics.get("combine") or {}
+    published = f"ensemble/{combine['method']}" if combine.get("method") else None
+    esc = html.escape
+    out = [
+        "<!doctype html>", '<html><head><meta charset="utf-8">', f"<title>{esc(title)}</title>",
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child,"
+        "th:first-child{text-align:left}tr.published{font-weight:bold}"
+        "figure{display:inline-block;margin:1em}img{max-width:900px}</style></head><body>",
+        f"<h1>{esc(title)}</h1>",
+    ]
+    if published:
+        out.append(f"<p>Published combination: <b>{esc(published)}</b> (chosen on dev).</p>")
+    out += ["<h2>Test metrics</h2>", "<table><tr><th>model</th>"
+            + "".join(f"<th>{esc(h)}</th>" for h, _ in keys) + "</tr>"]
+    for name in _ordered(rows):
+        row = rows[name]
+        cls = ' class="published"' if name == published else ""
+        cells = "".join(f"<td>{_index_cell(row.get(k))}</td>" for _, k in keys)
+        out.append(f"<tr{cls}><td>{esc(name)}</td>{cells}</tr>")
+    out.append("</table>")
+    plots = sorted((run_dir / "plots").glob("*.png"))
+    if plots:
+        out.append("<h2>Plots</h2>")
+    for png in plots:
+        rel = png.relative_to(run_dir).as_posix()
+        out.append(f'<figure><img src="{esc(rel)}" alt="{esc(png.stem)}">'
+                   f"<figcaption>{esc(png.stem.replace('_', ' '))}</figcaption></figure>")
+    out.append("</body></html>")
+    path = run_dir / "index.html"
+    atomic_write_text(path, "\n".join(out) + "\n")
+    return path
+
+
+def _index_cell(value: Any) -> str:
+    return "-" if not isinstance(value, int | float) else f"{value:.4f}"
 
 
 def plot_rounds(rounds: Sequence[Mapping[str, Any]], path: Any) -> None:

@@ -38,7 +38,7 @@ TENSORBOARD_DIR = "tensorboard"
 INSTALL = 'pip install -e ".[tracking]"'
 _KEY_RE = re.compile(r"[^A-Za-z0-9_\-./ ]")  # the characters MLflow takes in a key
 _MAX_PARAM = 500  # characters of a param value (the limit of older MLflow servers)
-_RUN_FILES = ("metrics.json", "manifest.json", "rounds.json", "config.yaml")
+_RUN_FILES = ("metrics.json", "manifest.json", "rounds.json", "config.yaml", "index.html")
 _MEMBER_INFO = ("params", "samples_per_s", "train_wall_s", "infer_ms_per_text", "size_ratio",
                 "speedup")
 

@@ -91,13 +91,22 @@ def _fmt(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
-def plot_trials(rows: list[dict[str, Any]], metric: str, path: Path) -> None:
+def plot_trials(rows: list[dict[str, Any]], metric: str, path: Path,
+                mutations: list[dict[str, Any]] | None = None) -> int:
+    """Each trial's metric per round; with PBT's ``mutations``, the lineage drawn over it.
+
+    A PBT exploit (`mutation_history`) is an arrow from the donor trial's point at the round
+    whose checkpoint was copied to the trial that took it over, at the round it did, so one
+    can follow which trial's weights every trial ended up training. Returns the arrows drawn
+    (a mutation whose trials have no recorded rounds has none).
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 4))
+    fig = Figure(figsize=(7.5, 4.5), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
+    points: dict[str, list[float]] = {}
     for r in rows:
         if r["metric_per_round"]:
             ax.plot(
@@ -106,13 +115,45 @@ def plot_trials(rows: list[dict[str, Any]], metric: str, path: Path) -> None:
                 marker="o",
                 label=r["trial"][-24:],
             )
+            points[r["trial"]] = r["metric_per_round"]
+    drawn = 0
+    for m in mutations or []:
+        donor, target = _row_for(rows, m["cloned_from"]), _row_for(rows, m["trial"])
+        if donor is None or target is None:
+            continue
+        start = _point(points.get(donor["trial"], []), m["donor_round"])
+        end = _point(points.get(target["trial"], []), m["trial_round"])
+        if start is None or end is None:
+            continue
+        ax.annotate("", xy=end, xytext=start, arrowprops={
+            "arrowstyle": "->", "color": "grey", "linestyle": "--", "linewidth": 0.9})
+        drawn += 1
     ax.set_xlabel("round")
     ax.set_ylabel(metric)
+    title = "trials" if not mutations else f"PBT lineage: {drawn} exploit(s), donor -> taker"
+    ax.set_title(title)
     ax.legend(fontsize=6)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
     tmp.replace(path)
+    return drawn
+
+
+def _row_for(rows: list[dict[str, Any]], trial_id: str) -> dict[str, Any] | None:
+    """The trial row of a Tune trial id: its recorded id, else the directory named after it."""
+    for r in rows:
+        if r.get("trial_id") == trial_id:
+            return r
+    return next((r for r in rows if trial_id and trial_id in r["trial"]), None)
+
+
+def _point(values: list[float], round_: int) -> tuple[int, float] | None:
+    """(round, metric) of a 1-based round, clamped to the rounds the trial recorded."""
+    if not values:
+        return None
+    i = min(max(int(round_), 1), len(values))
+    return i, values[i - 1]
 
 
 def write_report(
@@ -135,7 +176,7 @@ def write_report(
     }
     atomic_write_json(out_dir / "tune_results.json", summary)
     atomic_write_text(out_dir / "trials.md", markdown(rows, metric))
-    plot_trials(rows, metric, out_dir / "trials.png")
+    plot_trials(rows, metric, out_dir / "trials.png", history)
     print(markdown(rows, metric), flush=True)
     print(
         f"{len(history)} PBT mutation(s); best {metric}={best.metrics.get(metric)} "

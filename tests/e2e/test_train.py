@@ -154,8 +154,12 @@ def test_run_directory_holds_metrics_plots_predictions_and_exports(trained: Trai
     assert 0 < student["size_ratio"] < 1 and student["speedup"] > 0
 
     plots = sorted(p.name for p in (run_dir / "plots").glob("*.png"))
-    assert {"learning_curves.png", "rounds.png", "confusion_classifier.png"} <= set(plots)
+    assert {"learning_curves.png", "rounds.png", "confusion_classifier.png", "reliability.png",
+            "disagreement.png", "intensity.png", "cascade.png"} <= set(plots)
     assert all((run_dir / "plots" / p).stat().st_size > 1000 for p in plots)
+    page = (run_dir / "index.html").read_text()  # every plot beside the metrics table
+    assert all(f'<img src="plots/{p}"' in page for p in plots)
+    assert f'<tr class="published"><td>ensemble/{manifest.combine["method"]}</td>' in page
 
     with np.load(run_dir / "predictions" / "dev.npz") as dev:
         assert dev["labels"].shape == (64,) and dev["intensity"].shape == (64,)
@@ -233,7 +237,7 @@ def test_training_is_tracked_in_mlflow_and_tensorboard(trained: Trained) -> None
     )
     assert params["published.combine_method"] == metrics["combine"]["method"]
     artifacts = {a.path for a in client.list_artifacts(run_id)}
-    assert {"manifest.json", "metrics.json", "plots", "cards"} <= artifacts
+    assert {"manifest.json", "metrics.json", "index.html", "plots", "cards"} <= artifacts
     plots = {Path(a.path).name for a in client.list_artifacts(run_id, "plots")}
     assert plots == {p.name for p in (run_dir / "plots").glob("*.png")}
     card = client.download_artifacts(run_id, "cards/student/README.md")

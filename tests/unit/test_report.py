@@ -14,11 +14,14 @@ from ensemble.report import (
     _global_steps,
     metrics_table,
     plot_confusion,
+    plot_intensity,
+    plot_latency,
     plot_learning_curves,
     plot_reliability,
     plot_roc,
     plot_rounds,
     render,
+    write_index,
 )
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -248,3 +251,43 @@ def test_plot_rounds_rejects_bad_input(tmp_path):
         plot_rounds([{"dev": {}}], tmp_path / "r.png")
     with pytest.raises(ValueError, match="nothing to plot"):
         plot_rounds([{"round": 1, "dev": {"m": {"loss": 1.0}}}], tmp_path / "r.png")
+
+
+def test_plot_intensity(tmp_path):
+    rng = np.random.default_rng(1)
+    true = rng.random(400)
+    plot_intensity(true, {"regressor": true + rng.normal(0, 0.1, 400),
+                          "ensemble": true + rng.normal(0, 0.05, 400)},
+                   tmp_path / "intensity.png", "intensity (test)")
+    _assert_png(tmp_path / "intensity.png")
+    with pytest.raises(ValueError, match="do not match"):
+        plot_intensity(true, {"regressor": true[:10]}, tmp_path / "bad.png", "t")
+    with pytest.raises(ValueError, match="no intensity estimates"):
+        plot_intensity(true, {}, tmp_path / "none.png", "t")
+
+
+def test_plot_latency_skips_points_without_answers(tmp_path):
+    row = lambda p50: {"p50_ms": p50, "p99_ms": None if p50 is None else 2 * p50}  # noqa: E731
+    results = {"ensemble": {"1": row(80.0), "8": row(300.0), "32": row(900.0)},
+               "member:student": {"1": row(30.0), "8": row(None), "32": row(400.0)}}
+    plot_latency(results, tmp_path / "latency.png")
+    _assert_png(tmp_path / "latency.png")
+    with pytest.raises(ValueError, match="no load-test results"):
+        plot_latency({}, tmp_path / "none.png")
+
+
+def test_index_page_shows_the_metrics_table_and_every_plot(tmp_path, evaluated):
+    plots = tmp_path / "plots"
+    plot_confusion(evaluated["cls"]["confusion"], NAMES, plots / "confusion_a_b.png", "a")
+    plot_reliability(evaluated["labels"], {"test": {"m": evaluated["probs"]}},
+                     plots / "reliability.png")
+    metrics = {"test": {"m<1>": {"accuracy": 0.5, "nll": 1.25},
+                        "ensemble/soft_vote": {"accuracy": 0.55, "nll": 1.1, "pearson": 0.7}},
+               "combine": {"method": "soft_vote"}}
+    page = write_index(tmp_path, metrics, "run & co").read_text()
+    assert "<title>run &amp; co</title>" in page and "m&lt;1&gt;" in page  # escaped
+    assert '<tr class="published"><td>ensemble/soft_vote</td><td>0.5500</td>' in page
+    assert "<th>pearson</th>" in page and "<th>ECE</th>" not in page  # columns some row has
+    for png in ("plots/confusion_a_b.png", "plots/reliability.png"):
+        assert f'<img src="{png}"' in page
+    assert "<figcaption>confusion a b</figcaption>" in page
