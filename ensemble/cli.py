@@ -13,6 +13,7 @@ import logging
 import sys
 
 from ensemble import config as C
+from ensemble.data import DataError
 
 logger = logging.getLogger("ensemble")
 
@@ -25,7 +26,7 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from ensemble.data import DataError, load_splits
+    from ensemble.data import load_splits
     from ensemble.orchestrate import check_config
 
     cfg = C.load(args.config, _overrides(args))
@@ -78,16 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no live progress table")
     p.set_defaults(func=cmd_train)
 
-    for module in ("ensemble.serving.commands", "ensemble.launch", "ensemble.tuning.commands",
-                   "ensemble.batch"):
-        try:
-            mod = __import__(module, fromlist=["add_commands"])
-        except ModuleNotFoundError as err:
-            if err.name != module:
-                raise
-            continue
-        if hasattr(mod, "add_commands"):
-            mod.add_commands(sub)
+    from ensemble import batch, launch
+    from ensemble.serving import commands as serving
+    from ensemble.tuning import commands as tuning
+
+    for module in (serving, launch, tuning, batch):  # serve/query/..., cluster, tune, predict
+        module.add_commands(sub)
     return parser
 
 
@@ -108,11 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     except C.ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError) as err:
-        if type(err).__name__ == "DataError":
-            print(f"data error: {err}", file=sys.stderr)
-            return 2
-        raise
+    except DataError as err:
+        print(f"data error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -26,11 +26,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. tune.num_samples=8")
     p.add_argument("--address", default=None, help="Ray cluster to join")
     p.add_argument("--output-dir", default=None)
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="resume an interrupted experiment (also the default when one exists)",
-    )
-    p.add_argument("--fresh", action="store_true", help="ignore an existing experiment")
+    p.add_argument("--fresh", action="store_true",
+                   help="ignore an existing experiment (by default an interrupted one resumes)")
     p.add_argument("--verbose", action="store_true")
     p.set_defaults(func=cmd_tune)
