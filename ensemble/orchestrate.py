@@ -27,13 +27,12 @@ from ensemble import guidance as G
 from ensemble import tracking
 from ensemble.data import Splits, load_splits
 from ensemble.progress import LiveView, start_board
-from ensemble.rundir import atomic_write_json, atomic_write_text, read_json
+from ensemble.rundir import STATE, atomic_write_json, atomic_write_text, read_json
 from ensemble.runner import MemberRunner
 from ensemble.training import stages as S
 from ensemble.training.worker import MemberJob
 
 logger = logging.getLogger(__name__)
-STATE = "state.json"
 
 
 def init_ray(rc: C.RayConfig, address: str | None = None, verbose: bool = False) -> None:

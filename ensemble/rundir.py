@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = "manifest.json"
+STATE = "state.json"  # a run's progress (rounds, member checkpoints), for resuming
 MANIFEST_VERSION = 1
 
 

@@ -30,7 +30,7 @@ import numpy as np
 import yaml
 
 from ensemble.combine import METHODS
-from ensemble.config import ServeConfig
+from ensemble.config import RayConfig, ServeConfig
 from ensemble.rundir import Manifest
 from ensemble.serving import cascade
 from ensemble.serving.schemas import CombinerSettings, MemberSettings
@@ -459,7 +459,7 @@ def _connect(args: argparse.Namespace, run_dir: str) -> bool:
             ) from None
         return False
     ray_cfg = Manifest.load(run_dir).config.get("ray") or {}
-    ip = args.node_ip_address or ray_cfg.get("node_ip_address") or "127.0.0.2"
+    ip = args.node_ip_address or ray_cfg.get("node_ip_address") or RayConfig().node_ip_address
     # a loopback node IP keeps Ray's addresses on loopback (see RayConfig.node_ip_address)
     ray.init(_node_ip_address=ip, include_dashboard=False, num_cpus=ray_cfg.get("num_cpus"))
     return True

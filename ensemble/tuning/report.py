@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ensemble import config as C
-from ensemble.rundir import atomic_write_json, atomic_write_text
+from ensemble.rundir import STATE, atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def trial_rows(results: Any, metric: str) -> list[dict[str, Any]]:
 
     rows = []
     for result in results:
-        state_path = Path(result.path) / "run" / "state.json" if result.path else None
+        state_path = Path(result.path) / "run" / STATE if result.path else None
         per_round: list[float] = []
         state: dict[str, Any] = {}
         if state_path is not None and state_path.is_file():

@@ -21,10 +21,9 @@ from ray.tune.schedulers import PopulationBasedTraining
 
 from ensemble import config as C
 from ensemble.data import Splits, load_splits
-from ensemble.rundir import atomic_write_json, atomic_write_text, read_json
+from ensemble.rundir import STATE, atomic_write_json, atomic_write_text, read_json
 
 logger = logging.getLogger(__name__)
-STATE_FILE = "state.json"
 
 
 def sample_space(space: dict[str, C.TuneSpace]) -> dict[str, Any]:
@@ -77,7 +76,7 @@ def _save_checkpoint(run_dir: Path, state: dict[str, Any]) -> tune.Checkpoint:
     for name, member in copied["members"].items():
         shutil.copytree(member["checkpoint"], tmp / "members" / name)
         member["checkpoint"] = f"members/{name}"  # relative: resolved on restore
-    atomic_write_json(tmp / STATE_FILE, copied)
+    atomic_write_json(tmp / STATE, copied)
     return tune.Checkpoint.from_directory(str(tmp))
 
 
@@ -88,14 +87,14 @@ def _restore_checkpoint(checkpoint: tune.Checkpoint, run_dir: Path) -> None:
         shutil.rmtree(target)
     with checkpoint.as_directory() as d:
         shutil.copytree(d, target)
-    state = read_json(target / STATE_FILE)
+    state = read_json(target / STATE)
     for member in state["members"].values():
         member["checkpoint"] = str(target / member["checkpoint"])
     state["round_done"] = {}
     state["restored_from_round"] = state["rounds_completed"]
     state["restored_from_trial"] = state.get("saved_by_trial")
     state["trial_id"] = tune.get_context().get_trial_id()
-    atomic_write_json(run_dir / STATE_FILE, state)
+    atomic_write_json(run_dir / STATE, state)
 
 
 def joint_trial(config: dict[str, Any], base: C.RunConfig, splits: Splits) -> None:
