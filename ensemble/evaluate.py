@@ -125,6 +125,20 @@ def ensemble_intensity(estimates: Mapping[str, np.ndarray], kinds: Mapping[str, 
     return combine.combine_intensity(np.stack([estimates[n] for n in names]), np.array(weights))
 
 
+def voted_intensity(
+    outputs: Mapping[str, np.ndarray],
+    kinds: Mapping[str, str],
+    names: Sequence[str],
+    votes: np.ndarray,
+    class_intensity: Sequence[float],
+) -> np.ndarray:
+    """The ensemble's (N,) intensity from what its members vote (`vote_probs`'s ``names``,
+    ``votes``): the regressor's own output, a classifier's expected intensity under its
+    temperature-scaled vote, averaged by `ensemble_intensity`."""
+    voted = {n: outputs[n] if kinds[n] == "regressor" else votes[i] for i, n in enumerate(names)}
+    return ensemble_intensity(intensity_estimates(voted, kinds, class_intensity), kinds)
+
+
 def evaluate_split(
     outputs: Mapping[str, np.ndarray],
     kinds: Mapping[str, str],
@@ -171,11 +185,7 @@ def evaluate_split(
     if intensity is not None:
         for name, estimate in intensity_estimates(outputs, kinds, class_intensity).items():
             rows[name].update(regression_metrics(intensity, estimate))
-        # the ensemble's intensity averages what the members vote: scaled probabilities
-        voted = {n: probs[i] if n in temps else outputs[n] for i, n in enumerate(names)}
-        ens_intensity = ensemble_intensity(
-            intensity_estimates(voted, kinds, class_intensity), kinds
-        )
+        ens_intensity = voted_intensity(outputs, kinds, names, probs, class_intensity)
     methods: dict[str, np.ndarray] = {m: combine.apply(m, probs) for m in FIXED_METHODS}
     if learned:  # the published combination, its params (an output temperature) included
         weights = combine.weight_vector(learned.get("weights"), names)

@@ -261,11 +261,10 @@ def _plots(run_dir: Path, splits: Splits, test_probs, kinds, test_rows, state, c
                   "temperature-scaled, as combined (test)": combined}
     report.plot_reliability(splits.labels["test"], panels, plots / "reliability.png")
     if splits.intensity is not None:  # each regressor's and the ensemble's intensity vs the truth
-        scaled = {n: v if kinds[n] != "regressor" else test_probs[n]
-                  for n, v in zip(names, voted, strict=True)}
-        estimates = E.intensity_estimates(scaled, kinds, splits.class_intensity())
-        shown = {n: e for n, e in estimates.items() if kinds[n] == "regressor"}
-        shown[report.ENSEMBLE] = E.ensemble_intensity(estimates, kinds)
+        shown = {n: test_probs[n] for n in names if kinds[n] == "regressor"}
+        shown[report.ENSEMBLE] = E.voted_intensity(
+            test_probs, kinds, names, voted, splits.class_intensity()
+        )
         report.plot_intensity(splits.intensity["test"], shown, plots / "intensity.png",
                               "intensity, predicted vs true (test)")
     # a member's confusion matrix and ROC are its own, as in metrics.json

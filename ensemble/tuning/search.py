@@ -274,5 +274,3 @@ def run_tune(cfg: C.RunConfig, resume: bool = True) -> Path:
     results = tuner.fit()
     write_report(cfg, results, metric, exp_path, out_dir)
     return out_dir
-
-
