@@ -3,7 +3,7 @@
 ensemble validate CONFIG [key=value ...]
 ensemble train CONFIG [--address ADDR] [--output-dir DIR] [key=value ...]
 ensemble serve RUN_DIR ... | ensemble query TEXT ... | ensemble launch CONFIG ...
-ensemble predict RUN_DIR INPUT --output OUT
+ensemble predict RUN_DIR INPUT --output OUT | ensemble distill RUN_DIR --layers N
 """
 
 from __future__ import annotations
@@ -79,11 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no live progress table")
     p.set_defaults(func=cmd_train)
 
-    from ensemble import batch, launch
+    from ensemble import batch, launch, students
     from ensemble.serving import commands as serving
     from ensemble.tuning import commands as tuning
 
-    for module in (serving, launch, tuning, batch):  # serve/query/..., cluster, tune, predict
+    # serve/query/..., cluster, tune, predict, distill
+    for module in (serving, launch, tuning, batch, students):
         module.add_commands(sub)
     return parser
 

@@ -412,7 +412,7 @@ class DistillConfig:
 
     The ensemble's calibrated probabilities on the training texts (plus an optional unlabelled
     `corpus`) are computed once by the members through Ray and cached in the run directory
-    (`distill/targets.npz`); the student then trains from its last weights on
+    (`distill/targets-<fingerprint>.npz`); the student then trains from its last weights on
     ``(1 - alpha) * CE(label) + alpha * T^2 * KL(ensemble || student)`` at temperature
     `temperature`, where a corpus text's label is the ensemble's class. `epochs` is a maximum
     when the student has `early_stopping`.

@@ -21,7 +21,12 @@ from ensemble.data import Splits
 from ensemble.data.sources import DataError, read_file
 from ensemble.rundir import atomic_write_bytes
 
-CACHE = Path("distill") / "targets.npz"
+CACHE = Path("distill")  # targets-<key>.npz, one file per set of texts
+
+
+def cache_path(key: str) -> Path:
+    """Where the targets of the texts fingerprinted ``key`` are cached, under the run dir."""
+    return CACHE / f"targets-{key[:16]}.npz"
 
 
 def read_corpus(cfg: RunConfig) -> list[str]:
@@ -85,9 +90,16 @@ def ensemble_probs(
     Returns:
         (N, C) probabilities, as the published ensemble would answer.
     """
+    return published_probs(combine.to_probs(outputs, kinds), kinds, entry, splits)
+
+
+def published_probs(
+    probs: dict[str, np.ndarray], kinds: dict[str, str], entry: dict[str, Any], splits: Splits
+) -> np.ndarray:
+    """`ensemble_probs` on members' probabilities (a run's ``predictions/<split>.npz``)."""
     params = entry.get("params") or {}
     names, votes = E.vote_probs(
-        combine.to_probs(outputs, kinds), kinds, splits.intensity_edges(), splits.num_labels(),
+        probs, kinds, splits.intensity_edges(), splits.num_labels(),
         params.get("regressor_sharpness"), params.get("temperatures"),
     )
     weights = combine.weight_vector(entry.get("weights"), names)
@@ -96,7 +108,7 @@ def ensemble_probs(
 
 def load_cached(run_dir: Path, key: str) -> np.ndarray | None:
     """The cached targets for these texts, or None (no cache, or it belongs to other texts)."""
-    path = run_dir / CACHE
+    path = run_dir / cache_path(key)
     if not path.is_file():
         return None
     with np.load(path) as z:
@@ -108,7 +120,7 @@ def load_cached(run_dir: Path, key: str) -> np.ndarray | None:
 def save(run_dir: Path, key: str, probs: np.ndarray) -> None:
     buf = io.BytesIO()
     np.savez(buf, key=np.array(key), probs=probs.astype(np.float32))
-    atomic_write_bytes(run_dir / CACHE, buf.getvalue())
+    atomic_write_bytes(run_dir / cache_path(key), buf.getvalue())
 
 
 def training_splits(splits: Splits, corpus: list[str], probs: np.ndarray) -> Splits:

@@ -178,48 +178,29 @@ class JointRun:
         are cached in the run directory and reused on resume, and a finished distillation is
         not redone. Records the student's dev KL to the ensemble before and after.
         """
-        import dataclasses
-
         from ensemble import combine
         from ensemble import distill as D
-        from ensemble.losses import LossWeights
         from ensemble.publish import fit_combiner
+        from ensemble.students import ensemble_targets, held_out_corpus, student_job
 
         d, cfg, splits = self.cfg.distill, self.cfg, self.splits
         if d is None or self.state.get("distill", {}).get("done"):
             return
         name = d.student
-        corpus = D.read_corpus(cfg)
-        key = D.texts_key(splits.texts["train"] + corpus)
+        corpus = held_out_corpus(D.read_corpus(cfg), splits)
         dev = {n: o["dev"] for n, o in self.outputs.items()}
         entry = fit_combiner(
             combine.to_probs(dev, self.kinds), self.kinds, splits, cfg.training.seed,
             cfg.training.regressor_vote, cfg.training.combiner, cfg.training.combiner_select,
             cfg.training.calibrate,
         )
-        probs = D.load_cached(self.run_dir, key)
-        if probs is not None:
-            print(f"ensemble targets for {name} reused from {self.run_dir / D.CACHE}", flush=True)
-        else:
-            ref = ray.put(D.prediction_splits(splits, corpus))
-            futures = {n: r.predict.remote(ref, True) for n, r in self.runners.items()}
-            train = {n: ray.get(f)["outputs"]["train"] for n, f in futures.items()}
-            probs = D.ensemble_probs(train, self.kinds, entry, splits)
-            D.save(self.run_dir, key, probs)
+        probs, key = ensemble_targets(self.run_dir, self.runners, self.kinds, entry, splits, corpus)
         dev_ensemble = D.ensemble_probs(dev, self.kinds, entry, splits)
         before = D.mean_kl(dev_ensemble, combine.softmax(dev[name]))
-        member = dataclasses.replace(cfg.members[name], epochs=d.epochs)
-        stage = dataclasses.replace(S.plan(member)[-1], epochs=d.epochs)
-        r = self.rounds_completed + 1
-        job = MemberJob(
-            name=name, member=member, stage=stage, num_labels=splits.num_labels(),
-            class_intensity=splits.class_intensity(), max_length=cfg.max_length(name),
-            seed=member.seed if member.seed is not None else cfg.training.seed, round=r,
-            repeats=1, repeat=1, splits=ray.put(D.training_splits(splits, corpus, probs)),
-            guidance=ray.put({"teacher_logits": D.teacher_logits(probs)}),
-            weights=LossWeights(distill_alpha=d.alpha, distill_temperature=d.temperature),
+        job = student_job(
+            name, cfg.members[name], cfg, splits, corpus, probs, d, self.rounds_completed + 1,
             init_checkpoint=ray.train.Checkpoint(self.state["members"][name]["checkpoint"]),
-            progress_actor=self.board_name, log_every=cfg.training.log_every,
+            board=self.board_name,
         )
         print(f"distilling the ensemble into {name}: {len(probs)} texts "
               f"({len(corpus)} from the corpus), up to {d.epochs:g} epochs", flush=True)
@@ -234,7 +215,7 @@ class JointRun:
         self.state["distill"] = {"done": True, "texts": len(probs), "corpus_texts": len(corpus),
                                  "dev_kl_to_ensemble_before": before,
                                  "dev_kl_to_ensemble_after": after,
-                                 "targets": str(D.CACHE)}
+                                 "targets": str(D.cache_path(key))}
         atomic_write_json(self.run_dir / STATE, self.state)
         print(f"{name}: dev KL to the ensemble {before:.4f} -> {after:.4f}", flush=True)
 

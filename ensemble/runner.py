@@ -33,7 +33,8 @@ logger = logging.getLogger(__name__)
 @ray.remote
 class MemberRunner:
     def __init__(self, name: str, member: MemberConfig, run_dir: str, storage_path: str,
-                 max_failures: int, eval_batch_size: int, max_length: int):
+                 max_failures: int, eval_batch_size: int, max_length: int,
+                 export_dir: str | None = None):
         self.name = name
         self.member = member
         self.run_dir = Path(run_dir)
@@ -41,7 +42,8 @@ class MemberRunner:
         self.max_failures = max_failures
         self.eval_batch_size = eval_batch_size
         self.max_length = max_length
-        self.export_dir = self.run_dir / "members" / name / "export"
+        self.export_dir = (Path(export_dir) if export_dir
+                           else self.run_dir / "members" / name / "export")
 
     def fit(self, job: MemberJob, key: str) -> tuple[Any, dict[str, Any]]:
         """Run one stage job to completion; a re-run with the same key resumes its checkpoint."""

@@ -54,6 +54,7 @@ __all__ = [
     "combination_from_manifest",
     "combine_outputs",
     "fit_threshold",
+    "fit_cascade",
     "fit_cascade_from_run",
     "fit_threshold_from_run",
     "load_predictions",
@@ -667,6 +668,42 @@ def fit_threshold_from_run(
     return threshold, stats
 
 
+def fit_cascade(
+    student_probs: np.ndarray,
+    ensemble_probs: np.ndarray,
+    labels: np.ndarray,
+    confidence: str = "auto",
+    max_accuracy_loss: float = 0.005,
+) -> tuple[float, str, dict[str, Any]]:
+    """Threshold and confidence measure of a cascade, fitted on (dev) probabilities.
+
+    Args:
+        student_probs, ensemble_probs: (N, C) probabilities; labels: (N,) integer labels.
+        confidence: one of `CONFIDENCE_MEASURES`, or ``auto``: fit each and keep the one whose
+            threshold lets the student answer the most texts (a tie keeps ``margin``).
+        max_accuracy_loss: allowed accuracy drop, see `fit_threshold` (bounded by bootstrap).
+
+    Returns:
+        (threshold, measure, `cascade_accuracy` at that threshold on the same data, with the
+        budget under ``max_accuracy_loss``).
+
+    Raises:
+        ValueError: an unknown confidence, or inconsistent inputs.
+    """
+    if confidence != "auto" and confidence not in CONFIDENCE_MEASURES:
+        raise ValueError(
+            f"cascade confidence {confidence!r} unknown; use auto or one of {CONFIDENCE_MEASURES}"
+        )
+    measures = CONFIDENCE_MEASURES if confidence == "auto" else (confidence,)
+    fits = {}
+    for m in measures:
+        threshold = fit_threshold(student_probs, ensemble_probs, labels, max_accuracy_loss, m)
+        fits[m] = threshold, cascade_accuracy(student_probs, ensemble_probs, labels, threshold, m)
+    measure = max(measures, key=lambda m: fits[m][1]["student_fraction"])
+    threshold, stats = fits[measure]
+    return threshold, measure, {**stats, "max_accuracy_loss": max_accuracy_loss}
+
+
 def fit_cascade_from_run(
     run_dir: str | os.PathLike,
     spec: Combination,
@@ -694,19 +731,8 @@ def fit_cascade_from_run(
         ValueError: without a student member, with inconsistent predictions or an unknown
             confidence.
     """
-    if confidence != "auto" and confidence not in CONFIDENCE_MEASURES:
-        raise ValueError(
-            f"cascade confidence {confidence!r} unknown; use auto or one of {CONFIDENCE_MEASURES}"
-        )
-    measures = CONFIDENCE_MEASURES if confidence == "auto" else (confidence,)
-    student, ensemble, labels = served_probs(run_dir, spec, split)  # once for every measure
-    fits = {}
-    for m in measures:
-        threshold = fit_threshold(student, ensemble, labels, max_accuracy_loss, m)
-        fits[m] = threshold, cascade_accuracy(student, ensemble, labels, threshold, m)
-    measure = max(measures, key=lambda m: fits[m][1]["student_fraction"])
-    threshold, stats = fits[measure]
-    stats = {**stats, "max_accuracy_loss": max_accuracy_loss}
+    threshold, measure, stats = fit_cascade(*served_probs(run_dir, spec, split), confidence,
+                                            max_accuracy_loss)
     try:  # the budget's check on data the threshold never saw
         test = served_probs(run_dir, spec, "test")
     except FileNotFoundError:

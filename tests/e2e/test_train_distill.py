@@ -1,6 +1,7 @@
 """Ensemble distillation end to end: after the last round the student learns the published
 ensemble's probabilities on the training texts plus an unlabelled corpus, on a local Ray with
 DeepSpeed and tiny random-init members; the cached targets are reused when the run resumes.
+`ensemble distill RUN_DIR` then cuts a new student from the finished run.
 """
 
 from __future__ import annotations
@@ -53,10 +54,11 @@ def test_the_student_moves_towards_the_ensemble(run) -> None:
 
 def test_targets_are_the_ensembles_probabilities_and_are_reused_on_resume(run, capsys) -> None:
     out, args = run
-    with np.load(out / D.CACHE) as z:
+    cache = out / read_json(out / "state.json")["distill"]["targets"]
+    with np.load(cache) as z:
         probs, key = z["probs"], str(z["key"])
     assert probs.shape == (96 + CORPUS, 5) and np.allclose(probs.sum(axis=1), 1.0, atol=1e-4)
-    mtime = (out / D.CACHE).stat().st_mtime_ns
+    mtime = cache.stat().st_mtime_ns
     # a run killed during distillation: rounds done, no manifest, distillation not finished
     (out / "manifest.json").unlink()
     state = read_json(out / "state.json")
@@ -64,8 +66,57 @@ def test_targets_are_the_ensembles_probabilities_and_are_reused_on_resume(run, c
     atomic_write_json(out / "state.json", state)
     capsys.readouterr()
     assert main(["train", *args]) == 0
-    assert "ensemble targets for student reused" in capsys.readouterr().out
-    assert (out / D.CACHE).stat().st_mtime_ns == mtime
-    with np.load(out / D.CACHE) as z:
+    assert "ensemble targets reused" in capsys.readouterr().out
+    assert cache.stat().st_mtime_ns == mtime
+    with np.load(cache) as z:
         assert str(z["key"]) == key
     assert (out / "manifest.json").is_file() and read_json(out / "state.json")["distill"]["done"]
+
+
+def test_distill_command_cuts_a_student_from_the_finished_run(run, capsys) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    out, _ = run
+    manifest = read_json(out / "manifest.json")
+    capsys.readouterr()
+    assert main(["distill", str(out), "--layers", "1", "--teacher", "teacher",
+                 "--epochs", "2", "--alpha", "1.0"]) == 0
+    printed = capsys.readouterr().out
+    assert f"STUDENT_DIR={out / 'students' / 'l1'}" in printed
+    row = read_json(out / "students" / "l1" / "metrics.json")
+    assert row["layers"] == 1 and row["teacher_layers"] == 2 and row["corpus_texts"] == 0
+    assert row["texts"] == 96 and row["params"] < row["teacher_params"]
+    # the scores are the saved predictions' own: recompute accuracy and the share
+    labels = np.load(out / "predictions" / "test.npz")["labels"]
+    logits = np.load(out / "students" / "l1" / "predictions.npz")["test"]
+    test = row["test"]
+    assert test["accuracy"] == pytest.approx(float((logits.argmax(1) == labels).mean()))
+    assert test["share_of_ensemble_accuracy"] == pytest.approx(
+        test["accuracy"] / test["ensemble_accuracy"])
+    published = manifest["metrics"][f"ensemble/{manifest['combine']['method']}"]  # test rows
+    assert test["ensemble_accuracy"] == pytest.approx(published["accuracy"], abs=1e-9)
+    assert 0.0 <= row["cascade"]["test"]["student_fraction"] <= 1.0
+    assert row["cascade"]["max_accuracy_loss"] == 0.005
+    # the targets of the training texts alone are cached beside the run's own (train + corpus)
+    assert (out / row["targets"]).is_file()
+    assert row["targets"] != read_json(out / "state.json")["distill"]["targets"]
+    model = AutoModelForSequenceClassification.from_pretrained(out / "students" / "l1" / "export")
+    assert model.config.num_hidden_layers == 1 and model.config.num_labels == 5
+
+    # a second call reuses the finished student; a second depth reuses the targets
+    assert main(["distill", str(out), "--layers", "1"]) == 0
+    assert "already trained" in capsys.readouterr().out
+    assert main(["distill", str(out), "--layers", "2", "--epochs", "1"]) == 0
+    assert "ensemble targets reused" in capsys.readouterr().out
+    assert read_json(out / "students" / "l2" / "metrics.json")["teacher"] == "teacher"
+
+
+def test_distill_command_rejects_what_it_cannot_do(run, tmp_path, capsys) -> None:
+    out, _ = run
+    assert main(["distill", str(out), "--layers", "3", "--teacher", "teacher"]) == 2
+    assert "the teacher teacher has 2 layers; use 1 to 2" in capsys.readouterr().err
+    assert main(["distill", str(out), "--teacher", "regressor"]) == 2
+    assert "is not a classifier or teacher member" in capsys.readouterr().err
+    assert main(["distill", str(tmp_path)]) == 2
+    assert "is not a finished run (no manifest.json)" in capsys.readouterr().err
+    assert not (out / "students" / "l3").exists()

@@ -99,3 +99,12 @@ def test_distill_config_is_checked() -> None:
         C.load("configs/tiny.yaml", ["distill.student=classifier"])
     with pytest.raises(C.ConfigError, match="distill.alpha=1.5"):
         C.load("configs/tiny.yaml", ["distill.student=student", "distill.alpha=1.5"])
+
+
+def test_corpus_texts_that_are_dev_or_test_texts_are_left_out(capsys) -> None:
+    from ensemble.students import held_out_corpus
+
+    corpus = ["DEV  1", "unseen", " test 4", "train 0", "another"]
+    assert held_out_corpus(corpus, _splits(5)) == ["unseen", "train 0", "another"]
+    assert "2 of 5 texts are dev/test texts" in capsys.readouterr().out
+    assert held_out_corpus([], _splits(5)) == []

@@ -540,6 +540,9 @@ def test_auto_confidence_keeps_the_measure_with_the_larger_student_share(tmp_pat
         assert cascade.fit_cascade_from_run(tmp_path, spec, m)[:2] == (each[m][0], m)
     with pytest.raises(ValueError, match="use auto or one of"):
         cascade.fit_cascade_from_run(tmp_path, spec, "entropy")
+    # the same fit on arrays (a student that is not the run's own, e.g. `ensemble distill`)
+    assert cascade.fit_cascade(*cascade.served_probs(tmp_path, spec)) == (threshold, measure,
+                                                                          stats)
 
 
 def test_a_published_run_with_a_student_plots_its_cascade_and_records_the_test_loss(tmp_path):

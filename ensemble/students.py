@@ -1,0 +1,353 @@
+"""`ensemble distill RUN_DIR`: distil a finished run's published ensemble into a new student.
+
+A run's `distill:` section trains the student it was configured with; this command compresses a
+run that has already been trained, at any depth, as often as wanted, without training its
+members again. The student is the chosen teacher's encoder cut to ``layers`` evenly spaced
+layers (`models.members.make_student`) and learns, through the same Ray Train + DeepSpeed
+worker as every member, ``(1 - alpha) * CE(label) + alpha * T^2 * KL(ensemble || student)`` on
+the training texts plus an optional unlabelled corpus (whose labels are the ensemble's classes).
+
+The ensemble's targets are the run's members predicting the texts through Ray once, combined as
+published (manifest's combiner, member temperatures, output temperature), and cached in
+``RUN_DIR/distill/targets-<texts' fingerprint>.npz``: every student distilled on the same texts
+reuses them, and so does the run's own distillation stage. Corpus texts that also occur in dev
+or test are dropped, so the student never learns the ensemble's answer on a text it is scored on.
+
+Output, ``RUN_DIR/students/<name>/``: ``export/`` (a `save_pretrained` model and tokenizer that
+`transformers.pipeline` loads), ``predictions.npz`` (dev/test logits) and ``metrics.json``: the
+student's dev/test accuracy, macro-F1, NLL/ECE/Brier (raw and temperature-scaled), its KL to the
+ensemble, its share of the ensemble's accuracy, its size, and the cascade it allows (threshold
+fitted on dev with a bootstrap bound, loss checked on test). A finished student is not redone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ensemble import combine
+from ensemble import config as C
+from ensemble import distill as D
+from ensemble.data import Splits
+from ensemble.rundir import atomic_write_json, read_json
+
+__all__ = ["add_commands", "distill_run", "ensemble_targets", "student_job"]
+
+METRICS = "metrics.json"
+PREDICTIONS = "predictions.npz"
+CASCADE_BUDGET = 0.005  # the accuracy the cascade may lose against the ensemble (half a point)
+
+
+def ensemble_targets(run_dir: Path, runners: dict[str, Any], kinds: dict[str, str],
+                     entry: dict[str, Any], splits: Splits, corpus: list[str],
+                     ) -> tuple[np.ndarray, str]:
+    """The published ensemble's probabilities on train + corpus, cached in the run directory.
+
+    The members (``runners``, `MemberRunner` actors holding their exports) predict the texts
+    through Ray once; later calls for the same texts read them from ``RUN_DIR/distill/``.
+    """
+    import ray
+
+    key = D.texts_key(splits.texts["train"] + corpus)
+    probs = D.load_cached(run_dir, key)
+    if probs is not None:
+        print(f"ensemble targets reused from {run_dir / D.cache_path(key)}", flush=True)
+        return probs, key
+    print(f"the {len(runners)} members predict {len(splits.texts['train']) + len(corpus)} texts "
+          "for the ensemble's targets", flush=True)
+    ref = ray.put(D.prediction_splits(splits, corpus))
+    futures = {n: r.predict.remote(ref, True) for n, r in runners.items()}
+    train = {n: ray.get(f)["outputs"]["train"] for n, f in futures.items()}
+    probs = D.ensemble_probs(train, kinds, entry, splits)
+    D.save(run_dir, key, probs)
+    return probs, key
+
+
+def student_job(name: str, member: C.MemberConfig, cfg: C.RunConfig, splits: Splits,
+                corpus: list[str], probs: np.ndarray, d: C.DistillConfig, round_: int,
+                init_checkpoint: Any = None, teacher_checkpoint: Any = None,
+                board: str | None = None) -> Any:
+    """The one training job that distils the ensemble's ``probs`` into the student ``name``."""
+    import ray
+
+    from ensemble.losses import LossWeights
+    from ensemble.training import stages as S
+    from ensemble.training.worker import MemberJob
+
+    member = dataclasses.replace(member, epochs=d.epochs)
+    stage = dataclasses.replace(S.plan(member)[-1], epochs=d.epochs)
+    return MemberJob(
+        name=name, member=member, stage=stage, num_labels=splits.num_labels(),
+        class_intensity=splits.class_intensity(), max_length=cfg.max_length(name),
+        seed=member.seed if member.seed is not None else cfg.training.seed, round=round_,
+        repeats=1, repeat=1, splits=ray.put(D.training_splits(splits, corpus, probs)),
+        guidance=ray.put({"teacher_logits": D.teacher_logits(probs)}),
+        weights=LossWeights(distill_alpha=d.alpha, distill_temperature=d.temperature),
+        init_checkpoint=init_checkpoint, teacher_checkpoint=teacher_checkpoint,
+        progress_actor=board, log_every=cfg.training.log_every,
+    )
+
+
+def _finished_run(run_dir: Path) -> tuple[C.RunConfig, dict[str, Any], dict[str, Any]]:
+    if not (run_dir / "manifest.json").is_file():
+        raise C.ConfigError(
+            f"{run_dir} is not a finished run (no manifest.json); train it first with "
+            "`ensemble train CONFIG`, or pass the run directory it printed (RUN_DIR=...)"
+        )
+    return C.load(run_dir / "config.yaml"), read_json(run_dir / "manifest.json"), read_json(
+        run_dir / "metrics.json")
+
+
+def _default_teacher(manifest: dict[str, Any], metrics: dict[str, Any]) -> str:
+    """The classification member with the best dev accuracy."""
+    candidates = [n for n, m in manifest["members"].items() if m["kind"] in ("classifier",
+                                                                           "teacher")]
+    if not candidates:
+        raise C.ConfigError("the run has no classifier or teacher member to cut a student from")
+    return max(candidates, key=lambda n: metrics["dev"][n]["accuracy"])
+
+
+def _teacher_layers(export: Path) -> int:
+    cfg = read_json(export / "config.json")
+    for key in ("num_hidden_layers", "n_layers", "num_layers"):
+        if key in cfg:
+            return int(cfg[key])
+    raise C.ConfigError(f"{export / 'config.json'} names no layer count; cannot cut a student")
+
+
+def _teacher_checkpoint(out_dir: Path, export: Path) -> Any:
+    """A checkpoint directory whose `hf/` is the teacher's export, as the worker expects."""
+    import ray
+
+    from ensemble.training.worker import HF_DIR
+
+    holder = out_dir / "teacher"
+    holder.mkdir(parents=True, exist_ok=True)
+    link = holder / HF_DIR
+    if not link.exists():
+        link.symlink_to(export.resolve(), target_is_directory=True)
+    return ray.train.Checkpoint(str(holder))
+
+
+def _scores(labels: np.ndarray, probs: np.ndarray, target: np.ndarray) -> dict[str, float]:
+    from ensemble.metrics import calibration_metrics, classification_metrics
+
+    row = classification_metrics(labels, probs, [str(c) for c in range(probs.shape[1])])
+    return {"accuracy": row["accuracy"], "macro_f1": row["macro_f1"],
+            **calibration_metrics(labels, probs), "kl_to_ensemble": D.mean_kl(target, probs)}
+
+
+def evaluate_student(run_dir: Path, manifest: dict[str, Any], splits: Splits,
+                     logits: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The student's scores on dev/test beside the published ensemble's, and its cascade."""
+    from ensemble.calibration import fit_temperature
+    from ensemble.serving.cascade import cascade_accuracy, fit_cascade, load_predictions
+
+    kinds = {n: m["kind"] for n, m in manifest["members"].items()}
+    ens, labels = {}, {}
+    for split in ("dev", "test"):
+        preds = load_predictions(run_dir, split)
+        labels[split] = np.asarray(preds["labels"]).astype(np.int64)
+        ens[split] = D.published_probs({n: preds[n] for n in kinds}, kinds, manifest["combine"],
+                                       splits)
+    t = fit_temperature(logits["dev"], labels["dev"])
+    out: dict[str, Any] = {"temperature": t}
+    for split in ("dev", "test"):
+        raw = combine.softmax(logits[split])
+        scaled = combine.softmax(logits[split] / t)
+        row = _scores(labels[split], raw, ens[split])
+        row.update({f"{k}_calibrated": v for k, v in _scores(labels[split], scaled, ens[split])
+                    .items() if k in ("nll", "ece", "brier")})
+        ens_acc = float((ens[split].argmax(1) == labels[split]).mean())
+        row["ensemble_accuracy"] = ens_acc
+        row["share_of_ensemble_accuracy"] = row["accuracy"] / ens_acc
+        out[split] = row
+    student = {s: combine.softmax(logits[s] / t) for s in ("dev", "test")}
+    threshold, measure, stats = fit_cascade(student["dev"], ens["dev"], labels["dev"], "auto",
+                                            CASCADE_BUDGET)
+    stats["test"] = cascade_accuracy(student["test"], ens["test"], labels["test"], threshold,
+                                     measure)
+    out["cascade"] = stats
+    return out
+
+
+def distill_run(
+    run_dir: str | Path,
+    layers: int = 3,
+    *,
+    teacher: str | None = None,
+    name: str | None = None,
+    distill: C.DistillConfig | None = None,
+    lr: float | None = None,
+    overrides: list[str] | None = None,
+    address: str | None = None,
+) -> dict[str, Any]:
+    """Train a ``layers``-layer student on a finished run's ensemble; returns its metrics.
+
+    Args:
+        run_dir: a finished run (manifest.json, members/*/export, predictions/).
+        layers: the student's encoder layers, taken evenly from the teacher's.
+        teacher: the member it is cut from (default: the best classifier on dev).
+        name: its directory under ``RUN_DIR/students`` (default ``l<layers>``).
+        distill: epochs, alpha, temperature and corpus (`DistillConfig`; ``student`` unused).
+        lr: its learning rate (default the teacher's).
+        overrides: dotted overrides of the run's config, e.g. ``data.source=/path``.
+        address: Ray cluster to join (default RAY_ADDRESS, else a local Ray).
+
+    Raises:
+        ConfigError: not a finished run, an unknown teacher, a depth the teacher lacks.
+        DataError: the data or the corpus cannot be read.
+    """
+    import ray
+
+    from ensemble.data import load_splits
+    from ensemble.orchestrate import check_config, init_ray
+    from ensemble.runner import MemberRunner
+
+    run_dir = Path(run_dir).resolve()
+    cfg, manifest, metrics = _finished_run(run_dir)
+    if overrides:
+        cfg = C.load(run_dir / "config.yaml", overrides)
+    d = distill or C.DistillConfig()
+    teacher = teacher or _default_teacher(manifest, metrics)
+    if teacher not in manifest["members"] or manifest["members"][teacher]["kind"] not in (
+            "classifier", "teacher"):
+        members = ", ".join(f"{n} ({m['kind']})" for n, m in manifest["members"].items())
+        raise C.ConfigError(
+            f"--teacher {teacher!r} is not a classifier or teacher member of the run; "
+            f"members: {members}"
+        )
+    export = run_dir / manifest["members"][teacher]["path"]
+    depth = _teacher_layers(export)
+    if not 1 <= layers <= depth:
+        raise C.ConfigError(f"--layers {layers}: the teacher {teacher} has {depth} layers; "
+                            f"use 1 to {depth}")
+    name = name or f"l{layers}"
+    out_dir = run_dir / "students" / name
+    if (out_dir / METRICS).is_file():
+        print(f"student {name} already trained: {out_dir / METRICS}", flush=True)
+        return read_json(out_dir / METRICS)
+
+    base = cfg.members[teacher]
+    member = dataclasses.replace(
+        base, kind="student", teacher=teacher, student_layers=layers, stages=[],
+        lr=lr if lr is not None else base.lr, bootstrap=False, data_fraction=1.0,
+    )
+    cfg = dataclasses.replace(cfg, members={**cfg.members, name: member},
+                              distill=dataclasses.replace(d, student=name))
+    check_config(cfg)
+    splits = load_splits(cfg.data)
+    corpus = held_out_corpus(D.read_corpus(cfg), splits)
+    kinds = {n: m["kind"] for n, m in manifest["members"].items()}
+
+    t0 = time.time()
+    init_ray(cfg.ray, address)
+    predictors = {
+        n: MemberRunner.options(num_cpus=0).remote(
+            n, cfg.members[n], str(run_dir), str(out_dir / "ray"), cfg.training.max_failures,
+            cfg.training.eval_batch_size, cfg.max_length(n))
+        for n in kinds
+    }
+    probs, key = ensemble_targets(run_dir, predictors, kinds, manifest["combine"], splits, corpus)
+    for actor in predictors.values():
+        ray.kill(actor)
+    runner = MemberRunner.options(num_cpus=0).remote(
+        name, member, str(out_dir), str(out_dir / "ray"), cfg.training.max_failures,
+        cfg.training.eval_batch_size, cfg.max_length(name), export_dir=str(out_dir / "export"))
+    job = student_job(name, member, cfg, splits, corpus, probs, cfg.distill, 1,
+                      teacher_checkpoint=_teacher_checkpoint(out_dir, export))
+    print(f"distilling the ensemble into {name} ({layers} of {teacher}'s {depth} layers): "
+          f"{len(probs)} texts ({len(corpus)} from the corpus), up to {d.epochs:g} epochs",
+          flush=True)
+    result = ray.get(runner.run_round.remote([job], False))
+    ray.kill(runner)
+    logits = result["outputs"]
+    scores = evaluate_student(run_dir, manifest, splits, logits)
+    info = result["info"]
+    row = {
+        "name": name, "teacher": teacher, "layers": layers, "teacher_layers": depth,
+        "params": info["params"], "teacher_params": manifest["members"][teacher]["params"],
+        "texts": int(len(probs)), "corpus_texts": len(corpus),
+        "targets": str(D.cache_path(key)), "epochs": d.epochs,
+        "alpha": d.alpha, "temperature": d.temperature, "lr": member.lr,
+        "train_wall_s": info["train_wall_s"], "wall_s": time.time() - t0,
+        "stages": info["stages"], "export": str(out_dir / "export"), **scores,
+    }
+    from ensemble.publish import save_npz
+
+    save_npz(out_dir / PREDICTIONS, {s: logits[s] for s in ("dev", "test")})
+    atomic_write_json(out_dir / METRICS, row)  # written last: it marks the student finished
+    return row
+
+
+def held_out_corpus(corpus: list[str], splits: Splits) -> list[str]:
+    """The corpus without texts that are also dev or test texts (compared case-insensitively,
+    whitespace collapsed), so the student is not taught the ensemble's answer on its exam."""
+    if not corpus:
+        return corpus
+
+    def norm(t: str) -> str:
+        return " ".join(t.lower().split())
+
+    scored = {norm(t) for s in ("dev", "test") for t in splits.texts.get(s, [])}
+    kept = [t for t in corpus if norm(t) not in scored]
+    if len(kept) < len(corpus):
+        print(f"distill corpus: {len(corpus) - len(kept)} of {len(corpus)} texts are dev/test "
+              "texts and are left out", flush=True)
+    return kept
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``distill`` on the main CLI's subparsers."""
+    p = subparsers.add_parser(
+        "distill",
+        help="distil a finished run's ensemble into a new, shallower student",
+        description="Train a student cut from one of the run's classifiers on the published "
+        "ensemble's calibrated probabilities; writes RUN_DIR/students/NAME/ (export, "
+        "metrics.json with test accuracy, share of the ensemble's accuracy and the cascade).",
+    )
+    p.add_argument("run_dir", help="a finished run directory (with manifest.json)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides of the run's config, e.g. "
+                   "data.source=/path/to/sst")
+    p.add_argument("--layers", type=int, default=3, help="the student's encoder layers")
+    p.add_argument("--teacher", help="the member it is cut from (default: best classifier on dev)")
+    p.add_argument("--name", help="its directory under RUN_DIR/students (default l<layers>)")
+    p.add_argument("--epochs", type=float, default=3.0, help="training epochs (default 3)")
+    p.add_argument("--alpha", type=float, default=0.9, help="weight of the KL to the ensemble")
+    p.add_argument("--temperature", type=float, default=2.0, help="distillation temperature")
+    p.add_argument("--lr", type=float, help="learning rate (default: the teacher's)")
+    p.add_argument("--corpus", help="extra unlabelled texts (csv/tsv/json/jsonl/parquet)")
+    p.add_argument("--corpus-text-column", help="the corpus's text column (default: the run's)")
+    p.add_argument("--max-corpus-texts", type=int, help="use at most this many corpus texts")
+    p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else local)")
+    p.set_defaults(func=_distill)
+
+
+def _distill(args: argparse.Namespace) -> int:
+    d = C.DistillConfig(epochs=args.epochs, alpha=args.alpha, temperature=args.temperature,
+                        corpus=args.corpus, corpus_text_column=args.corpus_text_column,
+                        max_corpus_texts=args.max_corpus_texts)
+    row = distill_run(args.run_dir, args.layers, teacher=args.teacher, name=args.name,
+                      distill=d, lr=args.lr, overrides=args.overrides, address=args.address)
+    test, cascade = row["test"], row["cascade"]
+    print(f"student {row['name']}: {row['params'] / 1e6:.1f} M params "
+          f"({row['params'] / row['teacher_params']:.2f} of {row['teacher']}), test accuracy "
+          f"{test['accuracy']:.4f} ({test['share_of_ensemble_accuracy']:.1%} of the ensemble's "
+          f"{test['ensemble_accuracy']:.4f}); the cascade answers "
+          f"{cascade['test']['student_fraction']:.0%} of test at a loss of "
+          f"{100 * cascade['test']['accuracy_loss']:.2f} pt (dev "
+          f"{100 * cascade['accuracy_loss']:.2f} pt)", flush=True)
+    print(f"STUDENT_DIR={Path(row['export']).parent}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    from ensemble.cli import main
+
+    sys.exit(main(["distill", *sys.argv[1:]]))
