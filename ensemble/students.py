@@ -239,8 +239,9 @@ def distill_run(
         base, kind="student", teacher=teacher, student_layers=layers, stages=[],
         lr=lr if lr is not None else base.lr, bootstrap=False, data_fraction=1.0,
     )
-    cfg = dataclasses.replace(cfg, members={**cfg.members, name: member},
-                              distill=dataclasses.replace(d, student=name))
+    # the teacher is read, not trained: it counts as a teacher for the student's checks
+    members = {**cfg.members, teacher: dataclasses.replace(base, kind="teacher"), name: member}
+    cfg = dataclasses.replace(cfg, members=members, distill=dataclasses.replace(d, student=name))
     check_config(cfg)
     splits = load_splits(cfg.data)
     corpus = held_out_corpus(D.read_corpus(cfg), splits)

@@ -106,9 +106,10 @@ def test_distill_command_cuts_a_student_from_the_finished_run(run, capsys) -> No
     # a second call reuses the finished student; a second depth reuses the targets
     assert main(["distill", str(out), "--layers", "1"]) == 0
     assert "already trained" in capsys.readouterr().out
-    assert main(["distill", str(out), "--layers", "2", "--epochs", "1"]) == 0
+    assert main(["distill", str(out), "--layers", "2", "--epochs", "1",
+                 "--teacher", "classifier"]) == 0  # a classifier member works as a teacher
     assert "ensemble targets reused" in capsys.readouterr().out
-    assert read_json(out / "students" / "l2" / "metrics.json")["teacher"] == "teacher"
+    assert read_json(out / "students" / "l2" / "metrics.json")["teacher"] == "classifier"
 
 
 def test_distill_command_rejects_what_it_cannot_do(run, tmp_path, capsys) -> None:
