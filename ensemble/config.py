@@ -345,6 +345,10 @@ class ServeConfig:
     sequential: bool = False  # call members one after another (benchmark baseline)
     max_ongoing_requests: int = 64  # per replica; >= max_batch_size so batches can fill
     request_timeout_s: float = 10.0  # combiner's bound on waiting for the members
+    # members that did not answer in time are left out of the combination (the answer says
+    # degraded: true); with fewer than min_members answers the request gets a 503
+    min_members: int = 1
+    combiner_replicas: int = 1  # 2 keeps answering while a combiner replica restarts
     health_check_period_s: float = 2.0
 
     def __post_init__(self) -> None:
@@ -363,6 +367,10 @@ class ServeConfig:
             problems.append("serve.max_batch_size and serve.max_texts must be >= 1")
         if self.forward_chunk_size < 0:
             problems.append("serve.forward_chunk_size must be >= 0 (0 = one pass per batch)")
+        if self.min_members < 1 or self.combiner_replicas < 1 or self.num_replicas < 1:
+            problems.append(
+                "serve.min_members, serve.combiner_replicas and serve.num_replicas must be >= 1"
+            )
         if not 0.0 <= self.cascade_max_accuracy_loss < 1.0:
             problems.append(
                 f"serve.cascade_max_accuracy_loss={self.cascade_max_accuracy_loss} must be in "

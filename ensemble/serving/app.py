@@ -37,8 +37,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
-from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
-from ray.serve.exceptions import BackPressureError
+from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle
 
 from ensemble.inference import LoadedMember
@@ -65,8 +64,6 @@ from ensemble.serving.commands import (
 logger = logging.getLogger(__name__)
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
-# Errors that mean "a member replica is gone or overloaded right now": answered with 503.
-_UNAVAILABLE = (RayActorError, ActorUnavailableError, BackPressureError, asyncio.TimeoutError)
 
 
 def _count_texts(chunks: list[list[str]]) -> int:
@@ -228,6 +225,8 @@ class Combiner:
         self._requests = 0
         self._reconfigures = 0
         self._fanouts: Counter[int] = Counter()
+        self._degraded = 0  # texts answered without every member
+        self._failures: Counter[str] = Counter()  # member -> calls it did not answer
         self._batcher = FanOutBatcher(
             self._answer_now, self._settings.max_concurrent_fanouts, self._settings.max_batch_size
         )
@@ -253,33 +252,60 @@ class Combiner:
 
     async def _gather(
         self, names: list[str], texts: list[str], sequential: bool
-    ) -> dict[str, np.ndarray]:
+    ) -> dict[str, Any]:
+        """Each member's output, or the exception it gave instead (a timeout included)."""
+        timeout_s = self._settings.request_timeout_s
+
+        async def one(name: str) -> np.ndarray:
+            return await self._members[name].predict.remote(texts)
+
         if sequential:  # the baseline the benchmark compares against
-            return {n: await self._members[n].predict.remote(texts) for n in names}
-        responses = [self._members[n].predict.remote(texts) for n in names]
-        return dict(zip(names, await asyncio.gather(*responses), strict=True))  # all at once
+            results: dict[str, Any] = {}
+            for n in names:
+                try:
+                    results[n] = await asyncio.wait_for(one(n), timeout_s)
+                except Exception as err:  # noqa: BLE001 - reported per member by _call
+                    results[n] = err
+            return results
+        got = await asyncio.gather(  # all at once
+            *(asyncio.wait_for(one(n), timeout_s) for n in names), return_exceptions=True
+        )
+        return dict(zip(names, got, strict=True))
 
     async def _call(
-        self, names: list[str], texts: list[str], sequential: bool = False
-    ) -> dict[str, np.ndarray]:
-        """Member outputs, bounded by request_timeout_s; 503 when a member is unavailable."""
-        timeout_s = self._settings.request_timeout_s
-        try:
-            return await asyncio.wait_for(self._gather(names, texts, sequential), timeout_s)
-        except _UNAVAILABLE as err:
-            reason = (
-                f"no answer within {timeout_s:g}s"
-                if isinstance(err, asyncio.TimeoutError)
-                else type(err).__name__
-            )
-            raise HTTPException(
-                503,
-                f"a member is unavailable ({reason}); its replica may be restarting, retry shortly",
-                headers={"Retry-After": "1"},
-            ) from None
-        except RayTaskError as err:
-            logger.exception("member call failed")
-            raise HTTPException(500, f"a member failed: {err.cause!r}") from None
+        self, names: list[str], texts: list[str], sequential: bool = False, need: int = 1
+    ) -> tuple[dict[str, np.ndarray], tuple[str, ...]]:
+        """The outputs of the members that answered within request_timeout_s, and the others.
+
+        A member that errs, is gone or is too slow is left out (the answer is degraded). Fewer
+        than ``need`` answers is a 503 (a 500 if every failure was an error in member code).
+        """
+        results = await self._gather(names, texts, sequential)
+        outputs = {n: r for n, r in results.items() if not isinstance(r, BaseException)}
+        failed = {n: r for n, r in results.items() if isinstance(r, BaseException)}
+        for n, err in failed.items():
+            self._failures[n] += 1
+            if isinstance(err, RayTaskError):
+                logger.error("member %s failed: %r", n, err.cause)
+            else:
+                logger.warning("member %s unavailable: %s", n, self._reason(err))
+        if len(outputs) >= need:
+            return outputs, tuple(failed)
+        if failed and all(isinstance(e, RayTaskError) for e in failed.values()):
+            cause = next(iter(failed.values())).cause  # type: ignore[attr-defined]
+            raise HTTPException(500, f"a member failed: {cause!r}")
+        reasons = "; ".join(f"{n}: {self._reason(e)}" for n, e in failed.items())
+        raise HTTPException(
+            503,
+            f"{len(outputs)} of {len(names)} members answered, fewer than serve.min_members "
+            f"({need}); unavailable: {reasons}. A replica may be restarting, retry shortly",
+            headers={"Retry-After": "1"},
+        )
+
+    def _reason(self, err: BaseException) -> str:
+        if isinstance(err, asyncio.TimeoutError):
+            return f"no answer within {self._settings.request_timeout_s:g}s"
+        return type(err).__name__
 
     async def _answer(self, texts: list[str]) -> tuple[Answer, Combination]:
         if len(texts) >= self._settings.max_batch_size:  # fills a batch alone (or batching off)
@@ -289,26 +315,42 @@ class Combiner:
     async def _answer_now(self, texts: list[str]) -> tuple[Answer, Combination]:
         settings, spec = self._settings, self._spec  # one consistent pair per request
         self._fanouts[len(texts)] += 1
+        answer = await self._combined(settings, spec, texts)
+        if answer.missing:
+            self._degraded += answer.answered_by.count("ensemble")
+        return answer, spec
+
+    async def _combined(
+        self, settings: s.CombinerSettings, spec: Combination, texts: list[str]
+    ) -> Answer:
+        need = settings.min_members
         if not settings.cascade:
-            outputs = await self._call(list(spec.members), texts, settings.sequential)
-            return ensemble_answer(outputs, spec), spec
+            outputs, missing = await self._call(list(spec.members), texts, settings.sequential,
+                                                need)
+            return ensemble_answer(outputs, spec, missing)
         student = student_of(spec)
+        others = [n for n in spec.members if n != student]
         local = self._local.get(student) if settings.cascade_student_in_combiner else None
         if local is not None:  # no hop for the confident majority; off the loop, like a call
             first = await asyncio.to_thread(local, texts, settings.forward_chunk_size)
             self._local_texts += len(texts)
         else:
-            first = (await self._call([student], texts))[student]  # (B, C)
+            got, _ = await self._call([student], texts, need=0)
+            if student not in got:  # no student: the others answer every text
+                outputs, missing = await self._call(others, texts, settings.sequential, need)
+                return ensemble_answer(outputs, spec, (student, *missing))
+            first = got[student]  # (B, C)
         hard = hard_examples(  # on the student's vote: temperature-scaled, as fitted
             member_probs(spec, student, first),
             settings.cascade_threshold,  # type: ignore[arg-type]
             settings.cascade_confidence,
         )
-        rest = {}
-        if hard.size:
-            others = [n for n in spec.members if n != student]
-            rest = await self._call(others, [texts[i] for i in hard], settings.sequential)
-        return cascade_answer(spec, first, hard, rest), spec
+        rest: dict[str, np.ndarray] = {}
+        missing: tuple[str, ...] = ()
+        if hard.size:  # the student's answer counts towards min_members
+            rest, missing = await self._call(others, [texts[i] for i in hard],
+                                             settings.sequential, need - 1)
+        return cascade_answer(spec, first, hard, rest, missing)
 
     @api.post(
         "/predict", response_model=s.PredictResponse, responses={400: {}, 413: {}, 422: {}, 503: {}}
@@ -338,7 +380,7 @@ class Combiner:
             s.check_limits(texts, self._settings.max_texts, self._settings.max_text_chars)
         except s.RequestLimitError as err:
             raise HTTPException(413, str(err)) from None
-        out = (await self._call([name], texts))[name]
+        out = (await self._call([name], texts))[0][name]
         return [s.member_output(name, v, self._spec) for v in out]
 
     @api.get("/healthz", response_model=s.HealthResponse)
@@ -397,12 +439,14 @@ class Combiner:
     async def stats(self) -> s.StatsResponse:
         """Process ids and batch-size histograms (of one replica per member)."""
         names = list(self._members)
-        try:
-            got = await asyncio.wait_for(
-                asyncio.gather(*(self._members[n].stats.remote() for n in names)), 5.0
-            )
-        except _UNAVAILABLE as err:
-            raise HTTPException(503, f"member stats unavailable: {type(err).__name__}") from None
+
+        async def one(name: str) -> Any:
+            return await self._members[name].stats.remote()
+
+        got = dict(zip(names, await asyncio.gather(
+            *(asyncio.wait_for(one(n), 5.0) for n in names), return_exceptions=True
+        ), strict=True))
+        answered = {n: v for n, v in got.items() if not isinstance(v, BaseException)}
         combiner = s.CombinerStats(
             pid=os.getpid(),
             replica_id=_replica_id(),
@@ -410,9 +454,12 @@ class Combiner:
             reconfigures=self._reconfigures,
             fanout_sizes=dict(self._fanouts),
             local_student_texts=self._local_texts,
+            degraded_texts=self._degraded,
+            member_failures=dict(self._failures),
             revision=_revision(self._settings),
         )
-        return s.StatsResponse(combiner=combiner, members=dict(zip(names, got, strict=True)))
+        return s.StatsResponse(combiner=combiner, members=answered,
+                               unavailable=[n for n in names if n not in answered])
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
@@ -461,5 +508,5 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         name=COMBINER,
         user_config=settings.model_dump(),
         ray_actor_options={"num_cpus": min(cfg.num_cpus, 0.25)},
-        **common,
+        **{**common, "num_replicas": cfg.combiner_replicas},
     ).bind(run_dir, members)

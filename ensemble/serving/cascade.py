@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +63,7 @@ __all__ = [
     "student_confidence",
     "served_probs",
     "student_of",
+    "without",
 ]
 
 CLASSIFICATION_KINDS = ("classifier", "teacher", "student")
@@ -312,6 +313,7 @@ class Answer:
     combined: Combined
     outputs: dict[str, np.ndarray]  # member outputs; NaN rows where a member was not asked
     answered_by: list[str]  # "ensemble" or "student", per text
+    missing: tuple[str, ...] = ()  # members that did not answer: the ensemble rows are degraded
 
     def rows(self, start: int, stop: int) -> Answer:
         """The answer for texts ``start:stop`` (splitting a batch back into requests)."""
@@ -319,13 +321,49 @@ class Answer:
         comb = Combined(
             **{f.name: getattr(self.combined, f.name)[part] for f in dataclasses.fields(Combined)}
         )
-        return Answer(comb, {n: v[part] for n, v in self.outputs.items()}, self.answered_by[part])
+        return Answer(comb, {n: v[part] for n, v in self.outputs.items()},
+                      self.answered_by[part], self.missing)
 
 
-def ensemble_answer(outputs: Mapping[str, np.ndarray], spec: Combination) -> Answer:
-    """Every member answered every text: the plain ensemble."""
-    comb = combine_outputs(outputs, spec)
-    return Answer(comb, dict(outputs), ["ensemble"] * len(comb.label_ids))
+def ensemble_answer(
+    outputs: Mapping[str, np.ndarray], spec: Combination, missing: Sequence[str] = ()
+) -> Answer:
+    """The ensemble of the members in ``outputs``; ``missing`` ones are left out (`without`)."""
+    comb = combine_outputs(outputs, without(spec, missing))
+    return Answer(comb, dict(outputs), ["ensemble"] * len(comb.label_ids), tuple(missing))
+
+
+def without(spec: Combination, missing: Sequence[str]) -> Combination:
+    """The combination of the members that answered, for when some did not.
+
+    ``missing`` members are left out and the others' weights renormalised; a stacking combiner,
+    fitted on every member's votes, and learned weights that leave nobody a positive weight
+    fall back to the soft vote of the members left. The other params (member temperatures, the
+    regressor's sharpness, the output temperature) stay as they are.
+
+    Raises:
+        ValueError: if no member is left.
+    """
+    gone = set(missing) & set(spec.members)
+    if not gone:
+        return spec
+    members = {n: k for n, k in spec.members.items() if n not in gone}
+    if not members:
+        raise ValueError(f"no member left to combine: {sorted(gone)} did not answer")
+    params = dict(spec.params)
+    if params.get("temperatures"):
+        params["temperatures"] = {n: t for n, t in params["temperatures"].items() if n in members}
+    method = spec.method
+    weights = {n: w for n, w in spec.weights.items() if n in members}
+    if method == "stacking" or (weights and sum(weights.values()) <= 0):
+        method, weights = "soft_vote", {}
+        params.pop("coef", None)
+        params.pop("intercept", None)
+    if weights:
+        total = sum(weights.values())
+        weights = {n: w / total for n, w in weights.items()}
+    return dataclasses.replace(spec, members=members, method=method, weights=weights,
+                               params=params)
 
 
 def hard_examples(
@@ -340,6 +378,7 @@ def cascade_answer(
     student_probs: np.ndarray,
     hard: np.ndarray,
     rest: Mapping[str, np.ndarray],
+    missing: Sequence[str] = (),
 ) -> Answer:
     """Merge the student's answers with the ensemble's answers on the hard texts.
 
@@ -350,11 +389,14 @@ def cascade_answer(
         hard: indices (from `hard_examples` on `member_probs` of the student) the other members
             were asked about.
         rest: the other members' outputs on ``hard`` only (rows aligned with ``hard``).
+        missing: members asked about ``hard`` that did not answer (left out, `without`).
 
     Returns:
         The student's prediction where it was confident, the ensemble's elsewhere.
     """
     student = student_of(spec)
+    if student in missing:
+        raise ValueError(f"the cascade's student {student} answered; it cannot be missing")
     raw = np.asarray(student_probs, dtype=np.float64)  # (B, C)
     probs = member_probs(spec, student, raw)  # (B, C) the student's vote
     n = len(probs)
@@ -368,7 +410,7 @@ def cascade_answer(
     outputs: dict[str, np.ndarray] = {student: raw}
     answered_by = ["student"] * n
     if len(hard):
-        comb_hard = combine_outputs({student: raw[hard], **rest}, spec)
+        comb_hard = combine_outputs({student: raw[hard], **rest}, without(spec, missing))
         for f in dataclasses.fields(Combined):
             getattr(comb, f.name)[hard] = getattr(comb_hard, f.name)
         for name, values in rest.items():
@@ -377,7 +419,7 @@ def cascade_answer(
             outputs[name][hard] = values
         for i in hard:
             answered_by[i] = "ensemble"
-    return Answer(comb, outputs, answered_by)
+    return Answer(comb, outputs, answered_by, tuple(missing))
 
 
 def _check_cascade_inputs(

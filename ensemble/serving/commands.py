@@ -128,6 +128,11 @@ def combiner_settings(
     spec = cascade.combination_from_manifest(manifest, method)
     if cfg.cascade:
         cascade.student_of(spec)
+    if cfg.min_members > len(spec.members):
+        raise ValueError(
+            f"serve.min_members={cfg.min_members} but the run has {len(spec.members)} members; "
+            f"use 1 to {len(spec.members)}"
+        )
     threshold, measure = resolve_threshold(run_dir, manifest, cfg, spec)
     return CombinerSettings(
         method=spec.method,
@@ -141,6 +146,7 @@ def combiner_settings(
         max_texts=cfg.max_texts,
         max_text_chars=cfg.max_text_chars,
         request_timeout_s=cfg.request_timeout_s,
+        min_members=cfg.min_members,
         max_batch_size=cfg.max_batch_size,
         max_concurrent_fanouts=cfg.max_concurrent_fanouts,
         forward_chunk_size=cfg.forward_chunk_size,
@@ -188,6 +194,7 @@ def deploy_config(
         {
             "name": COMBINER,
             **common,
+            "num_replicas": cfg.combiner_replicas,
             "ray_actor_options": {"num_cpus": min(cfg.num_cpus, 0.25)},
             "user_config": combiner_settings(run_dir, manifest, cfg, method).model_dump(),
         }
@@ -357,7 +364,10 @@ _SERVE_FLAGS = (
      "dev texts)"),
     ("--num-cpus", float, "CPUs per member replica (fractions are fine)"),
     ("--num-gpus", float, "GPUs per member replica"),
-    ("--num-replicas", int, "replicas per deployment"),
+    ("--num-replicas", int, "replicas per member deployment"),
+    ("--combiner-replicas", int, "combiner replicas (2 keep answering while one restarts)"),
+    ("--min-members", int, "fewest members that answer a request; members that fail or time "
+     "out are left out of the combination (degraded: true) and below this it is a 503"),
     ("--max-batch-size", int, "texts per forward pass; 1 turns batching off"),
     ("--batch-wait-timeout-s", float, "seconds a batch waits to fill"),
     ("--forward-chunk-size", int, "texts per forward pass, shortest first; 0 = the whole batch"),

@@ -114,6 +114,13 @@ class Prediction(BaseModel):
         "answered alone (cascade)."
     )
     answered_by: Literal["ensemble", "student"] = "ensemble"
+    degraded: bool = Field(
+        False, description="Some members did not answer in time; the others' combination "
+        "answered (see members_used)."
+    )
+    members_used: list[str] = Field(
+        default_factory=list, description="The members whose outputs make this answer."
+    )
     members: dict[str, MemberOutput] | None = None
 
 
@@ -176,12 +183,18 @@ class CombinerStats(BaseModel):
     reconfigures: int
     fanout_sizes: dict[int, int] = Field(description="texts per member fan-out -> how many")
     local_student_texts: int = Field(0, description="texts the in-combiner student answered")
+    degraded_texts: int = Field(0, description="texts answered without every member")
+    member_failures: dict[str, int] = Field(
+        default_factory=dict, description="member -> calls it did not answer (error or timeout)"
+    )
     revision: str
 
 
 class StatsResponse(BaseModel):
     combiner: CombinerStats
     members: dict[str, MemberStats]
+    unavailable: list[str] = Field(default_factory=list, description="members that did not "
+                                   "answer the stats call")
 
 
 class MemberSettings(BaseModel):
@@ -216,6 +229,10 @@ class CombinerSettings(BaseModel):
     max_texts: int = Field(64, ge=1)
     max_text_chars: int = Field(2000, ge=1)
     request_timeout_s: float = Field(10.0, gt=0.0)
+    min_members: int = Field(
+        1, ge=1, description="Fewest members whose answers make a (degraded) answer; below it, "
+        "503."
+    )
     # requests are batched here too, so N concurrent requests fan out once with N texts
     max_batch_size: int = Field(16, ge=1, description="Texts per fan-out; 1 = no batching.")
     max_concurrent_fanouts: int = Field(
@@ -259,6 +276,8 @@ def member_output(name: str, value: np.ndarray, spec: Combination) -> MemberOutp
 def predictions(answer: Answer, spec: Combination, return_members: bool) -> list[Prediction]:
     """The response bodies for an `Answer`; member outputs only where the member was asked."""
     comb, out = answer.combined, []
+    student = next((n for n, k in spec.members.items() if k == "student"), None)
+    used = [n for n in spec.members if n not in answer.missing]
     for i, by in enumerate(answer.answered_by):
         members = None
         if return_members:
@@ -277,6 +296,8 @@ def predictions(answer: Answer, spec: Combination, return_members: bool) -> list
                 confidence=float(comb.confidence[i]),
                 disagreement=None if by == "student" else float(comb.disagreement[i]),
                 answered_by=by,  # type: ignore[arg-type]
+                degraded=by == "ensemble" and bool(answer.missing),
+                members_used=[student] if by == "student" else used,  # type: ignore[list-item]
                 members=members,
             )
         )

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ensemble import distill as D
 from ensemble.cli import main
 from ensemble.rundir import atomic_write_json, read_json
 

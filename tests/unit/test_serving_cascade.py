@@ -558,3 +558,50 @@ def test_a_published_run_with_a_student_plots_its_cascade_and_records_the_test_l
     assert stats["test"]["threshold"] == stats["threshold"]  # the dev-fitted one, scored on test
     png = tmp_path / "plots" / "cascade.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_without_renormalises_the_weights_of_the_members_left():
+    spec = _spec(method="weighted", weights={"clf": 0.4, "reg": 0.1, "teach": 0.3, "stud": 0.2},
+                 params={"temperatures": {"clf": 2.0, "teach": 0.5}, "output_temperature": 0.9})
+    left = cascade.without(spec, ["teach", "ghost"])
+    assert list(left.members) == ["clf", "reg", "stud"] and left.method == "weighted"
+    assert left.weights == pytest.approx({"clf": 4 / 7, "reg": 1 / 7, "stud": 2 / 7})
+    assert left.params == {"temperatures": {"clf": 2.0}, "output_temperature": 0.9}
+    assert cascade.without(spec, []) is spec
+    out = _outputs(7)
+    # the degraded answer is the reduced combination of the members that answered
+    answer = cascade.ensemble_answer({n: v for n, v in out.items() if n != "teach"}, spec,
+                                     ["teach"])
+    want = cascade.combine_outputs({n: v for n, v in out.items() if n != "teach"}, left)
+    np.testing.assert_allclose(answer.combined.probs, want.probs)
+    assert answer.missing == ("teach",) and answer.rows(2, 4).missing == ("teach",)
+
+
+def test_without_falls_back_to_the_soft_vote_where_the_learned_combiner_cannot_go_on():
+    stack = _spec(method="stacking", params={"coef": [[0.0] * 12] * 3, "intercept": [0.0] * 3})
+    left = cascade.without(stack, ["reg"])
+    assert (left.method, left.weights, left.params) == ("soft_vote", {}, {})
+    only_zero = _spec(method="caruana", weights={"clf": 1.0, "reg": 0.0, "teach": 0.0,
+                                                 "stud": 0.0})
+    assert cascade.without(only_zero, ["clf"]).method == "soft_vote"
+    with pytest.raises(ValueError, match="no member left"):
+        cascade.without(_spec(), list(MEMBERS))
+
+
+def test_degraded_answers_say_so_and_name_the_members_used():
+    from ensemble.serving.schemas import predictions
+
+    spec, out = _spec(), _outputs(3)
+    full = predictions(cascade.ensemble_answer(out, spec), spec, True)
+    assert all(not p.degraded and p.members_used == list(MEMBERS) for p in full)
+    part = {n: v for n, v in out.items() if n != "reg"}
+    some = predictions(cascade.ensemble_answer(part, spec, ["reg"]), spec, True)
+    assert all(p.degraded and p.members_used == ["clf", "teach", "stud"] for p in some)
+    assert all("reg" not in p.members for p in some)
+    # the cascade: the student's own answers are not degraded, the ensemble's hard ones are
+    hard = np.array([1])
+    rest = {n: v[hard] for n, v in out.items() if n in ("clf", "teach")}
+    mixed = predictions(cascade.cascade_answer(spec, out["stud"], hard, rest, ["reg"]), spec,
+                        False)
+    assert [p.degraded for p in mixed] == [False, True, False]
+    assert [p.members_used for p in mixed] == [["stud"], ["clf", "teach", "stud"], ["stud"]]
