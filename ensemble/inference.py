@@ -208,9 +208,10 @@ def prediction_row(prediction: Prediction) -> dict[str, Any]:
     """One `Prediction` as flat columns: ``label``, ``probs.<label>``, ``members.<m>.label`` ...
 
     The names are the JSON paths of ``POST /predict``'s fields, joined by dots; ``members``
-    appears only when it was asked for.
+    appears only when it was asked for. ``degraded`` and ``members_used`` are left out: offline
+    every member answers every text.
     """
-    data = prediction.model_dump()
+    data = prediction.model_dump(exclude={"degraded", "members_used"})
     if data["members"] is None:
         del data["members"]
     return _flatten(data)
