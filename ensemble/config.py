@@ -349,6 +349,11 @@ class ServeConfig:
     # degraded: true); with fewer than min_members answers the request gets a 503
     min_members: int = 1
     combiner_replicas: int = 1  # 2 keeps answering while a combiner replica restarts
+    # Ray Serve autoscaling_config (min_replicas, max_replicas, target_ongoing_requests,
+    # upscale_delay_s, downscale_delay_s, ...) for every member deployment / for the combiner;
+    # it replaces num_replicas / combiner_replicas there
+    autoscaling: dict[str, Any] | None = None
+    combiner_autoscaling: dict[str, Any] | None = None
     health_check_period_s: float = 2.0
 
     def __post_init__(self) -> None:

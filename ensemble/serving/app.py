@@ -58,6 +58,7 @@ from ensemble.serving.commands import (
     combiner_settings,
     member_deployment_name,
     member_settings,
+    replicas,
     serve_config_for,
 )
 
@@ -488,7 +489,6 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     if bad:
         raise ValueError(f"member names {bad} must match {_NAME_RE.pattern} to name deployments")
     common = dict(
-        num_replicas=cfg.num_replicas,
         max_ongoing_requests=cfg.max_ongoing_requests,
         health_check_period_s=cfg.health_check_period_s,
     )
@@ -500,6 +500,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
             user_config=member_cfg,
             ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
             **common,
+            **replicas(cfg, combiner=False),
         ).bind(run_dir, name, threads, cfg.num_gpus > 0)
         for name in manifest.members
     }
@@ -508,5 +509,6 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         name=COMBINER,
         user_config=settings.model_dump(),
         ray_actor_options={"num_cpus": min(cfg.num_cpus, 0.25)},
-        **{**common, "num_replicas": cfg.combiner_replicas},
+        **common,
+        **replicas(cfg, combiner=True),
     ).bind(run_dir, members)

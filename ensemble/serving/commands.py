@@ -162,6 +162,33 @@ def member_settings(cfg: ServeConfig) -> MemberSettings:
     )
 
 
+def replicas(cfg: ServeConfig, combiner: bool) -> dict[str, Any]:
+    """A deployment's replica options: a fixed count, or Ray Serve's ``autoscaling_config``.
+
+    Raises:
+        ValueError: an autoscaling config Ray Serve rejects (the message names the setting).
+    """
+    from pydantic import ValidationError
+    from ray.serve.config import AutoscalingConfig
+
+    key = "combiner_autoscaling" if combiner else "autoscaling"
+    auto = getattr(cfg, key)
+    if auto is None:
+        return {"num_replicas": cfg.combiner_replicas if combiner else cfg.num_replicas}
+    example = "e.g. {min_replicas: 1, max_replicas: 2, target_ongoing_requests: 2}"
+    unknown = sorted(set(auto) - set(AutoscalingConfig.model_fields))
+    if unknown:
+        raise ValueError(f"serve.{key} has unknown keys {unknown}; valid: "
+                         f"{sorted(AutoscalingConfig.model_fields)} ({example})")
+    try:
+        checked = AutoscalingConfig(**auto)
+    except ValidationError as err:
+        why = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in err.errors())
+        raise ValueError(f"serve.{key} is not a valid Ray Serve autoscaling_config: {why} "
+                         f"({example})") from None
+    return {"autoscaling_config": checked.model_dump(exclude_unset=True)}
+
+
 def deploy_config(
     run_dir: str | os.PathLike,
     cfg: ServeConfig,
@@ -185,7 +212,6 @@ def deploy_config(
     if not cfg.route_prefix.startswith("/"):
         raise ValueError(f"route prefix {cfg.route_prefix!r} must start with '/'")
     common = {
-        "num_replicas": cfg.num_replicas,
         "max_ongoing_requests": cfg.max_ongoing_requests,
         "health_check_period_s": cfg.health_check_period_s,
     }
@@ -194,7 +220,7 @@ def deploy_config(
         {
             "name": COMBINER,
             **common,
-            "num_replicas": cfg.combiner_replicas,
+            **replicas(cfg, combiner=True),
             "ray_actor_options": {"num_cpus": min(cfg.num_cpus, 0.25)},
             "user_config": combiner_settings(run_dir, manifest, cfg, method).model_dump(),
         }
@@ -202,6 +228,7 @@ def deploy_config(
         {
             "name": member_deployment_name(name),
             **common,
+            **replicas(cfg, combiner=False),
             "ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
             "user_config": member_user_config,
         }

@@ -486,3 +486,57 @@ def test_a_killed_member_replica_degrades_answers_instead_of_failing_them(served
     assert not any(p["degraded"] for r in responses if r.status_code == 200
                    for p in r.json()["predictions"])
     served.push()
+
+
+def _running_replicas(deployment: str) -> int:
+    from ray import serve
+
+    from ensemble.serving import commands
+
+    app = serve.status().applications[commands.APP_NAME]
+    states = app.deployments[deployment].replica_states
+    return sum(n for state, n in states.items() if str(getattr(state, "value", state)) == "RUNNING")
+
+
+def test_a_member_deployment_scales_out_under_load_and_back_in(served):
+    """Last in the module: it redeploys the app with autoscaling, then as it was."""
+    import threading
+
+    from ensemble.serving import commands
+
+    auto = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
+            "upscale_delay_s": 0.5, "downscale_delay_s": 2.0, "metrics_interval_s": 0.5,
+            "look_back_period_s": 1.0}
+    teacher = commands.member_deployment_name("teacher")
+    commands.deploy(served.run_dir, commands.serve_config_for(
+        served.run_dir, {**_BASE, "autoscaling": auto}), timeout_s=300)
+    try:
+        assert _running_replicas(teacher) == 1
+        stop, codes, seen = threading.Event(), [], [1]
+
+        def client() -> None:
+            with httpx.Client(timeout=30) as http:
+                while not stop.is_set():
+                    codes.append(http.post(served.url + "/predict",
+                                           json={"texts": TEXTS}).status_code)
+
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(client) for _ in range(8)]
+            deadline = time.monotonic() + 120
+            while max(seen) < 2 and time.monotonic() < deadline:
+                time.sleep(0.5)
+                seen.append(_running_replicas(teacher))
+            stop.set()
+            for f in futures:
+                f.result()
+        assert max(seen) == 2, f"no scale-out under load; replicas seen {sorted(set(seen))}"
+        assert set(codes) == {200}
+        deadline = time.monotonic() + 120
+        while _running_replicas(teacher) > 1 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _running_replicas(teacher) == 1, "no scale-in once the load stopped"
+        print(f"autoscaling: 1 -> 2 replicas under load ({len(codes)} requests, all 200), "
+              "back to 1 after it")
+    finally:
+        commands.deploy(served.run_dir, commands.serve_config_for(served.run_dir, _BASE),
+                        timeout_s=300)

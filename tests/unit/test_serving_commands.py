@@ -92,6 +92,32 @@ def test_deploy_config_is_a_valid_serve_config(run_dir):
     assert member["ray_actor_options"] == {"num_cpus": 0.2, "num_gpus": 0.0}
 
 
+def test_replicas_are_a_count_or_an_autoscaling_config_serve_accepts(run_dir):
+    from ray.serve.schema import ServeDeploySchema
+
+    auto = {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 2,
+            "downscale_delay_s": 5}
+    cfg = commands.serve_config_for(run_dir, {"autoscaling": auto, "combiner_replicas": 2,
+                                              "min_members": 2})
+    config = commands.deploy_config(run_dir, cfg)
+    ServeDeploySchema.model_validate(config)
+    deps = {d["name"]: d for d in config["applications"][0]["deployments"]}
+    assert deps["combiner"]["num_replicas"] == 2 and "autoscaling_config" not in deps["combiner"]
+    assert deps["combiner"]["user_config"]["min_members"] == 2
+    member = deps["member_teacher"]
+    assert "num_replicas" not in member
+    assert member["autoscaling_config"] == {**auto, "target_ongoing_requests": 2.0,
+                                            "downscale_delay_s": 5.0}
+    bad = [({"autoscaling": {"min_replicas": 3, "max_replicas": 2}},
+            r"serve.autoscaling is not a valid .*max_replicas \(2\) must be greater"),
+           ({"combiner_autoscaling": {"max_replica": 2}},
+            r"serve.combiner_autoscaling has unknown keys \['max_replica'\]"),
+           ({"min_members": 5}, r"serve.min_members=5 but the run has 4 members; use 1 to 4")]
+    for overrides, match in bad:
+        with pytest.raises(ValueError, match=match):
+            commands.deploy_config(run_dir, commands.serve_config_for(run_dir, overrides))
+
+
 def test_explicit_threshold_wins_over_fitting(run_dir):
     cfg = commands.serve_config_for(run_dir, {"cascade": True, "cascade_threshold": 0.42})
     manifest = Manifest.load(run_dir)
