@@ -132,7 +132,7 @@ def training_splits(splits: Splits, corpus: list[str], probs: np.ndarray) -> Spl
 
 def teacher_logits(probs: np.ndarray) -> np.ndarray:
     """Log-probabilities as logits: softmax(log p / T) is p tempered by T, as the loss expects."""
-    return np.log(np.maximum(probs, 1e-12)).astype(np.float32)
+    return combine.log_probs(probs).astype(np.float32)
 
 
 def mean_kl(target: np.ndarray, probs: np.ndarray) -> float:
