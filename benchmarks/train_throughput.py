@@ -48,6 +48,7 @@ from ensemble.data import Splits, load_splits
 from ensemble.losses import LossWeights, member_loss
 from ensemble.models import members as M
 from ensemble.training.engine import OptimSettings, make_engine
+from ensemble.training.job import MemberJob, steps_per_epoch
 from ensemble.training.loop import (
     Targets,
     collate,
@@ -56,7 +57,7 @@ from ensemble.training.loop import (
     micro_batches,
     predict_logits,
 )
-from ensemble.training.worker import MemberJob, steps_per_epoch, train_member
+from ensemble.training.worker import train_member
 
 logger = logging.getLogger("train_throughput")
 NAME = "train_throughput"

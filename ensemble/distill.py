@@ -1,8 +1,9 @@
 """Ensemble distillation's targets: what the published ensemble says about each training text.
 
-Pure numpy (no Ray): `orchestrate.JointRun.distill` has the members predict the texts through
-Ray, and this module turns their outputs into the student's targets, caches them in the run
-directory, and builds the student's training split. See `config.DistillConfig`.
+Pure numpy (no Ray): `orchestrate.ensemble_targets` has the members predict the texts through
+Ray (for a run's `distill:` stage and for `ensemble distill`), and this module turns their
+outputs into the student's targets, caches them in the run directory, keeps dev/test texts out
+of the corpus and builds the student's training split. See `config.DistillConfig`.
 """
 
 from __future__ import annotations
@@ -140,3 +141,20 @@ def mean_kl(target: np.ndarray, probs: np.ndarray) -> float:
     t = np.maximum(np.asarray(target, np.float64), 1e-12)
     p = np.maximum(np.asarray(probs, np.float64), 1e-12)
     return float(np.mean(np.sum(t * (np.log(t) - np.log(p)), axis=1)))
+
+
+def held_out_corpus(corpus: list[str], splits: Splits) -> list[str]:
+    """The corpus without texts that are also dev or test texts (compared case-insensitively,
+    whitespace collapsed), so the student is not taught the ensemble's answer on its exam."""
+    if not corpus:
+        return corpus
+
+    def norm(t: str) -> str:
+        return " ".join(t.lower().split())
+
+    scored = {norm(t) for s in ("dev", "test") for t in splits.texts.get(s, [])}
+    kept = [t for t in corpus if norm(t) not in scored]
+    if len(kept) < len(corpus):
+        print(f"distill corpus: {len(corpus) - len(kept)} of {len(corpus)} texts are dev/test "
+              "texts and are left out", flush=True)
+    return kept

@@ -10,6 +10,7 @@ command resumes at the last completed round.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -22,15 +23,17 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ensemble import config as C
+from ensemble import distill as D
 from ensemble import evaluate as E
 from ensemble import guidance as G
 from ensemble import tracking
 from ensemble.data import Splits, load_splits
+from ensemble.losses import LossWeights
 from ensemble.progress import LiveView, start_board
 from ensemble.rundir import STATE, atomic_write_json, atomic_write_text, read_json
 from ensemble.runner import MemberRunner
 from ensemble.training import stages as S
-from ensemble.training.worker import MemberJob
+from ensemble.training.job import MemberJob
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +136,48 @@ def _runners(cfg: C.RunConfig, run_dir: Path) -> dict[str, Any]:
     }
 
 
+def ensemble_targets(run_dir: Path, runners: dict[str, Any], kinds: dict[str, str],
+                     entry: dict[str, Any], splits: Splits, corpus: list[str],
+                     ) -> tuple[np.ndarray, str]:
+    """The published ensemble's probabilities on train + corpus, cached in the run directory.
+
+    The members (``runners``, `MemberRunner` actors holding their exports) predict the texts
+    through Ray once; later calls for the same texts read them from ``RUN_DIR/distill/``.
+    """
+    key = D.texts_key(splits.texts["train"] + corpus)
+    probs = D.load_cached(run_dir, key)
+    if probs is not None:
+        print(f"ensemble targets reused from {run_dir / D.cache_path(key)}", flush=True)
+        return probs, key
+    print(f"the {len(runners)} members predict {len(splits.texts['train']) + len(corpus)} texts "
+          "for the ensemble's targets", flush=True)
+    ref = ray.put(D.prediction_splits(splits, corpus))
+    futures = {n: r.predict.remote(ref, True) for n, r in runners.items()}
+    train = {n: ray.get(f)["outputs"]["train"] for n, f in futures.items()}
+    probs = D.ensemble_probs(train, kinds, entry, splits)
+    D.save(run_dir, key, probs)
+    return probs, key
+
+
+def student_job(name: str, member: C.MemberConfig, cfg: C.RunConfig, splits: Splits,
+                corpus: list[str], probs: np.ndarray, d: C.DistillConfig, round_: int,
+                init_checkpoint: Any = None, teacher_checkpoint: Any = None,
+                board: str | None = None) -> MemberJob:
+    """The one training job that distils the ensemble's ``probs`` into the student ``name``."""
+    member = dataclasses.replace(member, epochs=d.epochs)
+    stage = dataclasses.replace(S.plan(member)[-1], epochs=d.epochs)
+    return MemberJob(
+        name=name, member=member, stage=stage, num_labels=splits.num_labels(),
+        class_intensity=splits.class_intensity(), max_length=cfg.max_length(name),
+        seed=member.seed if member.seed is not None else cfg.training.seed, round=round_,
+        repeats=1, repeat=1, splits=ray.put(D.training_splits(splits, corpus, probs)),
+        guidance=ray.put({"teacher_logits": D.teacher_logits(probs)}),
+        weights=LossWeights(distill_alpha=d.alpha, distill_temperature=d.temperature),
+        init_checkpoint=init_checkpoint, teacher_checkpoint=teacher_checkpoint,
+        progress_actor=board, log_every=cfg.training.log_every,
+    )
+
+
 class JointRun:
     """A joint-training run, one round at a time (the CLI loops; a Tune trial reports per round).
 
@@ -179,15 +224,13 @@ class JointRun:
         not redone. Records the student's dev KL to the ensemble before and after.
         """
         from ensemble import combine
-        from ensemble import distill as D
         from ensemble.publish import fit_combiner
-        from ensemble.students import ensemble_targets, held_out_corpus, student_job
 
         d, cfg, splits = self.cfg.distill, self.cfg, self.splits
         if d is None or self.state.get("distill", {}).get("done"):
             return
         name = d.student
-        corpus = held_out_corpus(D.read_corpus(cfg), splits)
+        corpus = D.held_out_corpus(D.read_corpus(cfg), splits)
         dev = {n: o["dev"] for n, o in self.outputs.items()}
         entry = fit_combiner(
             combine.to_probs(dev, self.kinds), self.kinds, splits, cfg.training.seed,

@@ -24,8 +24,9 @@ from ray.train.torch import TorchTrainer
 from ensemble.config import MemberConfig
 from ensemble.models.members import count_parameters, load_exported
 from ensemble.rundir import atomic_replace_dir
+from ensemble.training.job import HF_DIR, MemberJob
 from ensemble.training.loop import encode, predict_logits
-from ensemble.training.worker import HF_DIR, MemberJob, train_member
+from ensemble.training.worker import train_member
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -37,61 +36,11 @@ from ensemble import distill as D
 from ensemble.data import Splits
 from ensemble.rundir import atomic_write_json, read_json
 
-__all__ = ["add_commands", "distill_run", "ensemble_targets", "student_job"]
+__all__ = ["add_commands", "distill_run", "evaluate_student"]
 
 METRICS = "metrics.json"
 PREDICTIONS = "predictions.npz"
 CASCADE_BUDGET = 0.005  # the accuracy the cascade may lose against the ensemble (half a point)
-
-
-def ensemble_targets(run_dir: Path, runners: dict[str, Any], kinds: dict[str, str],
-                     entry: dict[str, Any], splits: Splits, corpus: list[str],
-                     ) -> tuple[np.ndarray, str]:
-    """The published ensemble's probabilities on train + corpus, cached in the run directory.
-
-    The members (``runners``, `MemberRunner` actors holding their exports) predict the texts
-    through Ray once; later calls for the same texts read them from ``RUN_DIR/distill/``.
-    """
-    import ray
-
-    key = D.texts_key(splits.texts["train"] + corpus)
-    probs = D.load_cached(run_dir, key)
-    if probs is not None:
-        print(f"ensemble targets reused from {run_dir / D.cache_path(key)}", flush=True)
-        return probs, key
-    print(f"the {len(runners)} members predict {len(splits.texts['train']) + len(corpus)} texts "
-          "for the ensemble's targets", flush=True)
-    ref = ray.put(D.prediction_splits(splits, corpus))
-    futures = {n: r.predict.remote(ref, True) for n, r in runners.items()}
-    train = {n: ray.get(f)["outputs"]["train"] for n, f in futures.items()}
-    probs = D.ensemble_probs(train, kinds, entry, splits)
-    D.save(run_dir, key, probs)
-    return probs, key
-
-
-def student_job(name: str, member: C.MemberConfig, cfg: C.RunConfig, splits: Splits,
-                corpus: list[str], probs: np.ndarray, d: C.DistillConfig, round_: int,
-                init_checkpoint: Any = None, teacher_checkpoint: Any = None,
-                board: str | None = None) -> Any:
-    """The one training job that distils the ensemble's ``probs`` into the student ``name``."""
-    import ray
-
-    from ensemble.losses import LossWeights
-    from ensemble.training import stages as S
-    from ensemble.training.worker import MemberJob
-
-    member = dataclasses.replace(member, epochs=d.epochs)
-    stage = dataclasses.replace(S.plan(member)[-1], epochs=d.epochs)
-    return MemberJob(
-        name=name, member=member, stage=stage, num_labels=splits.num_labels(),
-        class_intensity=splits.class_intensity(), max_length=cfg.max_length(name),
-        seed=member.seed if member.seed is not None else cfg.training.seed, round=round_,
-        repeats=1, repeat=1, splits=ray.put(D.training_splits(splits, corpus, probs)),
-        guidance=ray.put({"teacher_logits": D.teacher_logits(probs)}),
-        weights=LossWeights(distill_alpha=d.alpha, distill_temperature=d.temperature),
-        init_checkpoint=init_checkpoint, teacher_checkpoint=teacher_checkpoint,
-        progress_actor=board, log_every=cfg.training.log_every,
-    )
 
 
 def _finished_run(run_dir: Path) -> tuple[C.RunConfig, dict[str, Any], dict[str, Any]]:
@@ -125,7 +74,7 @@ def _teacher_checkpoint(out_dir: Path, export: Path) -> Any:
     """A checkpoint directory whose `hf/` is the teacher's export, as the worker expects."""
     import ray
 
-    from ensemble.training.worker import HF_DIR
+    from ensemble.training.job import HF_DIR
 
     holder = out_dir / "teacher"
     holder.mkdir(parents=True, exist_ok=True)
@@ -207,7 +156,7 @@ def distill_run(
     import ray
 
     from ensemble.data import load_splits
-    from ensemble.orchestrate import check_config, init_ray
+    from ensemble.orchestrate import check_config, ensemble_targets, init_ray, student_job
     from ensemble.runner import MemberRunner
 
     run_dir = Path(run_dir).resolve()
@@ -244,7 +193,7 @@ def distill_run(
     cfg = dataclasses.replace(cfg, members=members, distill=dataclasses.replace(d, student=name))
     check_config(cfg)
     splits = load_splits(cfg.data)
-    corpus = held_out_corpus(D.read_corpus(cfg), splits)
+    corpus = D.held_out_corpus(D.read_corpus(cfg), splits)
     kinds = {n: m["kind"] for n, m in manifest["members"].items()}
 
     t0 = time.time()
@@ -285,23 +234,6 @@ def distill_run(
     save_npz(out_dir / PREDICTIONS, {s: logits[s] for s in ("dev", "test")})
     atomic_write_json(out_dir / METRICS, row)  # written last: it marks the student finished
     return row
-
-
-def held_out_corpus(corpus: list[str], splits: Splits) -> list[str]:
-    """The corpus without texts that are also dev or test texts (compared case-insensitively,
-    whitespace collapsed), so the student is not taught the ensemble's answer on its exam."""
-    if not corpus:
-        return corpus
-
-    def norm(t: str) -> str:
-        return " ".join(t.lower().split())
-
-    scored = {norm(t) for s in ("dev", "test") for t in splits.texts.get(s, [])}
-    kept = [t for t in corpus if norm(t) not in scored]
-    if len(kept) < len(corpus):
-        print(f"distill corpus: {len(corpus) - len(kept)} of {len(corpus)} texts are dev/test "
-              "texts and are left out", flush=True)
-    return kept
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -347,8 +279,3 @@ def _distill(args: argparse.Namespace) -> int:
     print(f"STUDENT_DIR={Path(row['export']).parent}", flush=True)
     return 0
 
-
-if __name__ == "__main__":
-    from ensemble.cli import main
-
-    sys.exit(main(["distill", *sys.argv[1:]]))

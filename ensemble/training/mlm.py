@@ -17,6 +17,7 @@ import torch
 
 from ensemble.models import members as M
 from ensemble.training.engine import make_engine
+from ensemble.training.job import optim_settings, stage_micro_steps, start_dir, steps_per_epoch
 from ensemble.training.loop import collate, encode, epoch_order, mask_tokens, micro_batches
 
 
@@ -60,10 +61,8 @@ def masked_lm_loss(model, ids, tokenizer, probability: float, batch_size: int = 
 
 def train_mlm_stage(job, splits, rank: int, world: int, build_model, load_tok, report) -> None:
     """Train the encoder with masked-LM, then report a checkpoint holding the member model."""
-    from ensemble.training.worker import _init_dir, _settings, stage_micro_steps, steps_per_epoch
-
     restored = ray.train.get_checkpoint()
-    with _init_dir(restored, job.init_checkpoint) as init_dir:
+    with start_dir(restored, job.init_checkpoint) as init_dir:
         member = build_model(job, init_dir)
         tokenizer = load_tok(job, init_dir)
         source = str(Path(init_dir) / "hf") if init_dir else M.resolve_model_name(job.member.model)
@@ -78,7 +77,7 @@ def train_mlm_stage(job, splits, rank: int, world: int, build_model, load_tok, r
         per_epoch = steps_per_epoch(n, world, job.member.micro_batch_size, job.member.grad_accum)
         job_steps = stage_micro_steps(job.stage.epochs, per_epoch, job.member.grad_accum)
         engine = make_engine(
-            mlm, _settings(job, job_steps // job.member.grad_accum), job.backend, world
+            mlm, optim_settings(job, job_steps // job.member.grad_accum), job.backend, world
         )
         state: dict[str, Any] = {"micro": 0, "history": []}
         if restored:

@@ -8,13 +8,12 @@ lost worker, or the same command run again) training continues from the last che
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import shutil
 import tempfile
 import zlib
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +22,18 @@ import ray
 import ray.train
 import torch
 
-from ensemble.config import LOWER_IS_BETTER, MemberConfig, StageConfig
-from ensemble.losses import LossWeights
+from ensemble.config import LOWER_IS_BETTER
 from ensemble.models import members as M
 from ensemble.training import stages as S
-from ensemble.training.engine import OptimSettings, make_engine
+from ensemble.training.engine import make_engine
+from ensemble.training.job import (
+    HF_DIR,
+    MemberJob,
+    optim_settings,
+    stage_micro_steps,
+    start_dir,
+    steps_per_epoch,
+)
 from ensemble.training.loop import (
     EarlyStopper,
     Targets,
@@ -43,43 +49,6 @@ from ensemble.training.loop import (
 )
 
 logger = logging.getLogger(__name__)
-HF_DIR = "hf"
-
-
-@dataclass
-class MemberJob:
-    """Everything a worker needs for one stage of one member in one round (plain, picklable)."""
-
-    name: str
-    member: MemberConfig
-    stage: StageConfig
-    num_labels: int
-    class_intensity: list[float]
-    max_length: int
-    seed: int
-    round: int  # 1-based
-    repeats: int  # how many rounds run this stage (sets the LR schedule's length)
-    repeat: int  # 1-based index of this run of the stage
-    splits: Any  # ObjectRef[Splits]
-    guidance: Any = None  # ObjectRef[dict[str, np.ndarray]] aligned with the training split
-    weights: LossWeights = field(default_factory=LossWeights)
-    init_checkpoint: Any = None  # ray.train.Checkpoint: the previous job's final checkpoint
-    resume_optimizer: bool = False  # same stage again: keep optimizer + schedule state
-    teacher_checkpoint: Any = None  # ray.train.Checkpoint: a student starts from its teacher
-    backend: str = "deepspeed"
-    progress_actor: str | None = None
-    log_every: int = 10
-
-
-def steps_per_epoch(n_train: int, world: int, micro_batch: int, grad_accum: int) -> int:
-    """Micro-batches per epoch on each rank, a multiple of grad_accum."""
-    micro = (n_train // world) // micro_batch
-    return max(grad_accum, micro - micro % grad_accum)
-
-
-def stage_micro_steps(epochs: float, per_epoch: int, grad_accum: int) -> int:
-    steps = math.ceil(epochs * per_epoch)
-    return max(grad_accum, steps - steps % grad_accum)
 
 
 def _build_model(job: MemberJob, init_dir: str | None):
@@ -144,23 +113,6 @@ def _report(engine, tokenizer, metrics: dict[str, Any], client_state: dict[str, 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _settings(job: MemberJob, total_steps: int) -> OptimSettings:
-    m = job.member
-    return OptimSettings(
-        lr=job.stage.lr or m.lr,
-        weight_decay=m.weight_decay,
-        scheduler=m.scheduler,
-        warmup_ratio=m.warmup_ratio,
-        total_steps=max(1, total_steps),
-        micro_batch_size=m.micro_batch_size,
-        grad_accum=m.grad_accum,
-        max_grad_norm=m.max_grad_norm,
-        zero_stage=m.zero_stage,
-        precision=m.precision,
-        deepspeed_extra=dict(m.deepspeed_extra),
-    )
-
-
 def train_member(config: dict[str, Any]) -> None:
     """Ray Train entry point: run `config["job"]` (one stage of one member) to completion."""
     job: MemberJob = config["job"]
@@ -177,7 +129,7 @@ def train_member(config: dict[str, Any]) -> None:
         return train_mlm_stage(job, splits, rank, world, _build_model, _tokenizer, _report)
 
     restored = ray.train.get_checkpoint()  # same job, after a failure or a re-run
-    with _init_dir(restored, job.init_checkpoint) as init_dir:
+    with start_dir(restored, job.init_checkpoint) as init_dir:
         model = _build_model(job, init_dir)
         M.name_labels(model, splits.label_names, job.member.kind == "regressor")
         tokenizer = _tokenizer(job, init_dir)
@@ -187,7 +139,7 @@ def train_member(config: dict[str, Any]) -> None:
         n = len(ids)
         per_epoch = steps_per_epoch(n, world, job.member.micro_batch_size, job.member.grad_accum)
         job_steps = stage_micro_steps(job.stage.epochs, per_epoch, job.member.grad_accum)
-        settings = _settings(job, job.repeats * job_steps // job.member.grad_accum)
+        settings = optim_settings(job, job.repeats * job_steps // job.member.grad_accum)
         engine = make_engine(
             model, settings, job.backend, world,
             lr_scale=S.layer_lr_scale(model, job.stage.layer_lr_decay),
@@ -349,15 +301,6 @@ def _from_rank0(value: float, world: int) -> float:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return float(box[0])
-
-
-def _init_dir(restored: Any, init: Any):
-    """The directory to start from: this job's own restored checkpoint, else the previous job's."""
-    if restored is not None:
-        return restored.as_directory()
-    if init is not None:
-        return init.as_directory()
-    return contextlib.nullcontext(None)
 
 
 def _progress(name: str | None):

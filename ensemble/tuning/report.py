@@ -13,6 +13,16 @@ from ensemble.rundir import STATE, atomic_write_json, atomic_write_text
 logger = logging.getLogger(__name__)
 
 
+
+def trial_metrics(row: dict[str, Any]) -> dict[str, float]:
+    """A round's row as the flat metrics a Tune trial reports: ``<model>_dev_<metric>``."""
+    out = {"round": row["round"]}
+    for name, metrics in row["dev"].items():
+        slug = name.replace("/", "_")
+        for key, value in metrics.items():
+            out[f"{slug}_dev_{key}"] = value
+    return out
+
 def mutation_history(*dirs: Path) -> list[dict[str, Any]]:
     """PBT's exploit/explore steps from `pbt_global.txt` (first one found among `dirs`)."""
     for d in dirs:
@@ -42,7 +52,6 @@ def trial_rows(results: Any, metric: str) -> list[dict[str, Any]]:
     per completed round even when PBT restarted the trial from another trial's checkpoint; Tune's
     progress table is the fallback.
     """
-    from ensemble.tuning.search import flat_metrics
 
     rows = []
     for result in results:
@@ -51,8 +60,8 @@ def trial_rows(results: Any, metric: str) -> list[dict[str, Any]]:
         state: dict[str, Any] = {}
         if state_path is not None and state_path.is_file():
             state = json.loads(state_path.read_text())
-            per_round = [float(flat_metrics(r)[metric]) for r in state.get("rounds", [])
-                         if metric in flat_metrics(r)]
+            per_round = [float(trial_metrics(r)[metric]) for r in state.get("rounds", [])
+                         if metric in trial_metrics(r)]
         df = result.metrics_dataframe
         if not per_round and df is not None and metric in df:
             per_round = [float(x) for x in df[metric]]

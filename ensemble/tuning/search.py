@@ -22,6 +22,7 @@ from ray.tune.schedulers import PopulationBasedTraining
 from ensemble import config as C
 from ensemble.data import Splits, load_splits
 from ensemble.rundir import STATE, atomic_write_json, atomic_write_text, read_json
+from ensemble.tuning.report import trial_metrics, write_report
 
 logger = logging.getLogger(__name__)
 
@@ -57,15 +58,6 @@ def check_space(cfg: C.RunConfig) -> None:
         for key, s in cfg.tune.space.items()
     }
     C.replace(cfg, probe)
-
-
-def flat_metrics(row: dict[str, Any]) -> dict[str, float]:
-    out = {"round": row["round"]}
-    for name, metrics in row["dev"].items():
-        slug = name.replace("/", "_")
-        for key, value in metrics.items():
-            out[f"{slug}_dev_{key}"] = value
-    return out
 
 
 def _save_checkpoint(run_dir: Path, state: dict[str, Any]) -> tune.Checkpoint:
@@ -116,7 +108,7 @@ def joint_trial(config: dict[str, Any], base: C.RunConfig, splits: Splits) -> No
     try:
         while not run.done():
             row = run.run_round()
-            metrics = flat_metrics(row)
+            metrics = trial_metrics(row)
             metrics["restored_from_round"] = run.state.get("restored_from_round", 0)
             metrics["restored_from_trial"] = run.state.get("restored_from_trial") or ""
             metrics["trial_id"] = tune.get_context().get_trial_id()
@@ -223,7 +215,6 @@ def callbacks(cfg: C.RunConfig) -> list[Any]:
 def run_tune(cfg: C.RunConfig, resume: bool = True) -> Path:
     """Run (or resume) the experiment; returns the experiment's output directory."""
     from ensemble.orchestrate import check_config
-    from ensemble.tuning.report import write_report
 
     check_config(cfg)
     check_space(cfg)

@@ -18,7 +18,8 @@ import torch
 
 from ensemble.config import DataConfig, MemberConfig, StageConfig
 from ensemble.data import load_splits
-from ensemble.training.worker import HF_DIR, MemberJob, train_member
+from ensemble.training.job import HF_DIR, MemberJob
+from ensemble.training.worker import train_member
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

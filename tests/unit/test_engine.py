@@ -21,6 +21,7 @@ from ensemble.training.engine import (
     make_engine,
     param_groups,
 )
+from ensemble.training.job import stage_micro_steps, steps_per_epoch
 from ensemble.training.loop import (
     StepResult,
     StreamStart,
@@ -35,7 +36,6 @@ from ensemble.training.loop import (
     stream_start,
     train_step,
 )
-from ensemble.training.worker import stage_micro_steps, steps_per_epoch
 
 TEXTS = [
     "a gorgeous , witty , seductive movie .", "the plot is nothing but boilerplate clichés .",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 import textwrap
@@ -25,6 +26,8 @@ PURE = [
     "ensemble.tuning.weights",
     "ensemble.inference",
     "ensemble.parts",
+    "ensemble.distill",
+    "ensemble.training.job",
 ]
 
 
@@ -64,3 +67,34 @@ def test_the_guard_really_blocks_ray() -> None:
         import ensemble.runner
     """)
     assert proc.returncode != 0 and "import of ray halted" in proc.stderr
+
+
+def _imports(path: Path, package: dict[str, Path]) -> set[str]:
+    """The package modules ``path`` imports, at module level or inside functions alike."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        found |= {n for n in names if n in package}
+    return found
+
+
+def test_the_package_has_no_import_cycle() -> None:
+    package = {}
+    for path in (REPO / "ensemble").rglob("*.py"):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        package[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    edges = {m: _imports(p, package) - {m} for m, p in package.items()}
+    # a cycle exists iff some module reaches itself
+    for start in edges:
+        seen, todo = set(), list(edges[start])
+        while todo:
+            module = todo.pop()
+            assert module != start, f"{start} imports itself through the modules it imports"
+            if module not in seen:
+                seen.add(module)
+                todo.extend(edges[module])
