@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-corpus-texts", type=int, default=None)
     parser.add_argument("--name-suffix", default="", help="student dir: l<N><suffix>")
     parser.add_argument("--time-only", action="store_true",
-                        help="re-time finished students (no training)")
+                        help="no training: table the finished students, timed again")
     parser.add_argument("--max-load", type=float, default=1.5,
                         help="skip timing above this 1-minute load average")
     parser.add_argument("--out", default="student_sweep")
@@ -260,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
             path = run / "students" / name / "metrics.json"
             if args.time_only:
                 if not path.is_file():
-                    raise SystemExit(f"{path} missing: train it first (without --time-only)")
+                    print(f"{path} missing (not trained yet): left out of the table", flush=True)
+                    continue
                 results[(run, layers)] = read_json(path)
             else:
                 os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
@@ -270,15 +271,18 @@ def main(argv: list[str] | None = None) -> int:
 
     if ray.is_initialized():
         ray.shutdown()
+    if not results:
+        raise SystemExit("no finished student to table; train some first (without --time-only)")
     rows = [score_run(run, row) for (run, _), row in results.items()]
+    timed = [n for n in names if (runs[0] / "students" / n / "metrics.json").is_file()]
     timing = None
     if load_average()[0] <= args.max_load:
-        timing = time_students(runs[0], names)
+        timing = time_students(runs[0], timed)
     else:
         print(f"load average {load_average()} above {args.max_load}: speed not measured",
               flush=True)
     table = summarize(rows, timing)
-    first = results[(runs[0], args.layers[0])]
+    first = next(iter(results.values()))
     meta = {"commit": git_commit(), "runs": len(runs), "run_names": [r.name for r in runs],
             "epochs": args.epochs, "alpha": args.alpha, "temperature": args.temperature,
             "corpus": args.corpus, "corpus_texts": first["corpus_texts"]}
