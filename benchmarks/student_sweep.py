@@ -209,7 +209,8 @@ def markdown(table: dict[int, dict[str, Any]], timing: dict[str, Any] | None,
                   f"of 3; teacher {1000 / timing['teacher_ms_per_text']:.0f} texts/s; load "
                   f"average before {timing['load_before']}, after {timing['load_after']}."]
     else:
-        lines += ["Speed not measured in this run (the machine was busy); see --time-only."]
+        lines += ["Speed not measured: the load average was above --max-load. Rerun with "
+                  "--time-only on a quiet machine."]
     lines += ["", "Targets per depth (met only beyond one SE): ≥ best member, ≥ 97 % of the "
               "ensemble, ≥ 1.9× faster than 6 layers, cascade ≥ 70 % of test within 0.5 pt on "
               "every run.", "",
