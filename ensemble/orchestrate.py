@@ -125,7 +125,8 @@ def _num_outputs(member: C.MemberConfig, splits: Splits) -> int:
     return 1 if member.kind == "regressor" else splits.num_labels()
 
 
-def _runners(cfg: C.RunConfig, run_dir: Path) -> dict[str, Any]:
+def member_runners(cfg: C.RunConfig, run_dir: Path) -> dict[str, Any]:
+    """One `MemberRunner` actor per member of ``cfg``, on this node."""
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     storage = cfg.ray.storage_path or str(run_dir / "ray")
     return {
@@ -191,7 +192,7 @@ class JointRun:
         self.splits_ref = ray.put(splits)
         self.board_name = f"progress-{uuid.uuid4().hex[:8]}"
         self.board = start_board(self.board_name)
-        self.runners = _runners(cfg, run_dir)
+        self.runners = member_runners(cfg, run_dir)
         self.outputs: dict[str, dict[str, np.ndarray]] = {}
         if self.state["rounds_completed"]:
             ray.get([self.runners[n].export_from.remote(m["checkpoint"])

@@ -43,14 +43,16 @@ PREDICTIONS = "predictions.npz"
 CASCADE_BUDGET = 0.005  # the accuracy the cascade may lose against the ensemble (half a point)
 
 
-def _finished_run(run_dir: Path) -> tuple[C.RunConfig, dict[str, Any], dict[str, Any]]:
+def _finished_run(run_dir: Path, overrides: list[str] | None,
+                  ) -> tuple[C.RunConfig, dict[str, Any], dict[str, Any]]:
+    """The run's config (with ``overrides``), manifest and metrics."""
     if not (run_dir / "manifest.json").is_file():
         raise C.ConfigError(
             f"{run_dir} is not a finished run (no manifest.json); train it first with "
             "`ensemble train CONFIG`, or pass the run directory it printed (RUN_DIR=...)"
         )
-    return C.load(run_dir / "config.yaml"), read_json(run_dir / "manifest.json"), read_json(
-        run_dir / "metrics.json")
+    return (C.load(run_dir / "config.yaml", overrides), read_json(run_dir / "manifest.json"),
+            read_json(run_dir / "metrics.json"))
 
 
 def _default_teacher(manifest: dict[str, Any], metrics: dict[str, Any]) -> str:
@@ -156,13 +158,17 @@ def distill_run(
     import ray
 
     from ensemble.data import load_splits
-    from ensemble.orchestrate import check_config, ensemble_targets, init_ray, student_job
+    from ensemble.orchestrate import (
+        check_config,
+        ensemble_targets,
+        init_ray,
+        member_runners,
+        student_job,
+    )
     from ensemble.runner import MemberRunner
 
     run_dir = Path(run_dir).resolve()
-    cfg, manifest, metrics = _finished_run(run_dir)
-    if overrides:
-        cfg = C.load(run_dir / "config.yaml", overrides)
+    cfg, manifest, metrics = _finished_run(run_dir, overrides)
     d = distill or C.DistillConfig()
     teacher = teacher or _default_teacher(manifest, metrics)
     if teacher not in manifest["members"] or manifest["members"][teacher]["kind"] not in (
@@ -188,6 +194,7 @@ def distill_run(
         base, kind="student", teacher=teacher, student_layers=layers, stages=[],
         lr=lr if lr is not None else base.lr, bootstrap=False, data_fraction=1.0,
     )
+    run_cfg = cfg
     # the teacher is read, not trained: it counts as a teacher for the student's checks
     members = {**cfg.members, teacher: dataclasses.replace(base, kind="teacher"), name: member}
     cfg = dataclasses.replace(cfg, members=members, distill=dataclasses.replace(d, student=name))
@@ -198,12 +205,7 @@ def distill_run(
 
     t0 = time.time()
     init_ray(cfg.ray, address)
-    predictors = {
-        n: MemberRunner.options(num_cpus=0).remote(
-            n, cfg.members[n], str(run_dir), str(out_dir / "ray"), cfg.training.max_failures,
-            cfg.training.eval_batch_size, cfg.max_length(n))
-        for n in kinds
-    }
+    predictors = member_runners(run_cfg, run_dir)  # the run's members, on their exports
     probs, key = ensemble_targets(run_dir, predictors, kinds, manifest["combine"], splits, corpus)
     for actor in predictors.values():
         ray.kill(actor)

@@ -67,6 +67,21 @@ logger = logging.getLogger(__name__)
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
+async def _settle(
+    names: list[str], call: Callable[[str], Awaitable[Any]], timeout_s: float
+) -> dict[str, Any]:
+    """``call(name)`` for every name at once: each one's result, or the exception it raised
+    instead (`asyncio.TimeoutError` past ``timeout_s``)."""
+
+    async def one(name: str) -> Any:
+        return await call(name)
+
+    got = await asyncio.gather(
+        *(asyncio.wait_for(one(n), timeout_s) for n in names), return_exceptions=True
+    )
+    return dict(zip(names, got, strict=True))
+
+
 def _count_texts(chunks: list[list[str]]) -> int:
     return sum(len(c) for c in chunks)
 
@@ -257,21 +272,15 @@ class Combiner:
         """Each member's output, or the exception it gave instead (a timeout included)."""
         timeout_s = self._settings.request_timeout_s
 
-        async def one(name: str) -> np.ndarray:
-            return await self._members[name].predict.remote(texts)
+        def call(name: str) -> Awaitable[Any]:
+            return self._members[name].predict.remote(texts)
 
         if sequential:  # the baseline the benchmark compares against
             results: dict[str, Any] = {}
             for n in names:
-                try:
-                    results[n] = await asyncio.wait_for(one(n), timeout_s)
-                except Exception as err:  # noqa: BLE001 - reported per member by _call
-                    results[n] = err
+                results.update(await _settle([n], call, timeout_s))
             return results
-        got = await asyncio.gather(  # all at once
-            *(asyncio.wait_for(one(n), timeout_s) for n in names), return_exceptions=True
-        )
-        return dict(zip(names, got, strict=True))
+        return await _settle(names, call, timeout_s)  # all at once
 
     async def _call(
         self, names: list[str], texts: list[str], sequential: bool = False, need: int = 1
@@ -440,13 +449,7 @@ class Combiner:
     async def stats(self) -> s.StatsResponse:
         """Process ids and batch-size histograms (of one replica per member)."""
         names = list(self._members)
-
-        async def one(name: str) -> Any:
-            return await self._members[name].stats.remote()
-
-        got = dict(zip(names, await asyncio.gather(
-            *(asyncio.wait_for(one(n), 5.0) for n in names), return_exceptions=True
-        ), strict=True))
+        got = await _settle(names, lambda n: self._members[n].stats.remote(), 5.0)
         answered = {n: v for n, v in got.items() if not isinstance(v, BaseException)}
         combiner = s.CombinerStats(
             pid=os.getpid(),
