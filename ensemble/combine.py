@@ -30,7 +30,10 @@ __all__ = [
     "expected_intensity",
     "fit_regressor_sharpness",
     "hard_vote",
+    "intensity_weights",
     "log_probs",
+    "member_vote",
+    "member_votes",
     "regressor_probs",
     "soft_vote",
     "stack_apply",
@@ -312,6 +315,81 @@ def combine_intensity(intensities: np.ndarray, weights: np.ndarray | None = None
     if not np.all(np.isfinite(x)):
         raise ValueError("intensities contain NaN or inf; check the members' outputs")
     return _check_weights(weights, x.shape[0]) @ x  # (B,)
+
+
+def member_vote(
+    kind: str,
+    output: np.ndarray,
+    edges: Sequence[float],
+    num_classes: int,
+    sharpness: float | None = None,
+    temperature: float | None = None,
+) -> np.ndarray:
+    """One member's (B, C) vote, the rule every combination uses (training, Tune, Serve).
+
+    A classification member's probabilities, scaled by its ``temperature`` (`temper`; None or 1
+    leaves them as they are); the regressor's (B,) intensities vote through their bin
+    (`regressor_probs`, softened by ``sharpness``).
+
+    Raises:
+        ValueError: if the vote is not (B, ``num_classes``).
+    """
+    out = np.asarray(output, dtype=np.float64)
+    if kind == "regressor":
+        vote = regressor_probs(out.reshape(-1), edges, num_classes, sharpness=sharpness)
+    else:
+        vote = temper(out, temperature) if temperature is not None and out.ndim == 2 else out
+    if vote.ndim != 2 or vote.shape[1] != num_classes:
+        raise ValueError(
+            f"a {kind} member gave shape {out.shape}; expected (B, {num_classes}) probabilities"
+            + ("" if kind == "regressor" else " (the regressor gives (B,) intensities)")
+        )
+    return vote
+
+
+def member_votes(
+    outputs: Mapping[str, np.ndarray],
+    kinds: Mapping[str, str],
+    edges: Sequence[float],
+    num_classes: int,
+    sharpness: float | None = None,
+    temperatures: Mapping[str, float] | None = None,
+    names: Sequence[str] | None = None,
+) -> np.ndarray:
+    """The members' votes (`member_vote`) stacked as (M, B, C), in ``names`` order (default:
+    ``outputs``' order). A member missing from ``temperatures`` votes with T = 1.
+
+    Raises:
+        ValueError: if a named member has no output, or a vote has the wrong shape.
+    """
+    names = list(outputs) if names is None else list(names)
+    missing = [n for n in names if n not in outputs]
+    if missing:
+        raise ValueError(f"no outputs for members {missing}; have {sorted(outputs)}")
+    temps = temperatures or {}
+    votes = []
+    for n in names:
+        try:
+            votes.append(member_vote(kinds[n], outputs[n], edges, num_classes, sharpness,
+                                     temps.get(n)))
+        except ValueError as err:
+            raise ValueError(f"member {n!r}: {err}") from None
+    return np.stack(votes)  # (M, B, C)
+
+
+def intensity_weights(kinds: Sequence[str]) -> np.ndarray:
+    """(M,) weights of the members' intensity estimates in the ensemble's intensity.
+
+    The regressor is trained for intensity, so the regressors together weigh as much as all
+    classification members together (each group shares its half equally); without one of the
+    groups the other has all the weight.
+    """
+    n_reg = sum(k == "regressor" for k in kinds)
+    n_cls = len(kinds) - n_reg
+    reg_share = 0.5 if n_reg and n_cls else (1.0 if n_reg else 0.0)
+    return np.array(
+        [reg_share / n_reg if k == "regressor" else (1.0 - reg_share) / n_cls for k in kinds]
+    )
 
 
 def expected_intensity(probs: np.ndarray, class_intensity: Sequence[float]) -> np.ndarray:

@@ -30,23 +30,14 @@ def vote_probs(
     sharpness: float | None = None,
     temperatures: Mapping[str, float] | None = None,
 ) -> tuple[list[str], np.ndarray]:
-    """Member names and their class votes stacked as (M, N, C); the regressor votes by its bin.
+    """Member names and their votes (`combine.member_votes`) stacked as (M, N, C).
 
-    ``sharpness`` is `combine.regressor_probs`'s: None for a one-hot regressor vote.
-    ``temperatures`` (member -> T, `member_temperatures`) scale classification members'
-    probabilities with `calibration.temper`; a member without one votes as it is.
+    ``sharpness`` softens the regressor's vote (None: one-hot); ``temperatures`` (member -> T,
+    `member_temperatures`) scale classification members' probabilities; a member without one
+    votes as it is.
     """
-    temps = temperatures or {}
     names = list(outputs)
-    stacked = [
-        combine.regressor_probs(outputs[n], edges, num_classes, sharpness=sharpness)
-        if kinds[n] == "regressor"
-        else calibration.temper(outputs[n], temps[n])
-        if n in temps
-        else np.asarray(outputs[n], dtype=np.float64)
-        for n in names
-    ]
-    return names, np.stack(stacked)
+    return names, combine.member_votes(outputs, kinds, edges, num_classes, sharpness, temperatures)
 
 
 def disagreement(
@@ -108,21 +99,10 @@ def intensity_estimates(
 
 
 def ensemble_intensity(estimates: Mapping[str, np.ndarray], kinds: Mapping[str, str]) -> np.ndarray:
-    """The regressor's intensity and the classifiers' expected intensities, averaged.
-
-    The regressor is trained for intensity, so it carries as much weight as all classification
-    members together (when there is one).
-    """
+    """The members' intensity estimates averaged with `combine.intensity_weights`."""
     names = list(estimates)
-    reg = [n for n in names if kinds[n] == "regressor"]
-    cls = [n for n in names if kinds[n] != "regressor"]
-    weights = [
-        (0.5 / len(reg) if cls else 1.0 / len(reg))
-        if kinds[n] == "regressor"
-        else (0.5 / len(cls) if reg else 1.0 / len(cls))
-        for n in names
-    ]
-    return combine.combine_intensity(np.stack([estimates[n] for n in names]), np.array(weights))
+    weights = combine.intensity_weights([kinds[n] for n in names])
+    return combine.combine_intensity(np.stack([estimates[n] for n in names]), weights)
 
 
 def voted_intensity(

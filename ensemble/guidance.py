@@ -84,18 +84,11 @@ def _ensemble_probs(
     A member's logits are divided by its own dev-fitted temperature (when calibrated) and then by
     the guidance ``temperature``, which softens the target the members learn from.
     """
-    temps = member_t or {}
-    stacked = []
-    for name, out in train.items():
-        if kinds[name] == "regressor":
-            stacked.append(
-                combine.regressor_probs(
-                    out, splits.intensity_edges(), splits.num_labels(), sharpness=sharpness
-                )
-            )
-        else:
-            stacked.append(softmax(out / (temperature * temps.get(name, 1.0))))
-    return combine.soft_vote(np.stack(stacked)).astype(np.float32)
+    member_t = member_t or {}
+    temps = {n: temperature * member_t.get(n, 1.0) for n in train if kinds[n] != "regressor"}
+    votes = combine.member_votes(to_probs(train, kinds), kinds, splits.intensity_edges(),
+                                 splits.num_labels(), sharpness, temps)
+    return combine.soft_vote(votes).astype(np.float32)
 
 
 def build(

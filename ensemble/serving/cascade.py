@@ -6,7 +6,7 @@ run directory's view of the members (a mapping ``name -> output``) to it:
 
 * classification members (classifier, teacher, student) output ``(B, C)`` probabilities; a
   member with a temperature in ``params["temperatures"]`` (fitted on dev when the run had
-  ``training.calibrate``) votes them scaled by `calibration.temper`, everywhere: in the
+  ``training.calibrate``) votes them scaled by `combine.member_vote`, everywhere: in the
   combination, as the cascade's student and in the member views of a response;
 * the regressor outputs ``(B,)`` intensities and votes through `combine.regressor_probs`;
 * the ensemble intensity is `combine.combine_intensity` over the regressor's intensity and each
@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from ensemble import calibration, combine
+from ensemble import combine
 from ensemble.rundir import Manifest
 
 __all__ = [
@@ -202,19 +202,12 @@ class Combined:
 
 
 def member_probs(spec: Combination, name: str, output: np.ndarray) -> np.ndarray:
-    """Member ``name``'s vote: its (B, C) probabilities as the combination uses them.
-
-    A classification member's probabilities are scaled by its temperature (`Combination.
-    temperature`); the regressor's (B,) intensities vote through their bin, softened by
-    ``params["regressor_sharpness"]`` when there is one.
+    """Member ``name``'s (B, C) vote as the combination uses it (`combine.member_vote`): a
+    classification member's probabilities scaled by its temperature (`Combination.temperature`),
+    the regressor's intensities through their bin, softened by ``params["regressor_sharpness"]``.
     """
-    out = np.asarray(output, dtype=np.float64)
-    if spec.members[name] == "regressor":
-        sharpness = spec.params.get("regressor_sharpness")
-        return combine.regressor_probs(
-            out.reshape(-1), spec.intensity_edges, spec.num_classes, sharpness=sharpness
-        )  # (B, C)
-    return calibration.temper(out, spec.temperature(name)) if out.ndim == 2 else out  # (B, C)
+    return combine.member_vote(spec.members[name], output, spec.intensity_edges, spec.num_classes,
+                               spec.params.get("regressor_sharpness"), spec.temperature(name))
 
 
 def _positive(value: Any) -> bool:
@@ -227,49 +220,24 @@ def _positive(value: Any) -> bool:
 def stack_member_probs(
     outputs: Mapping[str, np.ndarray], spec: Combination, names: list[str] | None = None
 ) -> np.ndarray:
-    """Member outputs as one probability tensor of their votes (`member_probs`).
+    """Member outputs as one (M, B, C) tensor of their votes (`combine.member_votes`).
 
     Args:
         outputs: member name -> (B, C) probabilities or, for the regressor, (B,) intensities.
-        spec: the combination (member kinds, edges, number of classes).
+        spec: the combination (member kinds, edges, number of classes, temperatures).
         names: members to stack, in order; default all of ``spec.members``.
-
-    Returns:
-        (M, B, C) probabilities.
 
     Raises:
         ValueError: if a member's output is missing or has the wrong shape.
     """
-    names = names or list(spec.members)
-    missing = [n for n in names if n not in outputs]
-    if missing:
-        raise ValueError(f"no outputs for members {missing}; have {sorted(outputs)}")
-    stacked = []
-    for name in names:
-        out = member_probs(spec, name, outputs[name])  # (B, C)
-        if out.ndim != 2 or out.shape[1] != spec.num_classes:
-            raise ValueError(
-                f"member {name!r} gave shape {out.shape}; expected (B, "
-                f"{spec.num_classes}) probabilities"
-            )
-        stacked.append(out)
-    return np.stack(stacked)  # (M, B, C)
+    return combine.member_votes(outputs, spec.members, spec.intensity_edges, spec.num_classes,
+                                spec.params.get("regressor_sharpness"),
+                                spec.params.get("temperatures"), names or list(spec.members))
 
 
 def intensity_weights(spec: Combination) -> np.ndarray:
-    """(M,) weights of the members' intensity estimates, the rule of `evaluate.ensemble_intensity`.
-
-    The regressor is trained for intensity, so it gets as much weight as all classification
-    members together; the classification members share the rest equally. (Same numbers as the
-    evaluation reports; a unit test holds the two together.)
-    """
-    kinds = list(spec.members.values())
-    n_reg = sum(k == "regressor" for k in kinds)
-    n_cls = len(kinds) - n_reg
-    reg_share = 0.5 if n_reg and n_cls else (1.0 if n_reg else 0.0)
-    return np.array(
-        [reg_share / n_reg if k == "regressor" else (1.0 - reg_share) / n_cls for k in kinds]
-    )
+    """(M,) weights of the members' intensity estimates (`combine.intensity_weights`)."""
+    return combine.intensity_weights(list(spec.members.values()))
 
 
 def combine_outputs(outputs: Mapping[str, np.ndarray], spec: Combination) -> Combined:
