@@ -102,7 +102,7 @@ def test_distill_config_is_checked() -> None:
 
 
 def test_corpus_texts_that_are_dev_or_test_texts_are_left_out(capsys) -> None:
-    corpus = ["DEV  1", "unseen", " test 4", "train 0", "another"]
-    assert D.held_out_corpus(corpus, _splits(5)) == ["unseen", "train 0", "another"]
-    assert "2 of 5 texts are dev/test texts" in capsys.readouterr().out
+    corpus = ["DEV  1", "unseen", " test 4", "train 0", "another", "Test-4 !", "dev1", "..."]
+    assert D.held_out_corpus(corpus, _splits(5)) == ["unseen", "train 0", "another", "..."]
+    assert "4 of 8 texts are dev/test texts" in capsys.readouterr().out
     assert D.held_out_corpus([], _splits(5)) == []
