@@ -38,6 +38,7 @@ TARGET_SHARE = 0.97  # of the ensemble's accuracy
 TARGET_SPEEDUP = 1.9  # against a 6-layer member
 TARGET_CASCADE_SHARE = 0.70
 SPEED_TEXTS = 512
+TIMING_ROUNDS = 5  # rounds of teacher + students back to back; the speed-up's SE is over them
 
 
 def paired_se(labels: np.ndarray, a: np.ndarray, b: np.ndarray, seed: int = 0) -> float:
@@ -113,8 +114,9 @@ def score_run(run_dir: Path, row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def time_students(run_dir: Path, names: list[str]) -> dict[str, Any]:
-    """ms/text of the teacher and each student, back to back on one thread."""
+def time_students(run_dir: Path, names: list[str], rounds: int = TIMING_ROUNDS) -> dict[str, Any]:
+    """ms/text of the teacher and each student, back to back on one thread, in ``rounds``
+    independent rounds (each the median of 3 passes), so that a speed-up has an SE."""
     import torch
 
     from ensemble.publish import infer_ms
@@ -126,11 +128,22 @@ def time_students(run_dir: Path, names: list[str]) -> dict[str, Any]:
     teacher = run_dir / manifest["members"][cfg["teacher"]]["path"]
     texts = run_splits(run_dir).texts["dev"][:SPEED_TEXTS]
     load_before = load_average()
-    ms = infer_ms([teacher, *(run_dir / "students" / n / "export" for n in names)], texts,
-                  manifest["members"][cfg["teacher"]]["max_length"], 32)
-    return {"teacher_ms_per_text": ms[0], "ms_per_text": dict(zip(names, ms[1:], strict=True)),
-            "texts": len(texts), "threads": 1, "load_before": load_before,
+    per_round = []
+    for _ in range(rounds):
+        ms = infer_ms([teacher, *(run_dir / "students" / n / "export" for n in names)], texts,
+                      manifest["members"][cfg["teacher"]]["max_length"], 32)
+        per_round.append({"teacher": ms[0], **dict(zip(names, ms[1:], strict=True))})
+    return {"teacher_ms_per_text": float(np.median([r["teacher"] for r in per_round])),
+            "ms_per_text": {n: float(np.median([r[n] for r in per_round])) for n in names},
+            "rounds": per_round, "texts": len(texts), "threads": 1, "load_before": load_before,
             "load_after": load_average()}
+
+
+def speedup(timing: dict[str, Any], name: str) -> tuple[float, float | None]:
+    """Mean and SE over the timing rounds of the teacher's ms/text over student ``name``'s."""
+    rounds = timing.get("rounds") or [{"teacher": timing["teacher_ms_per_text"],
+                                       name: timing["ms_per_text"][name]}]
+    return mean_se([r["teacher"] / r[name] for r in rounds])
 
 
 def summarize(rows: list[dict[str, Any]], timing: dict[str, Any] | None) -> dict[str, Any]:
@@ -160,13 +173,13 @@ def summarize(rows: list[dict[str, Any]], timing: dict[str, Any] | None) -> dict
             "train_wall_s": mean_se([r["train_wall_s"] for r in rs])[0],
         }
         if timing and rs[0]["name"] in timing["ms_per_text"]:
-            ms = timing["ms_per_text"][rs[0]["name"]]
-            entry["texts_per_s"] = 1000.0 / ms
-            entry["speedup"] = timing["teacher_ms_per_text"] / ms
+            entry["texts_per_s"] = 1000.0 / timing["ms_per_text"][rs[0]["name"]]
+            entry["speedup"], entry["speedup_se"] = speedup(timing, rs[0]["name"])
         entry["targets"] = {
             "beats_best_member": gap - gap_se > 0,
             "share_97": share >= TARGET_SHARE,
-            "speedup_1_9": entry.get("speedup", 0.0) >= TARGET_SPEEDUP if timing else None,
+            "speedup_1_9": (entry["speedup"] - (entry["speedup_se"] or 0.0) >= TARGET_SPEEDUP
+                            if "speedup" in entry else None),
             "cascade_70_within_half_point": (entry["cascade_test_share_min"] >= TARGET_CASCADE_SHARE
                                              and entry["cascade_test_loss_max"] <= 0.005),
         }
@@ -191,8 +204,9 @@ def markdown(table: dict[int, dict[str, Any]], timing: dict[str, Any] | None,
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for layers, e in table.items():
-        speed = (f"{e['texts_per_s']:.0f} | {e['speedup']:.2f}×" if "speedup" in e
-                 else "– | –")
+        speed = (f"{e['texts_per_s']:.0f} | {e['speedup']:.2f}×"
+                 + (f" ± {e['speedup_se']:.2f}" if e.get("speedup_se") is not None else "")
+                 if "speedup" in e else "– | –")
         lines.append(
             f"| {layers} | {e['params'] / 1e6:.1f} | {e['param_ratio']:.2f} | {speed} | "
             f"{pm(e['accuracy'], e['accuracy_se'])} | {pm(e['share_of_ensemble'], None)} % | "
@@ -205,9 +219,12 @@ def markdown(table: dict[int, dict[str, Any]], timing: dict[str, Any] | None,
               f"member (trained alone, full budget, picked on test) "
               f"{100 * e0['best_member_accuracy']:.2f} % (means over the runs)."]
     if timing:
-        lines += [f"Speed: {timing['texts']} dev texts, one thread, models back to back, median "
-                  f"of 3; teacher {1000 / timing['teacher_ms_per_text']:.0f} texts/s; load "
-                  f"average before {timing['load_before']}, after {timing['load_after']}."]
+        rounds = len(timing.get("rounds") or [None])
+        lines += [f"Speed: {timing['texts']} dev texts, one thread, models back to back, "
+                  f"{rounds} round(s) of the median of 3 passes (texts/s: the median round; "
+                  f"speed-up: mean ± SE over the rounds); teacher "
+                  f"{1000 / timing['teacher_ms_per_text']:.0f} texts/s; load average before "
+                  f"{timing['load_before']}, after {timing['load_after']}."]
     else:
         lines += ["Speed not measured: the load average was above --max-load. Rerun with "
                   "--time-only on a quiet machine."]

@@ -44,3 +44,17 @@ def test_a_gap_within_its_se_or_one_bad_cascade_run_is_not_met():
         "commit": "abc", "runs": 2, "run_names": ["a", "b"], "epochs": 3, "alpha": 0.9,
         "temperature": 2.0, "corpus_texts": 0})
     assert "| 2 | 2.0 | 0.33 | – | –" in md and "missed" in md and "not measured" in md
+
+
+def test_the_speedup_is_met_only_when_its_mean_less_one_se_clears_the_target():
+    rows = [_row(3, 0.52, 0.50, 0.98, 0.75, 0.004)]
+    steady = {"teacher_ms_per_text": 4.0, "ms_per_text": {"l3": 2.0},
+              "rounds": [{"teacher": 4.0, "l3": 2.0}, {"teacher": 4.2, "l3": 2.1}]}
+    e = W.summarize(rows, steady)[3]
+    assert e["speedup"] == pytest.approx(2.0) and e["speedup_se"] == pytest.approx(0.0)
+    assert e["targets"]["speedup_1_9"] is True
+    noisy = {"teacher_ms_per_text": 4.0, "ms_per_text": {"l3": 2.0},
+             "rounds": [{"teacher": 4.0, "l3": 1.6}, {"teacher": 4.0, "l3": 2.4}]}
+    e = W.summarize(rows, noisy)[3]  # speed-ups 2.5 and 1.67: mean 2.08, SE 0.42
+    assert e["speedup"] == pytest.approx((2.5 + 4 / 2.4) / 2)
+    assert e["targets"]["speedup_1_9"] is False
