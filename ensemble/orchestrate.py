@@ -64,22 +64,61 @@ def _fingerprint(d: dict[str, Any]) -> dict[str, Any]:
     return {"data": d.get("data"), "members": d.get("members")}
 
 
-def prepare_run_dir(cfg: C.RunConfig) -> Path:
-    """Create the run directory, or check that an existing one holds the same run (to resume)."""
+def prepare_run_dir(cfg: C.RunConfig) -> tuple[Path, list[str]]:
+    """Create the run directory, or check that an existing one holds the same run (to resume).
+
+    A finished one-round run may also grow: a config that keeps its data and every member as
+    they were and adds members trains only the added ones (see `_grow`).
+
+    Returns:
+        The run directory and the members added to the run found there (usually none).
+    """
     run_dir = Path(cfg.output_dir).resolve()
     saved = run_dir / "config.yaml"
+    added: list[str] = []
     if saved.is_file():
         old = C.to_dict(C.load(saved))
         new = C.to_dict(cfg)
         if _fingerprint(old) != _fingerprint(new):
-            diff = _first_diff(_fingerprint(old), _fingerprint(new))
-            raise C.ConfigError(
-                f"{run_dir} holds a run with different data/members ({diff}); "
-                "pass a new output_dir (or delete the old run) to start over"
-            )
+            added = _added_members(old, new)
+            if not added:
+                diff = _first_diff(_fingerprint(old), _fingerprint(new))
+                raise C.ConfigError(
+                    f"{run_dir} holds a run with different data/members ({diff}); pass a new "
+                    "output_dir (or delete the old run) to start over. Only adding members to a "
+                    "one-round run, with the others and the data unchanged, continues a run"
+                )
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(saved, C.to_yaml(cfg))
-    return run_dir
+    return run_dir, added
+
+
+def _added_members(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The members `new` adds to the one-round run `old` while keeping its data and members."""
+    one_round = old["training"]["rounds"] == new["training"]["rounds"] == 1
+    before, after = old.get("members") or {}, new.get("members") or {}
+    if (not one_round or old.get("data") != new.get("data") or not before.keys() < after.keys()
+            or any(before[n] != after[n] for n in before)):
+        return []
+    return [n for n in after if n not in before]
+
+
+def _grow(run_dir: Path, state: dict[str, Any], added: list[str]) -> None:
+    """Reopen a finished one-round run so that its next round trains only the `added` members.
+
+    The old members count as done for round 1 (they predict from their exports); the round
+    table, the ensemble distillation and its cached targets belong to the old ensemble and go.
+    """
+    if not state["rounds_completed"]:
+        return  # an unfinished round 1 already trains every member not done yet
+    print(f"adding {', '.join(added)} to {run_dir}; its other members keep their weights",
+          flush=True)
+    state["rounds_completed"] = 0
+    state["rounds"] = []
+    state.pop("distill", None)
+    for path in (run_dir / D.CACHE).glob("targets-*.npz"):
+        path.unlink()
+    atomic_write_json(run_dir / STATE, state)
 
 
 def _first_diff(a: Any, b: Any, path: str = "") -> str:
@@ -289,9 +328,11 @@ def train(cfg: C.RunConfig, address: str | None = None, verbose: bool = False,
     """
     check_config(cfg)
     start = time.time()
-    run_dir = prepare_run_dir(cfg)
+    run_dir, added = prepare_run_dir(cfg)
     splits = load_splits(cfg.data)  # bad data fails here, before Ray starts
     state = _load_state(run_dir)
+    if added:
+        _grow(run_dir, state, added)
     if state["rounds_completed"] >= cfg.training.rounds and (run_dir / "manifest.json").is_file():
         print(f"{run_dir} already holds {state['rounds_completed']} completed round(s)", flush=True)
         return run_dir
