@@ -7,11 +7,18 @@
 Every call is bounded by a timeout; HTTP errors raise `EnsembleHTTPError` carrying the server's
 message, so a 413 says which limit was exceeded and how to fix the request. `predict_in_parts`
 sends a batch larger than the server's ``serve.max_texts`` as several requests.
+
+Every route is free of side effects, so a request that meets a replica dying under it (500), a
+gateway error (502/504), a 503 while replicas restart, or a refused connection is sent again, up
+to ``retries`` times, after the server's ``Retry-After`` or a short backoff. With two combiner
+replicas (``serve.combiner_replicas: 2``) this is what turns the few requests in flight on a
+killed replica into answers.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
@@ -38,6 +45,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+RETRY_STATUSES = (500, 502, 503, 504)
 
 
 class EnsembleError(RuntimeError):
@@ -68,15 +77,21 @@ class EnsembleClient:
     Args:
         url: the server URL including any route prefix, e.g. ``http://127.0.0.1:8000``.
         timeout: seconds for connecting and for each response.
+        retries: times a request is sent again after a 500/502/503/504 or a refused
+            connection (never after a timeout or a 4xx); 0 sends each request once.
     """
 
-    def __init__(self, url: str = "http://127.0.0.1:8000", timeout: float = 30.0) -> None:
+    def __init__(self, url: str = "http://127.0.0.1:8000", timeout: float = 30.0,
+                 retries: int = 2) -> None:
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"url {url!r} must start with http:// or https://")
         if timeout <= 0:
             raise ValueError(f"timeout={timeout} must be > 0 seconds")
+        if retries < 0:
+            raise ValueError(f"retries={retries} must be >= 0")
         self.url = url.rstrip("/")
         self.timeout = timeout
+        self.retries = retries
         self._http = httpx.Client(base_url=self.url + "/", timeout=timeout)
 
     def predict(self, texts: str | Sequence[str], return_members: bool = False) -> list[Prediction]:
@@ -152,17 +167,29 @@ class EnsembleClient:
         return self._request("GET", "healthz", HealthResponse, params={"deep": str(deep).lower()})
 
     def _request(self, method: str, path: str, model: type[BaseModel] | None, **kw: Any) -> Any:
-        try:
-            resp = self._http.request(method, path, **kw)
-        except httpx.TimeoutException as err:
-            raise EnsembleTimeout(
-                f"no answer from {self.url}/{path} within {self.timeout:g}s ({type(err).__name__});"
-                " the server may be overloaded or restarting, or raise the timeout"
-            ) from None
-        except httpx.TransportError as err:
-            raise EnsembleConnectionError(
-                f"cannot reach {self.url}: {err}; is `ensemble serve RUN_DIR` running there?"
-            ) from None
+        for attempt in range(self.retries + 1):
+            last = attempt == self.retries
+            try:
+                resp = self._http.request(method, path, **kw)
+            except httpx.TimeoutException as err:
+                raise EnsembleTimeout(
+                    f"no answer from {self.url}/{path} within {self.timeout:g}s "
+                    f"({type(err).__name__}); the server may be overloaded or restarting, or "
+                    "raise the timeout"
+                ) from None
+            except httpx.TransportError as err:
+                if last:
+                    raise EnsembleConnectionError(
+                        f"cannot reach {self.url}: {err}; is `ensemble serve RUN_DIR` running "
+                        "there?"
+                    ) from None
+                time.sleep(_backoff(attempt, None))
+                continue
+            if resp.status_code in RETRY_STATUSES and not last:
+                logger.info("%s /%s: %d, sending it again", method, path, resp.status_code)
+                time.sleep(_backoff(attempt, resp.headers.get("retry-after")))
+                continue
+            break
         if resp.status_code >= 400:
             raise EnsembleHTTPError(resp.status_code, _detail(resp), f"{self.url}/{path}")
         data = resp.json()
@@ -181,6 +208,15 @@ class EnsembleClient:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _backoff(attempt: int, retry_after: str | None) -> float:
+    """Seconds before attempt ``attempt + 1``: the server's Retry-After (capped at 10 s) or
+    0.2 s doubled per attempt."""
+    try:
+        return min(10.0, max(0.0, float(retry_after)))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return 0.2 * 2**attempt
 
 
 def _detail(resp: httpx.Response) -> str:

@@ -488,6 +488,61 @@ def test_a_killed_member_replica_degrades_answers_instead_of_failing_them(served
     served.push()
 
 
+def test_a_killed_combiner_replica_is_covered_by_the_second_one(served):
+    """With serve.combiner_replicas=2, SIGKILL one combiner replica while clients keep posting:
+    plain HTTP clients lose at most the request each had in flight on it (a 500), and
+    EnsembleClient, which sends such a request again, loses none."""
+    import threading
+
+    from ensemble.serving import commands
+
+    commands.deploy(served.run_dir, commands.serve_config_for(
+        served.run_dir, {**_BASE, "combiner_replicas": 2}), timeout_s=300)
+    try:
+        pids, deadline = set(), time.monotonic() + 60
+        while len(pids) < 2 and time.monotonic() < deadline:
+            pids.add(served.client.stats().combiner.pid)
+        assert len(pids) == 2, f"one combiner replica answered /stats: {pids}"
+        victim = min(pids)
+        stop, responses, answers = threading.Event(), [], []
+
+        def raw() -> None:
+            with httpx.Client(timeout=10) as http:
+                while not stop.is_set():
+                    responses.append(http.post(served.url + "/predict",
+                                               json={"texts": TEXTS[:2]}))
+
+        def typed() -> None:  # any EnsembleError fails the test through f.result()
+            with EnsembleClient(served.url, timeout=10) as client:
+                while not stop.is_set():
+                    answers.append(client.predict(TEXTS[:2]))
+
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(raw if i % 2 else typed) for i in range(8)]
+            time.sleep(1.0)
+            os.kill(victim, signal.SIGKILL)
+            replaced, deadline = False, time.monotonic() + 120
+            while not replaced and time.monotonic() < deadline:
+                time.sleep(0.5)
+                replaced = _running_replicas(commands.COMBINER) == 2 and victim not in {
+                    served.client.stats().combiner.pid for _ in range(4)}
+            time.sleep(1.0)
+            stop.set()
+            for f in futures:
+                f.result()
+        assert replaced, "the killed combiner replica was not replaced in time"
+        codes = [r.status_code for r in responses]
+        failed = [c for c in codes if c != 200]
+        print(f"combiner replica killed under load: plain HTTP {len(codes)} responses, "
+              f"{codes.count(200)} x 200, others {failed}; EnsembleClient {len(answers)} "
+              "requests, all answered")
+        assert set(failed) <= {500} and len(failed) <= 4, failed  # only what was in flight
+        assert answers and all(len(a) == 2 for a in answers)
+    finally:
+        commands.deploy(served.run_dir, commands.serve_config_for(served.run_dir, _BASE),
+                        timeout_s=300)
+
+
 def _running_replicas(deployment: str) -> int:
     from ray import serve
 

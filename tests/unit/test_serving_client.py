@@ -65,6 +65,13 @@ class _Stub(BaseHTTPRequestHandler):
             self._send(413, {"detail": "70 texts in one request; the limit is 64"})
         elif self.path == "/fastapi/predict":
             self._send(422, {"detail": [{"loc": ["body", "text"], "msg": "bad type"}]})
+        elif self.path == "/flaky/predict":  # a replica dies under the first two requests
+            self.server.flaky += 1
+            if self.server.flaky <= 2:
+                self._send(500, "Internal Server Error")
+            else:
+                self._send(200, {"predictions": [PREDICTION], "method": "soft_vote",
+                                 "revision": "abc"})
         elif self.path == "/down/predict":
             self._send(503, "upstream restarting")
         elif self.path == "/slow/predict":
@@ -80,6 +87,7 @@ class _Stub(BaseHTTPRequestHandler):
 def stub():
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Stub)
     server.seen = []
+    server.flaky = 0
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}", server
@@ -115,6 +123,24 @@ def test_http_errors_carry_the_server_message(stub, prefix, status, message):
     assert err.value.status_code == status
     assert err.value.message == message
     assert message in str(err.value)
+
+
+def test_server_errors_are_sent_again_and_client_errors_are_not(stub):
+    url, server = stub
+    server.flaky = 0
+    with EnsembleClient(url + "/flaky", timeout=5, retries=2) as client:
+        assert client.predict(["x"])[0].label == "pos"
+    assert server.flaky == 3  # two 500s, then the answer
+    server.flaky = 0
+    with pytest.raises(EnsembleHTTPError) as err:
+        EnsembleClient(url + "/flaky", timeout=5, retries=0).predict(["x"])
+    assert err.value.status_code == 500 and server.flaky == 1
+    before = len(server.seen)
+    with pytest.raises(EnsembleHTTPError):
+        EnsembleClient(url + "/too-big", timeout=5, retries=2).predict(["x"])
+    assert len(server.seen) == before + 1  # a 413 is the request's fault: sent once
+    with pytest.raises(ValueError, match="retries=-1"):
+        EnsembleClient(url, retries=-1)
 
 
 def test_timeout_is_bounded_and_explained(stub):
