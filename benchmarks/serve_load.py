@@ -326,10 +326,11 @@ def cascade_quality(run_dir: Path, confidence: str = "auto") -> dict[str, Any] |
     larger dev share); ``by_measure`` repeats the fit for every measure, so the table shows what
     each would let the student answer at the same budget.
     """
+    from ensemble import combination
     from ensemble.rundir import Manifest
     from ensemble.serving import cascade
 
-    spec = cascade.combination_from_manifest(Manifest.load(run_dir))
+    spec = combination.combination_from_manifest(Manifest.load(run_dir))
 
     def fit(m: str) -> dict[str, Any]:
         threshold, dev = cascade.fit_threshold_from_run(run_dir, spec, measure=m)
@@ -338,10 +339,10 @@ def cascade_quality(run_dir: Path, confidence: str = "auto") -> dict[str, Any] |
             test = cascade.load_predictions(run_dir, "test")
         except FileNotFoundError:
             return out
-        ens = cascade.combine_outputs(test, spec).probs
+        ens = combination.combine_outputs(test, spec).probs
         student = cascade.student_of(spec)
         out["test"] = cascade.cascade_accuracy(
-            cascade.member_probs(spec, student, test[student]), ens, test["labels"].astype(int),
+            combination.member_probs(spec, student, test[student]), ens, test["labels"].astype(int),
             threshold, m,
         )
         return out

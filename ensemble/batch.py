@@ -29,9 +29,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from ensemble.combination import Combination
 from ensemble.inference import LoadedMember, combiner_for, prediction_row
 from ensemble.parts import ROW, PartsDir, output_format
-from ensemble.serving.cascade import Combination, ensemble_answer
+from ensemble.serving.cascade import ensemble_answer
 from ensemble.serving.schemas import predictions
 
 __all__ = ["BatchResult", "add_commands", "predict_file", "read_texts"]

@@ -21,16 +21,14 @@ from typing import Any
 
 import numpy as np
 
+from ensemble.combination import Combination, combination_from_manifest, member_probs
 from ensemble.config import ServeConfig
 from ensemble.rundir import Manifest
 from ensemble.serving.cascade import (
     Answer,
-    Combination,
     cascade_answer,
-    combination_from_manifest,
     ensemble_answer,
     hard_examples,
-    member_probs,
     student_of,
 )
 from ensemble.serving.schemas import CombinerSettings, Prediction, PredictRequest, predictions

@@ -170,9 +170,10 @@ def publish(
 def _cascade(cfg: C.RunConfig, run_dir: Path, manifest: Manifest) -> dict[str, Any]:
     """The cascade Serve would fit (`serve.*` settings): its stats with the test loss, and the
     curve plot."""
+    from ensemble import combination
     from ensemble.serving import cascade
 
-    spec = cascade.combination_from_manifest(manifest)
+    spec = combination.combination_from_manifest(manifest)
     threshold, measure, stats = cascade.fit_cascade_from_run(
         run_dir, spec, cfg.serve.cascade_confidence, cfg.serve.cascade_max_accuracy_loss
     )

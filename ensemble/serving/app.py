@@ -10,7 +10,7 @@ manifest and binds
   off.
 * ``combiner``: the HTTP ingress. It fans a request out to every member at once (the
   ``DeploymentResponse`` objects are awaited together), or one after another in ``sequential``
-  mode, and combines the outputs with `ensemble.combine` via `cascade.combine_outputs`.
+  mode, and combines the outputs with `ensemble.combine` via `combination.combine_outputs`.
   Concurrent requests share fan-outs (`FanOutBatcher`). Method,
   weights, cascade and limits are its ``user_config``, so `reconfigure` swaps them on the
   running replicas without a restart.
@@ -40,17 +40,15 @@ from ray import serve
 from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle
 
+from ensemble.combination import Combination, combination_from_manifest, member_probs
 from ensemble.inference import LoadedMember
 from ensemble.rundir import Manifest
 from ensemble.serving import schemas as s
 from ensemble.serving.cascade import (
     Answer,
-    Combination,
     cascade_answer,
-    combination_from_manifest,
     ensemble_answer,
     hard_examples,
-    member_probs,
     student_of,
 )
 from ensemble.serving.commands import (

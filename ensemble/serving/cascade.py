@@ -1,23 +1,10 @@
-"""How member outputs become one answer: the ensemble combination and the student-first cascade.
+"""The student-first cascade: the (cheap) student answers alone when its confidence reaches a
+threshold, the full ensemble (`ensemble.combination`) answers the rest.
 
 Pure numpy (no Ray, no torch), so the Serve combiner, the load benchmark and the unit tests run
-exactly the same code. The arithmetic itself lives in `ensemble.combine`; this module adapts the
-run directory's view of the members (a mapping ``name -> output``) to it:
-
-* classification members (classifier, teacher, student) output ``(B, C)`` probabilities; a
-  member with a temperature in ``params["temperatures"]`` (fitted on dev when the run had
-  ``training.calibrate``) votes them scaled by `combine.member_vote`, everywhere: in the
-  combination, as the cascade's student and in the member views of a response;
-* the regressor outputs ``(B,)`` intensities and votes through `combine.regressor_probs`;
-* the ensemble intensity is `combine.combine_intensity` over the regressor's intensity and each
-  classification member's `combine.expected_intensity`, weighted as `evaluate.ensemble_intensity`
-  does (the regressor half, the classification members the other half), so Serve returns what
-  the run's metrics describe.
-
-The cascade lets the (cheap) student answer alone when its confidence reaches a threshold;
-`fit_threshold` picks the lowest threshold whose dev accuracy loss against the full ensemble
-stays within a budget with 95 % confidence (a bootstrap upper bound), which sends as much
-traffic to the student as the budget safely allows. The confidence is the
+exactly the same code. `fit_threshold` picks the lowest threshold whose dev accuracy loss against
+the full ensemble stays within a budget with 95 % confidence (a bootstrap upper bound), which
+sends as much traffic to the student as the budget safely allows. The confidence is the
 student's margin (top probability minus the runner-up) or its top probability
 (`CONFIDENCE_MEASURES`); `fit_cascade_from_run` with ``auto`` (Serve's default) fits both and
 keeps the one that lets the student answer more. Which wins depends on the student: on SST the
@@ -29,44 +16,34 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ensemble import combine
-from ensemble.rundir import Manifest
+from ensemble.combination import Combination, Combined, combine_outputs, member_probs, without
 
 __all__ = [
-    "CLASSIFICATION_KINDS",
     "CONFIDENCE_MEASURES",
     "Answer",
     "cascade_answer",
     "ensemble_answer",
     "hard_examples",
-    "intensity_weights",
-    "Combination",
-    "Combined",
     "accuracy_loss_bound",
     "cascade_accuracy",
     "cascade_curve",
-    "combination_from_manifest",
-    "combine_outputs",
     "fit_threshold",
     "fit_cascade",
     "fit_cascade_from_run",
     "fit_threshold_from_run",
     "load_predictions",
-    "member_probs",
-    "stack_member_probs",
     "student_confidence",
     "served_probs",
     "student_of",
-    "without",
 ]
 
-CLASSIFICATION_KINDS = ("classifier", "teacher", "student")
 CONFIDENCE_MEASURES = ("margin", "max_prob")
 
 
@@ -88,190 +65,6 @@ def student_confidence(student_probs: np.ndarray, measure: str = "margin") -> np
         top2 = np.partition(p, p.shape[1] - 2, axis=1)[:, -2:]  # (N, 2): runner-up, top
         return top2[:, 1] - top2[:, 0]
     raise ValueError(f"cascade confidence {measure!r} unknown; use one of {CONFIDENCE_MEASURES}")
-
-
-@dataclass(frozen=True)
-class Combination:
-    """Everything needed to turn member outputs into the served prediction.
-
-    Attributes:
-        members: member name -> kind, in the order the weights apply.
-        label_names: class names, index = class id (C of them).
-        class_intensity: (C,) mean intensity per class.
-        intensity_edges: (C-1,) bin edges through which the regressor votes.
-        method: one of `combine.METHODS`.
-        weights: member name -> weight; empty means equal weights.
-        params: method parameters (``coef``/``intercept`` for stacking; an optional
-            ``regressor_sharpness`` turns the regressor's one-hot vote into a soft one; optional
-            ``temperatures``, member name -> T, scale classification members' probabilities;
-            a member without one, or a manifest without the key, votes with T = 1; an optional
-            ``output_temperature`` scales the combined probabilities).
-    """
-
-    members: dict[str, str]
-    label_names: list[str]
-    class_intensity: list[float]
-    intensity_edges: list[float]
-    method: str = "soft_vote"
-    weights: dict[str, float] = field(default_factory=dict)
-    params: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.method not in combine.METHODS:
-            problems.append(f"combine method {self.method!r} unknown; use one of {combine.METHODS}")
-        if not self.members:
-            problems.append("no members to combine; the manifest lists none")
-        bad_kinds = {
-            n: k for n, k in self.members.items() if k not in (*CLASSIFICATION_KINDS, "regressor")
-        }
-        if bad_kinds:
-            problems.append(
-                f"unknown member kinds {bad_kinds}; use classifier/regressor/teacher/student"
-            )
-        if self.weights:
-            missing = sorted(set(self.members) - set(self.weights))
-            extra = sorted(set(self.weights) - set(self.members))
-            if missing:
-                problems.append(
-                    f"weights lack members {missing}; give every member a weight "
-                    "(0 drops it) or none at all for equal weights"
-                )
-            if extra:
-                problems.append(
-                    f"weights name unknown members {extra}; valid: {list(self.members)}"
-                )
-            if any(not np.isfinite(w) or w < 0 for w in self.weights.values()):
-                problems.append(f"weights {self.weights} must be finite and >= 0")
-            elif not missing and sum(self.weights.values()) <= 0:
-                problems.append("all weights are 0; give at least one member a positive weight")
-        if self.method == "stacking" and not {"coef", "intercept"} <= set(self.params):
-            problems.append("method 'stacking' needs params.coef and params.intercept")
-        problems += self._temperature_problems()
-        if self.method in ("weighted", "caruana") and not self.weights:
-            problems.append(f"method {self.method!r} needs learned weights in combine.weights")
-        if len(self.class_intensity) != len(self.label_names):
-            problems.append("class_intensity needs one value per label")
-        if len(self.intensity_edges) != len(self.label_names) - 1:
-            problems.append("intensity_edges needs len(label_names) - 1 values")
-        if problems:
-            raise ValueError("; ".join(problems))
-
-    def _temperature_problems(self) -> list[str]:
-        temps = self.params.get("temperatures") or {}
-        if not isinstance(temps, Mapping):
-            return [f"params.temperatures must map member names to T > 0, got {temps!r}"]
-        problems = []
-        not_cls = sorted(n for n in temps if self.members.get(n) not in CLASSIFICATION_KINDS)
-        if not_cls:
-            problems.append(
-                f"params.temperatures names {not_cls}, which are not classification members "
-                f"{[n for n, k in self.members.items() if k in CLASSIFICATION_KINDS]}"
-            )
-        bad = {n: t for n, t in temps.items() if not _positive(t)}
-        if bad:
-            problems.append(f"params.temperatures {bad} must be finite and > 0")
-        out = self.params.get(combine.OUTPUT_TEMPERATURE)
-        if out is not None and not _positive(out):
-            problems.append(f"params.{combine.OUTPUT_TEMPERATURE}={out!r} must be finite and > 0")
-        return problems
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.label_names)
-
-    def temperature(self, name: str) -> float:
-        """Member ``name``'s temperature; 1.0 (its probabilities as they are) without one."""
-        return float((self.params.get("temperatures") or {}).get(name, 1.0))
-
-    def weight_vector(self, names: list[str] | None = None) -> np.ndarray | None:
-        """(M,) weights of ``names`` (default: all members) in that order; None = equal."""
-        w = combine.weight_vector(self.weights, names or list(self.members))
-        return None if w is None else np.array(w, dtype=np.float64)
-
-
-@dataclass(frozen=True)
-class Combined:
-    """The combined prediction for B texts (all arrays have B rows)."""
-
-    probs: np.ndarray  # (B, C)
-    label_ids: np.ndarray  # (B,)
-    confidence: np.ndarray  # (B,)
-    intensity: np.ndarray  # (B,)
-    disagreement: np.ndarray  # (B,)
-
-
-def member_probs(spec: Combination, name: str, output: np.ndarray) -> np.ndarray:
-    """Member ``name``'s (B, C) vote as the combination uses it (`combine.member_vote`): a
-    classification member's probabilities scaled by its temperature (`Combination.temperature`),
-    the regressor's intensities through their bin, softened by ``params["regressor_sharpness"]``.
-    """
-    return combine.member_vote(spec.members[name], output, spec.intensity_edges, spec.num_classes,
-                               spec.params.get("regressor_sharpness"), spec.temperature(name))
-
-
-def _positive(value: Any) -> bool:
-    try:
-        return bool(np.isfinite(float(value)) and float(value) > 0)
-    except (TypeError, ValueError):
-        return False
-
-
-def stack_member_probs(
-    outputs: Mapping[str, np.ndarray], spec: Combination, names: list[str] | None = None
-) -> np.ndarray:
-    """Member outputs as one (M, B, C) tensor of their votes (`combine.member_votes`).
-
-    Args:
-        outputs: member name -> (B, C) probabilities or, for the regressor, (B,) intensities.
-        spec: the combination (member kinds, edges, number of classes, temperatures).
-        names: members to stack, in order; default all of ``spec.members``.
-
-    Raises:
-        ValueError: if a member's output is missing or has the wrong shape.
-    """
-    return combine.member_votes(outputs, spec.members, spec.intensity_edges, spec.num_classes,
-                                spec.params.get("regressor_sharpness"),
-                                spec.params.get("temperatures"), names or list(spec.members))
-
-
-def intensity_weights(spec: Combination) -> np.ndarray:
-    """(M,) weights of the members' intensity estimates (`combine.intensity_weights`)."""
-    return combine.intensity_weights(list(spec.members.values()))
-
-
-def combine_outputs(outputs: Mapping[str, np.ndarray], spec: Combination) -> Combined:
-    """Combine every member's output into the served prediction.
-
-    Args:
-        outputs: member name -> (B, C) probabilities, or (B,) intensities for the regressor.
-        spec: method, weights and run metadata.
-
-    Returns:
-        The combined probabilities, labels, confidence, intensity and member disagreement.
-
-    Raises:
-        ValueError: on missing outputs or inconsistent shapes.
-    """
-    names = list(spec.members)
-    probs = stack_member_probs(outputs, spec, names)  # (M, B, C)
-    weights = spec.weight_vector(names)
-    final = combine.apply(spec.method, probs, weights, spec.params)  # (B, C)
-    intensities = np.stack(
-        [  # (M, B)
-            np.asarray(outputs[n], dtype=np.float64).reshape(-1)
-            if spec.members[n] == "regressor"
-            else combine.expected_intensity(probs[i], spec.class_intensity)
-            for i, n in enumerate(names)
-        ]
-    )
-    return Combined(
-        probs=final,
-        label_ids=final.argmax(axis=1),
-        confidence=combine.confidence(final),
-        intensity=combine.combine_intensity(intensities, intensity_weights(spec)),
-        disagreement=combine.disagreement(probs),
-    )
 
 
 @dataclass(frozen=True)
@@ -299,39 +92,6 @@ def ensemble_answer(
     """The ensemble of the members in ``outputs``; ``missing`` ones are left out (`without`)."""
     comb = combine_outputs(outputs, without(spec, missing))
     return Answer(comb, dict(outputs), ["ensemble"] * len(comb.label_ids), tuple(missing))
-
-
-def without(spec: Combination, missing: Sequence[str]) -> Combination:
-    """The combination of the members that answered, for when some did not.
-
-    ``missing`` members are left out and the others' weights renormalised; a stacking combiner,
-    fitted on every member's votes, and learned weights that leave nobody a positive weight
-    fall back to the soft vote of the members left. The other params (member temperatures, the
-    regressor's sharpness, the output temperature) stay as they are.
-
-    Raises:
-        ValueError: if no member is left.
-    """
-    gone = set(missing) & set(spec.members)
-    if not gone:
-        return spec
-    members = {n: k for n, k in spec.members.items() if n not in gone}
-    if not members:
-        raise ValueError(f"no member left to combine: {sorted(gone)} did not answer")
-    params = dict(spec.params)
-    if params.get("temperatures"):
-        params["temperatures"] = {n: t for n, t in params["temperatures"].items() if n in members}
-    method = spec.method
-    weights = {n: w for n, w in spec.weights.items() if n in members}
-    if method == "stacking" or (weights and sum(weights.values()) <= 0):
-        method, weights = "soft_vote", {}
-        params.pop("coef", None)
-        params.pop("intercept", None)
-    if weights:
-        total = sum(weights.values())
-        weights = {n: w / total for n, w in weights.items()}
-    return dataclasses.replace(spec, members=members, method=method, weights=weights,
-                               params=params)
 
 
 def hard_examples(
@@ -569,38 +329,6 @@ def cascade_accuracy(
         "threshold": float(threshold),
         "measure": measure,
     }
-
-
-def combination_from_manifest(manifest: Manifest, method: str | None = None) -> Combination:
-    """The `Combination` a run directory's manifest describes.
-
-    Args:
-        manifest: the loaded manifest.
-        method: override of ``manifest.combine["method"]`` (e.g. from ``--method``).
-
-    Returns:
-        The validated combination.
-
-    Raises:
-        ValueError: if the manifest's combine section is inconsistent with its members.
-    """
-    comb = manifest.combine or {}
-    # stacking coefficients are laid out in the order the combiner was fitted in
-    order = list(comb.get("members") or manifest.members)
-    if sorted(order) != sorted(manifest.members):
-        raise ValueError(
-            f"combine.members {order} differ from the manifest's members "
-            f"{list(manifest.members)}; refit the combiner on the current members"
-        )
-    return Combination(
-        members={name: manifest.members[name].kind for name in order},
-        label_names=list(manifest.label_names),
-        class_intensity=[float(v) for v in manifest.class_intensity],
-        intensity_edges=[float(v) for v in manifest.intensity_edges],
-        method=method or comb.get("method", "soft_vote"),
-        weights={k: float(v) for k, v in (comb.get("weights") or {}).items()},
-        params=dict(comb.get("params") or {}),
-    )
 
 
 def student_of(spec: Combination) -> str:

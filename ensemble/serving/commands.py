@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from ensemble import combination
 from ensemble.combine import METHODS
 from ensemble.config import RayConfig, ServeConfig
 from ensemble.rundir import Manifest
@@ -84,7 +85,7 @@ def members_fingerprint(run_dir: str | os.PathLike, manifest: Manifest) -> str:
 
 
 def resolve_threshold(
-    run_dir: str | os.PathLike, manifest: Manifest, cfg: ServeConfig, spec: cascade.Combination
+    run_dir: str | os.PathLike, manifest: Manifest, cfg: ServeConfig, spec: combination.Combination
 ) -> tuple[float | None, str]:
     """Cascade threshold and the confidence it applies to.
 
@@ -125,7 +126,7 @@ def combiner_settings(
         ValueError: if the combination is inconsistent (e.g. stacking without params) or the
             cascade is on without a student or threshold.
     """
-    spec = cascade.combination_from_manifest(manifest, method)
+    spec = combination.combination_from_manifest(manifest, method)
     if cfg.cascade:
         cascade.student_of(spec)
     if cfg.min_members > len(spec.members):

@@ -13,7 +13,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ensemble import combine
-from ensemble.serving.cascade import Answer, Combination, member_probs
+from ensemble.combination import Combination, member_probs
+from ensemble.serving.cascade import Answer
 
 __all__ = [
     "CascadeInfo",
@@ -255,7 +256,7 @@ class CombinerSettings(BaseModel):
 def member_output(name: str, value: np.ndarray, spec: Combination) -> MemberOutput:
     """Member ``name``'s output for one text: (C,) probabilities, or a scalar for the regressor.
 
-    The probabilities shown are the member's vote (`cascade.member_probs`): temperature-scaled,
+    The probabilities shown are the member's vote (`combination.member_probs`): temperature-scaled,
     or the regressor's binned intensity.
     """
     kind = spec.members[name]

@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from ensemble import combine
+from ensemble import combination, combine
+from ensemble.combination import Combination
 from ensemble.rundir import Manifest, MemberEntry
 from ensemble.serving import cascade
-from ensemble.serving.cascade import Combination
 
 LABELS = ["neg", "neu", "pos"]
 MEMBERS = {"clf": "classifier", "reg": "regressor", "teach": "teacher", "stud": "student"}
@@ -229,7 +229,7 @@ def test_combine_outputs_is_combine_apply_on_the_stacked_members(method):
     params = {"coef": rng.normal(size=(3, 12)).tolist(), "intercept": [0.1, 0.0, -0.1]}
     spec = _spec(method=method, weights=weights, params=params if method == "stacking" else {})
     out = _outputs(7)
-    got = cascade.combine_outputs(out, spec)
+    got = combination.combine_outputs(out, spec)
 
     reg_probs = combine.regressor_probs(out["reg"], [-1.0, 1.0], 3)
     probs = np.stack([out["clf"], reg_probs, out["teach"], out["stud"]])  # manifest order
@@ -267,7 +267,7 @@ def test_served_intensity_is_the_evaluated_intensity(members):
     }
     estimates = evaluate.intensity_estimates(out, members, spec.class_intensity)
     np.testing.assert_allclose(
-        cascade.combine_outputs(out, spec).intensity,
+        combination.combine_outputs(out, spec).intensity,
         evaluate.ensemble_intensity(estimates, members),
     )
 
@@ -282,17 +282,17 @@ def test_stacking_member_order_comes_from_the_fitted_combiner(tmp_path):
             "members": ["stud", "reg", "clf", "teach"],
         },
     )
-    spec = cascade.combination_from_manifest(Manifest.load(tmp_path))
+    spec = combination.combination_from_manifest(Manifest.load(tmp_path))
     assert list(spec.members) == ["stud", "reg", "clf", "teach"]
     _manifest_run(tmp_path / "other", {"method": "soft_vote", "members": ["stud", "reg"]})
     with pytest.raises(ValueError, match="refit the combiner"):
-        cascade.combination_from_manifest(Manifest.load(tmp_path / "other"))
+        combination.combination_from_manifest(Manifest.load(tmp_path / "other"))
 
 
 def test_regressor_sharpness_param_gives_a_soft_vote():
     out = _outputs(5)
-    hard = cascade.stack_member_probs(out, _spec())[1]
-    soft = cascade.stack_member_probs(out, _spec(params={"regressor_sharpness": 2.0}))[1]
+    hard = combination.stack_member_probs(out, _spec())[1]
+    soft = combination.stack_member_probs(out, _spec(params={"regressor_sharpness": 2.0}))[1]
     assert set(np.unique(hard)) <= {0.0, 1.0}
     assert np.all((soft > 0) & (soft < 1))
     np.testing.assert_array_equal(hard.argmax(1), soft.argmax(1))
@@ -305,8 +305,8 @@ def test_temperatures_scale_classification_votes_and_their_absence_is_t_1():
     from ensemble.calibration import temper
 
     out = _outputs(6, seed=7)
-    plain = cascade.stack_member_probs(out, _spec())
-    scaled = cascade.stack_member_probs(out, _spec(params={"temperatures": TEMPS}))
+    plain = combination.stack_member_probs(out, _spec())
+    scaled = combination.stack_member_probs(out, _spec(params={"temperatures": TEMPS}))
     for i, name in enumerate(MEMBERS):
         if name in TEMPS:
             np.testing.assert_allclose(scaled[i], temper(out[name], TEMPS[name]))
@@ -315,7 +315,7 @@ def test_temperatures_scale_classification_votes_and_their_absence_is_t_1():
             np.testing.assert_array_equal(scaled[i], plain[i])  # the regressor has its sharpness
     # without the key (an older manifest) the members vote their probabilities as they are
     np.testing.assert_array_equal(plain, np.stack([
-        cascade.member_probs(_spec(), n, out[n]) for n in MEMBERS
+        combination.member_probs(_spec(), n, out[n]) for n in MEMBERS
     ]))
     np.testing.assert_array_equal(plain[0], out["clf"])
     assert _spec().temperature("clf") == 1.0
@@ -325,8 +325,9 @@ def test_temperatures_scale_classification_votes_and_their_absence_is_t_1():
 def test_combined_probs_use_the_scaled_votes():
     out = _outputs(8, seed=8)
     spec = _spec(params={"temperatures": TEMPS})
-    votes = cascade.stack_member_probs(out, spec)
-    np.testing.assert_allclose(cascade.combine_outputs(out, spec).probs, combine.soft_vote(votes))
+    votes = combination.stack_member_probs(out, spec)
+    np.testing.assert_allclose(combination.combine_outputs(out, spec).probs,
+                               combine.soft_vote(votes))
 
 
 @pytest.mark.parametrize(
@@ -355,7 +356,7 @@ def test_missing_member_output_is_an_error():
     out = _outputs(2)
     del out["teach"]
     with pytest.raises(ValueError, match="no outputs for members"):
-        cascade.combine_outputs(out, _spec())
+        combination.combine_outputs(out, _spec())
 
 
 # ----------------------------------------------------------------------------- cascade_answer
@@ -368,7 +369,7 @@ def test_cascade_answer_merges_student_and_ensemble_rows():
     assert 0 < hard.size < 6  # the seed gives a mix
     rest = {n: v[hard] for n, v in out.items() if n != "stud"}
     ans = cascade.cascade_answer(spec, out["stud"], hard, rest)
-    full = cascade.combine_outputs(out, spec)
+    full = combination.combine_outputs(out, spec)
     easy = np.setdiff1d(np.arange(6), hard)
     np.testing.assert_allclose(ans.combined.probs[hard], full.probs[hard])
     np.testing.assert_allclose(ans.combined.probs[easy], out["stud"][easy])
@@ -386,7 +387,7 @@ def test_cascade_extremes_equal_student_alone_and_full_ensemble():
     ans = cascade.cascade_answer(
         spec, out["stud"], all_hard, {n: v for n, v in out.items() if n != "stud"}
     )
-    np.testing.assert_allclose(ans.combined.probs, cascade.combine_outputs(out, spec).probs)
+    np.testing.assert_allclose(ans.combined.probs, combination.combine_outputs(out, spec).probs)
     none = cascade.hard_examples(out["stud"], threshold=0.0)
     ans = cascade.cascade_answer(spec, out["stud"], none, {})
     np.testing.assert_allclose(ans.combined.probs, out["stud"])
@@ -411,14 +412,14 @@ def test_answer_rows_split_a_batch_back_into_requests():
 def test_cascade_answer_scales_the_student_as_the_ensemble_does():
     spec = _spec(params={"temperatures": TEMPS})
     out = _outputs(6, seed=3)
-    vote = cascade.member_probs(spec, "stud", out["stud"])
+    vote = combination.member_probs(spec, "stud", out["stud"])
     hard = cascade.hard_examples(vote, threshold=0.5, measure="max_prob")
     rest = {n: v[hard] for n, v in out.items() if n != "stud"}
     ans = cascade.cascade_answer(spec, out["stud"], hard, rest)
     easy = np.setdiff1d(np.arange(6), hard)
     np.testing.assert_allclose(ans.combined.probs[easy], vote[easy])
     np.testing.assert_allclose(ans.combined.confidence[easy], vote[easy].max(1))
-    full = cascade.combine_outputs(out, spec)
+    full = combination.combine_outputs(out, spec)
     np.testing.assert_allclose(ans.combined.probs[hard], full.probs[hard])
     np.testing.assert_array_equal(ans.outputs["stud"], out["stud"])  # members' own outputs kept
 
@@ -464,9 +465,9 @@ def _manifest_run(tmp_path, combine_section):
 
 def test_fit_threshold_from_run_uses_the_served_combination(tmp_path):
     preds = _manifest_run(tmp_path, {"method": "soft_vote", "weights": {}, "params": {}})
-    spec = cascade.combination_from_manifest(Manifest.load(tmp_path))
+    spec = combination.combination_from_manifest(Manifest.load(tmp_path))
     threshold, stats = cascade.fit_threshold_from_run(tmp_path, spec, max_accuracy_loss=0.005)
-    ensemble = cascade.combine_outputs(preds, spec).probs
+    ensemble = combination.combine_outputs(preds, spec).probs
     assert threshold == cascade.fit_threshold(preds["stud"], ensemble, preds["labels"])
     assert stats["accuracy_loss"] <= 0.005 + 1e-12
     assert 0.0 < stats["student_fraction"] < 1.0  # a real split on this data
@@ -481,23 +482,23 @@ def test_a_fitted_threshold_reports_its_loss_on_test_beside_dev(tmp_path):
     spec = _run_spec(tmp_path)
     threshold, measure, stats = cascade.fit_cascade_from_run(tmp_path, spec, "margin", 0.01)
     expected = cascade.cascade_accuracy(
-        cascade.member_probs(spec, "stud", test["stud"]),
-        cascade.combine_outputs(test, spec).probs, test["labels"], threshold, measure,
+        combination.member_probs(spec, "stud", test["stud"]),
+        combination.combine_outputs(test, spec).probs, test["labels"], threshold, measure,
     )
     assert stats["test"] == expected and stats["max_accuracy_loss"] == 0.01
 
 
 def _run_spec(run_dir):
-    return cascade.combination_from_manifest(Manifest.load(run_dir))
+    return combination.combination_from_manifest(Manifest.load(run_dir))
 
 
 def test_cascade_fit_on_a_calibrated_run_uses_the_scaled_student(tmp_path):
     temps = {"clf": 1.3, "teach": 0.8, "stud": 2.5}
     preds = _manifest_run(tmp_path, {"method": "soft_vote", "params": {"temperatures": temps}})
-    spec = cascade.combination_from_manifest(Manifest.load(tmp_path))
+    spec = combination.combination_from_manifest(Manifest.load(tmp_path))
     assert spec.temperature("stud") == 2.5
-    ensemble = cascade.combine_outputs(preds, spec).probs
-    student = cascade.member_probs(spec, "stud", preds["stud"])
+    ensemble = combination.combine_outputs(preds, spec).probs
+    student = combination.member_probs(spec, "stud", preds["stud"])
     for m in cascade.CONFIDENCE_MEASURES:
         threshold, stats = cascade.fit_threshold_from_run(tmp_path, spec, measure=m)
         assert threshold == cascade.fit_threshold(student, ensemble, preds["labels"], measure=m)
@@ -509,9 +510,9 @@ def test_combination_from_manifest_reads_method_and_weights(tmp_path):
     _manifest_run(
         tmp_path, {"method": "hard_vote", "weights": {"clf": 2, "reg": 1, "teach": 1, "stud": 0}}
     )
-    spec = cascade.combination_from_manifest(Manifest.load(tmp_path))
+    spec = combination.combination_from_manifest(Manifest.load(tmp_path))
     assert spec.method == "hard_vote" and spec.weights["clf"] == 2.0
-    assert cascade.combination_from_manifest(Manifest.load(tmp_path), "soft_vote").method == (
+    assert combination.combination_from_manifest(Manifest.load(tmp_path), "soft_vote").method == (
         "soft_vote"
     )
     np.testing.assert_array_equal(spec.weight_vector(), [2.0, 1.0, 1.0, 0.0])
@@ -529,7 +530,7 @@ def test_auto_confidence_keeps_the_measure_with_the_larger_student_share(tmp_pat
     sharp = preds["stud"] ** rng.uniform(0.3, 3.0, size=(len(preds["stud"]), 1))
     preds["stud"] = sharp / sharp.sum(1, keepdims=True)
     np.savez(tmp_path / "predictions" / "dev.npz", **preds)
-    spec = cascade.combination_from_manifest(Manifest.load(tmp_path))
+    spec = combination.combination_from_manifest(Manifest.load(tmp_path))
     each = {m: cascade.fit_threshold_from_run(tmp_path, spec, measure=m)
             for m in cascade.CONFIDENCE_MEASURES}
     threshold, measure, stats = cascade.fit_cascade_from_run(tmp_path, spec, "auto")
@@ -563,29 +564,29 @@ def test_a_published_run_with_a_student_plots_its_cascade_and_records_the_test_l
 def test_without_renormalises_the_weights_of_the_members_left():
     spec = _spec(method="weighted", weights={"clf": 0.4, "reg": 0.1, "teach": 0.3, "stud": 0.2},
                  params={"temperatures": {"clf": 2.0, "teach": 0.5}, "output_temperature": 0.9})
-    left = cascade.without(spec, ["teach", "ghost"])
+    left = combination.without(spec, ["teach", "ghost"])
     assert list(left.members) == ["clf", "reg", "stud"] and left.method == "weighted"
     assert left.weights == pytest.approx({"clf": 4 / 7, "reg": 1 / 7, "stud": 2 / 7})
     assert left.params == {"temperatures": {"clf": 2.0}, "output_temperature": 0.9}
-    assert cascade.without(spec, []) is spec
+    assert combination.without(spec, []) is spec
     out = _outputs(7)
     # the degraded answer is the reduced combination of the members that answered
     answer = cascade.ensemble_answer({n: v for n, v in out.items() if n != "teach"}, spec,
                                      ["teach"])
-    want = cascade.combine_outputs({n: v for n, v in out.items() if n != "teach"}, left)
+    want = combination.combine_outputs({n: v for n, v in out.items() if n != "teach"}, left)
     np.testing.assert_allclose(answer.combined.probs, want.probs)
     assert answer.missing == ("teach",) and answer.rows(2, 4).missing == ("teach",)
 
 
 def test_without_falls_back_to_the_soft_vote_where_the_learned_combiner_cannot_go_on():
     stack = _spec(method="stacking", params={"coef": [[0.0] * 12] * 3, "intercept": [0.0] * 3})
-    left = cascade.without(stack, ["reg"])
+    left = combination.without(stack, ["reg"])
     assert (left.method, left.weights, left.params) == ("soft_vote", {}, {})
     only_zero = _spec(method="caruana", weights={"clf": 1.0, "reg": 0.0, "teach": 0.0,
                                                  "stud": 0.0})
-    assert cascade.without(only_zero, ["clf"]).method == "soft_vote"
+    assert combination.without(only_zero, ["clf"]).method == "soft_vote"
     with pytest.raises(ValueError, match="no member left"):
-        cascade.without(_spec(), list(MEMBERS))
+        combination.without(_spec(), list(MEMBERS))
 
 
 def test_degraded_answers_say_so_and_name_the_members_used():

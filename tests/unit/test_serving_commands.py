@@ -14,6 +14,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers_serve import synthetic_predictions  # noqa: E402
 
+from ensemble import combination
 from ensemble.rundir import Manifest, MemberEntry  # noqa: E402
 from ensemble.serving import cascade, commands  # noqa: E402
 
@@ -135,14 +136,14 @@ def test_fitted_threshold_comes_with_the_measure_auto_chose(run_dir):
     live = commands.combiner_settings(
         run_dir, manifest, commands.serve_config_for(run_dir, {"cascade": True})
     )
-    spec = cascade.combination_from_manifest(manifest)
+    spec = combination.combination_from_manifest(manifest)
     threshold, measure, _ = cascade.fit_cascade_from_run(run_dir, spec, "auto")
     assert (live.cascade_threshold, live.cascade_confidence) == (threshold, measure)
 
 
 def test_cascade_budget_sets_the_fitted_threshold(run_dir):
     manifest = Manifest.load(run_dir)
-    spec = cascade.combination_from_manifest(manifest)
+    spec = combination.combination_from_manifest(manifest)
     for budget in (0.0, 0.05):
         cfg = commands.serve_config_for(
             run_dir, {"cascade": True, "cascade_max_accuracy_loss": budget,

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from ensemble import combination
 from ensemble.serving import cascade
 from ensemble.serving import schemas as s
 
@@ -65,7 +66,7 @@ def test_member_settings_bounds():
 
 
 def _spec():
-    return cascade.Combination(
+    return combination.Combination(
         members={"c": "classifier", "r": "regressor", "st": "student"},
         label_names=LABELS,
         class_intensity=[0.0, 0.5, 1.0],
