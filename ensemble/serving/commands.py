@@ -23,8 +23,9 @@ import logging
 import os
 import sys
 import time
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import yaml
@@ -135,32 +136,21 @@ def combiner_settings(
             f"use 1 to {len(spec.members)}"
         )
     threshold, measure = resolve_threshold(run_dir, manifest, cfg, spec)
-    return CombinerSettings(
-        method=spec.method,
-        weights=spec.weights,
-        params=_plain(spec.params),
-        cascade=cfg.cascade,
-        cascade_threshold=threshold,
-        cascade_confidence=measure,
-        cascade_student_in_combiner=cfg.cascade_student_in_combiner,
-        sequential=cfg.sequential,
-        max_texts=cfg.max_texts,
-        max_text_chars=cfg.max_text_chars,
-        request_timeout_s=cfg.request_timeout_s,
-        min_members=cfg.min_members,
-        max_batch_size=cfg.max_batch_size,
-        max_concurrent_fanouts=cfg.max_concurrent_fanouts,
-        forward_chunk_size=cfg.forward_chunk_size,
-    )
+    return CombinerSettings(method=spec.method, weights=spec.weights, params=_plain(spec.params),
+                            cascade_threshold=threshold, cascade_confidence=measure,
+                            **_shared(cfg, CombinerSettings, exclude=("cascade_threshold",
+                                                                      "cascade_confidence")))
 
 
 def member_settings(cfg: ServeConfig) -> MemberSettings:
     """A member deployment's live settings from ``cfg``."""
-    return MemberSettings(
-        max_batch_size=cfg.max_batch_size,
-        batch_wait_timeout_s=cfg.batch_wait_timeout_s,
-        forward_chunk_size=cfg.forward_chunk_size,
-    )
+    return MemberSettings(**_shared(cfg, MemberSettings))
+
+
+def _shared(cfg: ServeConfig, model: type, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The settings a deployment's ``user_config`` takes from ServeConfig, by field name."""
+    return {k: getattr(cfg, k) for k in model.model_fields
+            if k not in exclude and hasattr(cfg, k)}
 
 
 def replicas(cfg: ServeConfig, combiner: bool) -> dict[str, Any]:
@@ -380,35 +370,44 @@ def _plain(obj: Any) -> Any:
 
 
 # ServeConfig overrides: (flag, type, help); the dest is the ServeConfig field
-_SERVE_FLAGS = (
-    ("--host", str, "HTTP host (default serve.host: 127.0.0.1)"),
-    ("--port", int, "HTTP port (default serve.port)"),
-    ("--route-prefix", str, "route prefix, e.g. /ensemble (default /)"),
-    ("--cascade-threshold", float, "override the fitted cascade threshold"),
-    ("--cascade-max-accuracy-loss", float, "dev accuracy the fitted cascade may lose, as a "
-     "fraction (default 0.005 = half a point)"),
-    ("--cascade-confidence", str, "what the cascade thresholds: margin (top-1 minus top-2 "
-     "probability), max_prob, or auto (default: the one that lets the student answer more "
-     "dev texts)"),
-    ("--num-cpus", float, "CPUs per member replica (fractions are fine)"),
-    ("--num-gpus", float, "GPUs per member replica"),
-    ("--num-replicas", int, "replicas per member deployment"),
-    ("--combiner-replicas", int, "combiner replicas (2 keep answering while one restarts)"),
-    ("--min-members", int, "fewest members that answer a request; members that fail or time "
-     "out are left out of the combination (degraded: true) and below this it is a 503"),
-    ("--max-batch-size", int, "texts per forward pass; 1 turns batching off"),
-    ("--batch-wait-timeout-s", float, "seconds a batch waits to fill"),
-    ("--forward-chunk-size", int, "texts per forward pass, shortest first; 0 = the whole batch"),
-)
-_SERVE_CHOICES = {"--cascade-confidence": ["auto", "margin", "max_prob"]}
-_SERVE_SWITCHES = (
-    ("--cascade", "the student answers alone when confident"),
-    (
-        "--cascade-student-in-combiner",
-        "run the cascade's student inside the combiner, saving a hop (default on)",
-    ),
-    ("--sequential", "call the members one after another (benchmark baseline)"),
-)
+# serve.<key> -> its flag's help. A flag's name, type, choices and on/off form come from the
+# ServeConfig field it sets (the one definition of a setting and its default).
+_SERVE_HELP = {
+    "host": "HTTP host (default serve.host: 127.0.0.1)",
+    "port": "HTTP port (default serve.port)",
+    "route_prefix": "route prefix, e.g. /ensemble (default /)",
+    "cascade_threshold": "override the fitted cascade threshold",
+    "cascade_max_accuracy_loss": "dev accuracy the fitted cascade may lose, as a fraction "
+    "(default 0.005 = half a point)",
+    "cascade_confidence": "what the cascade thresholds: margin (top-1 minus top-2 probability), "
+    "max_prob, or auto (default: the one that lets the student answer more dev texts)",
+    "num_cpus": "CPUs per member replica (fractions are fine)",
+    "num_gpus": "GPUs per member replica",
+    "num_replicas": "replicas per member deployment",
+    "combiner_replicas": "combiner replicas (2 keep answering while one restarts)",
+    "min_members": "fewest members that answer a request; members that fail or time out are "
+    "left out of the combination (degraded: true) and below this it is a 503",
+    "max_batch_size": "texts per forward pass; 1 turns batching off",
+    "batch_wait_timeout_s": "seconds a batch waits to fill",
+    "forward_chunk_size": "texts per forward pass, shortest first; 0 = the whole batch",
+    "cascade": "the student answers alone when confident",
+    "cascade_student_in_combiner": "run the cascade's student inside the combiner, saving a hop "
+    "(default on)",
+    "sequential": "call the members one after another (benchmark baseline)",
+}
+
+
+def _add_serve_flags(p: argparse.ArgumentParser) -> None:
+    """``--<key>`` for every key of `_SERVE_HELP`, typed after its ServeConfig field."""
+    hints = typing.get_type_hints(ServeConfig)
+    for key, text in _SERVE_HELP.items():
+        flag, typ = "--" + key.replace("_", "-"), hints[key]
+        if typ is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+            continue
+        choices = list(typing.get_args(typ)) if typing.get_origin(typ) is Literal else None
+        base = next(t for t in (typing.get_args(typ) or (typ,)) if t is not type(None))
+        p.add_argument(flag, type=str if choices else base, choices=choices, help=text)
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -424,10 +423,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "`serve deploy`-able YAML instead of serving.",
     )
     p.add_argument("run_dir", help="run directory with manifest.json and members/*/export")
-    for flag, typ, text in _SERVE_FLAGS:
-        p.add_argument(flag, type=typ, help=text, choices=_SERVE_CHOICES.get(flag))
-    for flag, text in _SERVE_SWITCHES:
-        p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+    _add_serve_flags(p)
     p.add_argument("--method", choices=METHODS, help="combine method override")
     p.add_argument("--update", action="store_true", help="push the manifest to a running app")
     p.add_argument("--write-config", metavar="PATH", help="write the Serve config YAML and exit")
@@ -468,8 +464,7 @@ def _http_url(value: str) -> str:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    names = [f[0][2:].replace("-", "_") for f in (*_SERVE_FLAGS, *_SERVE_SWITCHES)]
-    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    return {n: getattr(args, n) for n in _SERVE_HELP if getattr(args, n) is not None}
 
 
 def _connect(args: argparse.Namespace, run_dir: str) -> bool:

@@ -14,7 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ensemble import combine
 from ensemble.combination import Combination, member_probs
+from ensemble.config import ServeConfig
 from ensemble.serving.cascade import Answer
+
+_SERVE = ServeConfig()  # the live settings below take their defaults from the one definition
 
 __all__ = [
     "CascadeInfo",
@@ -199,48 +202,55 @@ class StatsResponse(BaseModel):
 
 
 class MemberSettings(BaseModel):
-    """Live settings of a member deployment (its ``user_config``)."""
+    """Live settings of a member deployment (its ``user_config``); defaults: `ServeConfig`'s."""
 
     model_config = ConfigDict(extra="forbid")
 
-    max_batch_size: int = Field(16, ge=1, description="Texts per forward pass; 1 = no batching.")
-    batch_wait_timeout_s: float = Field(0.01, ge=0.0)
+    max_batch_size: int = Field(_SERVE.max_batch_size, ge=1,
+                                description="Texts per forward pass; 1 = no batching.")
+    batch_wait_timeout_s: float = Field(_SERVE.batch_wait_timeout_s, ge=0.0)
     forward_chunk_size: int = Field(
-        8, ge=0, description="A batch runs shortest text first, this many per pass; 0 = one pass."
+        _SERVE.forward_chunk_size, ge=0,
+        description="A batch runs shortest text first, this many per pass; 0 = one pass."
     )
 
 
 class CombinerSettings(BaseModel):
-    """Live settings of the combiner (its ``user_config``): what `--update` pushes."""
+    """Live settings of the combiner (its ``user_config``): what `--update` pushes. The serving
+    settings among them default to `ServeConfig`'s; ``cascade_confidence`` is the measure that
+    ``auto`` resolved to."""
 
     model_config = ConfigDict(extra="forbid")
 
     method: str = "soft_vote"
     weights: dict[str, float] = Field(default_factory=dict)
     params: dict[str, Any] = Field(default_factory=dict)
-    cascade: bool = False
-    cascade_threshold: float | None = None
+    cascade: bool = _SERVE.cascade
+    cascade_threshold: float | None = _SERVE.cascade_threshold
     cascade_confidence: Literal["margin", "max_prob"] = Field(
         "margin", description="Student confidence the threshold applies to: top-1 minus top-2 "
         "probability (margin) or top-1 (max_prob)."
     )
     # the cascade's first stage runs a copy of the student inside the combiner (no member hop)
-    cascade_student_in_combiner: bool = True
-    sequential: bool = False
-    max_texts: int = Field(64, ge=1)
-    max_text_chars: int = Field(2000, ge=1)
-    request_timeout_s: float = Field(10.0, gt=0.0)
+    cascade_student_in_combiner: bool = _SERVE.cascade_student_in_combiner
+    sequential: bool = _SERVE.sequential
+    max_texts: int = Field(_SERVE.max_texts, ge=1)
+    max_text_chars: int = Field(_SERVE.max_text_chars, ge=1)
+    request_timeout_s: float = Field(_SERVE.request_timeout_s, gt=0.0)
     min_members: int = Field(
-        1, ge=1, description="Fewest members whose answers make a (degraded) answer; below it, "
-        "503."
+        _SERVE.min_members, ge=1,
+        description="Fewest members whose answers make a (degraded) answer; below it, 503."
     )
     # requests are batched here too, so N concurrent requests fan out once with N texts
-    max_batch_size: int = Field(16, ge=1, description="Texts per fan-out; 1 = no batching.")
+    max_batch_size: int = Field(_SERVE.max_batch_size, ge=1,
+                                description="Texts per fan-out; 1 = no batching.")
     max_concurrent_fanouts: int = Field(
-        2, ge=1, description="Batched fan-outs in flight; more requests wait and join the next."
+        _SERVE.max_concurrent_fanouts, ge=1,
+        description="Batched fan-outs in flight; more requests wait and join the next."
     )
     forward_chunk_size: int = Field(
-        8, ge=0, description="The cascade's in-combiner student: texts per forward pass."
+        _SERVE.forward_chunk_size, ge=0,
+        description="The cascade's in-combiner student: texts per forward pass."
     )
 
     @model_validator(mode="after")

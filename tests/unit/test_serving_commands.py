@@ -258,3 +258,33 @@ def test_cli_query_without_a_server_fails_cleanly(capsys):
     args = _parse(["query", "hello", "--url", "http://127.0.0.1:9", "--timeout", "2"])
     assert args.func(args) == 1
     assert "cannot reach" in capsys.readouterr().err
+
+
+def test_serving_settings_have_one_definition():
+    """The deployments' live settings and the serve flags take defaults and types from
+    ServeConfig, and copy every setting they share with it."""
+    import dataclasses
+
+    from ensemble.config import ServeConfig
+    from ensemble.serving.schemas import CombinerSettings, MemberSettings
+
+    default = ServeConfig()
+    fields = {f.name for f in dataclasses.fields(ServeConfig)}
+    for model in (CombinerSettings, MemberSettings):
+        for name, info in model.model_fields.items():
+            if name in fields and name != "cascade_confidence":  # that one is auto, resolved
+                assert info.default == getattr(default, name), (model.__name__, name)
+    changed = ServeConfig(max_batch_size=4, max_ongoing_requests=8, forward_chunk_size=2,
+                          min_members=2, max_texts=7, sequential=True, request_timeout_s=3.0)
+    member = commands.member_settings(changed)
+    assert (member.max_batch_size, member.forward_chunk_size) == (4, 2)
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    commands.add_commands(sub)
+    args = parser.parse_args(["serve", "run", "--port", "9", "--no-cascade-student-in-combiner",
+                              "--cascade-confidence", "max_prob", "--num-cpus", "0.5"])
+    assert commands._overrides(args) == {"port": 9, "cascade_student_in_combiner": False,
+                                         "cascade_confidence": "max_prob", "num_cpus": 0.5}
+    assert set(commands._SERVE_HELP) <= fields
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "run", "--cascade-confidence", "best"])
