@@ -30,7 +30,7 @@ from ensemble import tracking
 from ensemble.data import Splits, load_splits
 from ensemble.losses import LossWeights
 from ensemble.progress import LiveView, start_board
-from ensemble.rundir import STATE, atomic_write_json, atomic_write_text, read_json
+from ensemble.rundir import RunState, atomic_write_json, atomic_write_text
 from ensemble.runner import MemberRunner
 from ensemble.training import stages as S
 from ensemble.training.job import MemberJob
@@ -103,22 +103,22 @@ def _added_members(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return [n for n in after if n not in before]
 
 
-def _grow(run_dir: Path, state: dict[str, Any], added: list[str]) -> None:
+def _grow(run_dir: Path, state: RunState, added: list[str]) -> None:
     """Reopen a finished one-round run so that its next round trains only the `added` members.
 
     The old members count as done for round 1 (they predict from their exports); the round
     table, the ensemble distillation and its cached targets belong to the old ensemble and go.
     """
-    if not state["rounds_completed"]:
+    if not state.rounds_completed:
         return  # an unfinished round 1 already trains every member not done yet
     print(f"adding {', '.join(added)} to {run_dir}; its other members keep their weights",
           flush=True)
-    state["rounds_completed"] = 0
-    state["rounds"] = []
-    state.pop("distill", None)
+    state.rounds_completed = 0
+    state.rounds = []
+    state.distill = None
     for path in (run_dir / D.CACHE).glob("targets-*.npz"):
         path.unlink()
-    atomic_write_json(run_dir / STATE, state)
+    state.save(run_dir)
 
 
 def _first_diff(a: Any, b: Any, path: str = "") -> str:
@@ -129,20 +129,13 @@ def _first_diff(a: Any, b: Any, path: str = "") -> str:
     return f"{path}: {a!r} -> {b!r}"
 
 
-def _load_state(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / STATE
-    if path.is_file():
-        return read_json(path)
-    return {"rounds_completed": 0, "members": {}, "rounds": [], "history": {}, "round_done": {}}
-
-
-def _jobs(cfg: C.RunConfig, name: str, r: int, state: dict[str, Any], splits_ref: Any,
+def _jobs(cfg: C.RunConfig, name: str, r: int, state: RunState, splits_ref: Any,
           guidance_ref: Any, teacher_ckpt: Any, board: str, splits: Splits) -> list[MemberJob]:
     member = cfg.members[name]
     plan = S.plan(member)
     last = len(plan) - 1
     indices = list(range(len(plan))) if r == 1 else [last]
-    prev = state["members"].get(name, {}).get("checkpoint")
+    prev = state.members.get(name, {}).get("checkpoint")
     seed = member.seed if member.seed is not None else cfg.training.seed
     jobs = []
     for i in indices:
@@ -226,24 +219,24 @@ class JointRun:
 
     def __init__(self, cfg: C.RunConfig, run_dir: Path, splits: Splits, progress: bool = True):
         self.cfg, self.run_dir, self.splits, self.progress = cfg, run_dir, splits, progress
-        self.state = _load_state(run_dir)
+        self.state = RunState.load(run_dir)
         self.kinds = {n: m.kind for n, m in cfg.members.items()}
         self.splits_ref = ray.put(splits)
         self.board_name = f"progress-{uuid.uuid4().hex[:8]}"
         self.board = start_board(self.board_name)
         self.runners = member_runners(cfg, run_dir)
         self.outputs: dict[str, dict[str, np.ndarray]] = {}
-        if self.state["rounds_completed"]:
+        if self.state.rounds_completed:
             ray.get([self.runners[n].export_from.remote(m["checkpoint"])
-                     for n, m in self.state["members"].items()])
-            needs_train = self.state["rounds_completed"] < cfg.training.rounds
+                     for n, m in self.state.members.items()])
+            needs_train = self.state.rounds_completed < cfg.training.rounds
             refs = {n: r.predict.remote(self.splits_ref, needs_train)
                     for n, r in self.runners.items()}
             self.outputs = {n: ray.get(ref)["outputs"] for n, ref in refs.items()}
 
     @property
     def rounds_completed(self) -> int:
-        return int(self.state["rounds_completed"])
+        return int(self.state.rounds_completed)
 
     def done(self) -> bool:
         return self.rounds_completed >= self.cfg.training.rounds
@@ -254,7 +247,7 @@ class JointRun:
         self.outputs = _round(self.cfg, r, self.state, self.runners, self.outputs, self.splits,
                               self.splits_ref, self.kinds, self.board_name, self.board,
                               self.run_dir, self.progress)
-        return self.state["rounds"][-1]
+        return self.state.rounds[-1]
 
     def distill(self) -> None:
         """Train `distill.student` on the published ensemble's calibrated probabilities.
@@ -267,7 +260,7 @@ class JointRun:
         from ensemble.publish import fit_combiner
 
         d, cfg, splits = self.cfg.distill, self.cfg, self.splits
-        if d is None or self.state.get("distill", {}).get("done"):
+        if d is None or (self.state.distill or {}).get("done"):
             return
         name = d.student
         corpus = D.held_out_corpus(D.read_corpus(cfg), splits)
@@ -282,7 +275,7 @@ class JointRun:
         before = D.mean_kl(dev_ensemble, combine.softmax(dev[name]))
         job = student_job(
             name, cfg.members[name], cfg, splits, corpus, probs, d, self.rounds_completed + 1,
-            init_checkpoint=ray.train.Checkpoint(self.state["members"][name]["checkpoint"]),
+            init_checkpoint=ray.train.Checkpoint(self.state.members[name]["checkpoint"]),
             board=self.board_name,
         )
         print(f"distilling the ensemble into {name}: {len(probs)} texts "
@@ -290,16 +283,16 @@ class JointRun:
         result = ray.get(self.runners[name].run_round.remote([job], False))
         self.outputs[name] = result["outputs"]
         after = D.mean_kl(dev_ensemble, combine.softmax(result["outputs"]["dev"]))
-        self.state["members"][name] = {"checkpoint": result["checkpoint"],
+        self.state.members[name] = {"checkpoint": result["checkpoint"],
                                        "export": result["export"],
                                        "stopped": bool(result.get("stopped"))}
-        self.state["history"].setdefault(name, []).extend(result["history"])
-        self.state.setdefault("member_info", {})[name] = result["info"]
-        self.state["distill"] = {"done": True, "texts": len(probs), "corpus_texts": len(corpus),
+        self.state.history.setdefault(name, []).extend(result["history"])
+        self.state.member_info[name] = result["info"]
+        self.state.distill = {"done": True, "texts": len(probs), "corpus_texts": len(corpus),
                                  "dev_kl_to_ensemble_before": before,
                                  "dev_kl_to_ensemble_after": after,
                                  "targets": str(D.cache_path(key))}
-        atomic_write_json(self.run_dir / STATE, self.state)
+        self.state.save(self.run_dir)
         print(f"{name}: dev KL to the ensemble {before:.4f} -> {after:.4f}", flush=True)
 
     def publish(self, wall_s: float):
@@ -330,11 +323,11 @@ def train(cfg: C.RunConfig, address: str | None = None, verbose: bool = False,
     start = time.time()
     run_dir, added = prepare_run_dir(cfg)
     splits = load_splits(cfg.data)  # bad data fails here, before Ray starts
-    state = _load_state(run_dir)
+    state = RunState.load(run_dir)
     if added:
         _grow(run_dir, state, added)
-    if state["rounds_completed"] >= cfg.training.rounds and (run_dir / "manifest.json").is_file():
-        print(f"{run_dir} already holds {state['rounds_completed']} completed round(s)", flush=True)
+    if state.rounds_completed >= cfg.training.rounds and (run_dir / "manifest.json").is_file():
+        print(f"{run_dir} already holds {state.rounds_completed} completed round(s)", flush=True)
         return run_dir
     init_ray(cfg.ray, address, verbose)
     run = JointRun(cfg, run_dir, splits, progress)
@@ -344,7 +337,7 @@ def train(cfg: C.RunConfig, address: str | None = None, verbose: bool = False,
         if run.rounds_completed:
             print(f"resuming {run_dir} after round {run.rounds_completed}", flush=True)
         while not run.done():
-            tracker.log_round(run.run_round(), run.state["history"])
+            tracker.log_round(run.run_round(), run.state.history)
         run.distill()
         run.publish(wall_s=time.time() - start)
         tracker.log_published(run_dir)
@@ -362,12 +355,12 @@ def _round(cfg, r, state, runners, outputs, splits, splits_ref, kinds, board_nam
            run_dir, progress) -> dict[str, dict[str, np.ndarray]]:
     """Train every member for round r; in round 1 a student starts once its teacher is done."""
     rounds = cfg.training.rounds
-    done = state["round_done"].get(str(r), {})
+    done = state.round_done.get(str(r), {})
     guidance_refs = G.build(cfg, splits, kinds, outputs) if outputs else {}
     new_outputs: dict[str, dict[str, np.ndarray]] = {}
 
     def stopped(name: str) -> bool:  # early stopping ended its training in an earlier round
-        return bool(state["members"].get(name, {}).get("stopped"))
+        return bool(state.members.get(name, {}).get("stopped"))
 
     skip = {n for n in cfg.members if n in done or stopped(n)}
 
@@ -380,7 +373,7 @@ def _round(cfg, r, state, runners, outputs, splits, splits_ref, kinds, board_nam
         g_ref = guidance_refs.get(name)
         if teacher and teacher not in outputs and teacher in new_outputs:
             g_ref = G.teacher_only(new_outputs[teacher]["train"])
-        teacher_ckpt = (ray.train.Checkpoint(state["members"][teacher]["checkpoint"])
+        teacher_ckpt = (ray.train.Checkpoint(state.members[teacher]["checkpoint"])
                         if teacher and r == 1 else None)
         jobs = _jobs(cfg, name, r, state, splits_ref, g_ref, teacher_ckpt, board_name, splits)
         return runners[name].run_round.remote(jobs, needs_train)
@@ -392,14 +385,14 @@ def _round(cfg, r, state, runners, outputs, splits, splits_ref, kinds, board_nam
     def record(name: str, result: dict[str, Any]) -> dict[str, Any]:
         new_outputs[name] = result["outputs"]
         if name not in skip:
-            state["members"][name] = {"checkpoint": result["checkpoint"],
+            state.members[name] = {"checkpoint": result["checkpoint"],
                                       "export": result["export"],
                                       "stopped": bool(result.get("stopped"))}
-            state["history"].setdefault(name, []).extend(result["history"])
-            state.setdefault("member_info", {})[name] = result["info"]
+            state.history.setdefault(name, []).extend(result["history"])
+            state.member_info[name] = result["info"]
             done[name] = True
-            state["round_done"][str(r)] = done
-            atomic_write_json(run_dir / STATE, state)
+            state.round_done[str(r)] = done
+            state.save(run_dir)
         ready = [s for s, t in waiting.items() if t == name]
         for s in ready:
             del waiting[s]
@@ -411,10 +404,10 @@ def _round(cfg, r, state, runners, outputs, splits, splits_ref, kinds, board_nam
         raise RuntimeError(f"students {sorted(waiting)} never got their teacher's round")
     new_outputs = {n: new_outputs[n] for n in cfg.members}  # config order, not finishing order
     row = _round_row(cfg, r, splits, kinds, new_outputs, state)
-    state["rounds"].append(row)
-    state["rounds_completed"] = r
-    atomic_write_json(run_dir / STATE, state)
-    atomic_write_json(run_dir / "rounds.json", state["rounds"])
+    state.rounds.append(row)
+    state.rounds_completed = r
+    state.save(run_dir)
+    atomic_write_json(run_dir / "rounds.json", state.rounds)
     from ensemble.publish import print_round
 
     print_round(row)
@@ -429,6 +422,6 @@ def _round_row(cfg, r, splits, kinds, outputs, state) -> dict[str, Any]:
                             splits.intensity["dev"] if splits.intensity else None,
                             splits.label_names, splits.class_intensity(), splits.intensity_edges(),
                             sharpness=sharpness, temperatures=temperatures)
-    stages = {n: state.get("member_info", {}).get(n, {}).get("stages", []) for n in outputs}
+    stages = {n: state.member_info.get(n, {}).get("stages", []) for n in outputs}
     return {"round": r, "dev": E.compact(rows), "stages": stages, "regressor_sharpness": sharpness,
             "temperatures": temperatures}

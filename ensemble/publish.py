@@ -115,7 +115,7 @@ def publish(
         results[split] = E.evaluate_split(
             probs[split], labels=splits.labels[split], intensity=intensity, **common
         )
-    info = dict(state.get("member_info", {}))
+    info = dict(state.member_info)
     _student_ratios(cfg, info, run_dir, splits.texts["dev"])
     metrics = {
         "dev": results["dev"],
@@ -123,7 +123,7 @@ def publish(
         "members": info,
         "combine": combine,
         "wall_s": wall_s,
-        "rounds": state["rounds_completed"],
+        "rounds": state.rounds_completed,
         "data": splits.summary(),
         # the share of test texts on which two members' classes differ (a regressor by its bin)
         "test_disagreement": E.disagreement(probs["test"], kinds, splits.intensity_edges()),
@@ -152,7 +152,7 @@ def publish(
             for n in kinds
         },
         combine=combine,
-        rounds_completed=state["rounds_completed"],
+        rounds_completed=state.rounds_completed,
         rounds_planned=cfg.training.rounds,
         metrics=E.compact({k: v for k, v in results["test"].items() if k.startswith("ensemble")}),
         config=C.to_dict(cfg),
@@ -242,9 +242,9 @@ def infer_ms(paths: list[Path], texts: list[str], max_length: int, batch_size: i
 
 def _plots(run_dir: Path, splits: Splits, test_probs, kinds, test_rows, state, combine) -> None:
     plots = run_dir / "plots"
-    report.plot_learning_curves(state.get("history", {}), plots / "learning_curves.png")
-    if state.get("rounds"):
-        report.plot_rounds(state["rounds"], plots / "rounds.png")
+    report.plot_learning_curves(state.history, plots / "learning_curves.png")
+    if state.rounds:
+        report.plot_rounds(state.rounds, plots / "rounds.png")
     edges, num_classes = splits.intensity_edges(), splits.num_labels()
     sharpness = combine["params"].get("regressor_sharpness")
     temperatures = combine["params"].get("temperatures")

@@ -87,6 +87,56 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 @dataclass
+class RunState:
+    """A run's progress, saved as ``RUN_DIR/state.json`` after every step so a re-run resumes.
+
+    Attributes:
+        rounds_completed: rounds every member has finished.
+        members: member -> its latest ``checkpoint`` (Ray Train checkpoint path), ``export``
+            and whether early stopping ``stopped`` it.
+        rounds: each completed round's row of dev metrics (also ``rounds.json``).
+        history: member -> its training-loss points over every round.
+        round_done: round (as a string) -> member -> True, for a round cut off part-way.
+        member_info: member -> what its runner reported (params, stages, speed).
+        distill: the ensemble-distillation stage's record (``done``, texts, KL before/after).
+        trial_id, saved_by_trial, restored_from_trial, restored_from_round: Tune bookkeeping
+            (which trial runs this state and which one's checkpoint PBT restored it from).
+    """
+
+    rounds_completed: int = 0
+    members: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    history: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    round_done: dict[str, dict[str, bool]] = field(default_factory=dict)
+    member_info: dict[str, dict[str, Any]] = field(default_factory=dict)
+    distill: dict[str, Any] | None = None
+    trial_id: str | None = None
+    saved_by_trial: str | None = None
+    restored_from_trial: str | None = None
+    restored_from_round: int = 0
+
+    @classmethod
+    def load(cls, run_dir: str | os.PathLike) -> RunState:
+        """The state saved in ``run_dir`` (a fresh one when there is none yet).
+
+        Raises:
+            ValueError: if the file holds keys this version does not know.
+        """
+        path = Path(run_dir) / STATE
+        if not path.is_file():
+            return cls()
+        data = read_json(path)
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"{path} has unknown keys {unknown}; it was written by another "
+                             "version of ensemble: start the run in a new output_dir")
+        return cls(**data)
+
+    def save(self, run_dir: str | os.PathLike) -> None:
+        atomic_write_json(Path(run_dir) / STATE, asdict(self))
+
+
+@dataclass
 class MemberEntry:
     """What serving needs to load and interpret one member."""
 

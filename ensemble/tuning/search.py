@@ -9,6 +9,7 @@ donor's round. (Train V2: no `Tuner(trainer)`; the trial builds its own TorchTra
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -21,7 +22,7 @@ from ray.tune.schedulers import PopulationBasedTraining
 
 from ensemble import config as C
 from ensemble.data import Splits, load_splits
-from ensemble.rundir import STATE, atomic_write_json, atomic_write_text, read_json
+from ensemble.rundir import RunState, atomic_write_text
 from ensemble.tuning.report import trial_metrics, write_report
 
 logger = logging.getLogger(__name__)
@@ -60,15 +61,15 @@ def check_space(cfg: C.RunConfig) -> None:
     C.replace(cfg, probe)
 
 
-def _save_checkpoint(run_dir: Path, state: dict[str, Any]) -> tune.Checkpoint:
+def _save_checkpoint(run_dir: Path, state: RunState) -> tune.Checkpoint:
     """A self-contained checkpoint: state.json + each member's latest Ray Train checkpoint."""
     tmp = Path(tempfile.mkdtemp(prefix="tune-ckpt-"))
-    copied = json.loads(json.dumps(state))
-    copied["saved_by_trial"] = tune.get_context().get_trial_id()
-    for name, member in copied["members"].items():
+    copied = RunState(**json.loads(json.dumps(dataclasses.asdict(state))))
+    copied.saved_by_trial = tune.get_context().get_trial_id()
+    for name, member in copied.members.items():
         shutil.copytree(member["checkpoint"], tmp / "members" / name)
         member["checkpoint"] = f"members/{name}"  # relative: resolved on restore
-    atomic_write_json(tmp / STATE, copied)
+    copied.save(tmp)
     return tune.Checkpoint.from_directory(str(tmp))
 
 
@@ -79,14 +80,14 @@ def _restore_checkpoint(checkpoint: tune.Checkpoint, run_dir: Path) -> None:
         shutil.rmtree(target)
     with checkpoint.as_directory() as d:
         shutil.copytree(d, target)
-    state = read_json(target / STATE)
-    for member in state["members"].values():
+    state = RunState.load(target)
+    for member in state.members.values():
         member["checkpoint"] = str(target / member["checkpoint"])
-    state["round_done"] = {}
-    state["restored_from_round"] = state["rounds_completed"]
-    state["restored_from_trial"] = state.get("saved_by_trial")
-    state["trial_id"] = tune.get_context().get_trial_id()
-    atomic_write_json(run_dir / STATE, state)
+    state.round_done = {}
+    state.restored_from_round = state.rounds_completed
+    state.restored_from_trial = state.saved_by_trial
+    state.trial_id = tune.get_context().get_trial_id()
+    state.save(run_dir)
 
 
 def joint_trial(config: dict[str, Any], base: C.RunConfig, splits: Splits) -> None:
@@ -104,13 +105,13 @@ def joint_trial(config: dict[str, Any], base: C.RunConfig, splits: Splits) -> No
     if checkpoint is not None:
         _restore_checkpoint(checkpoint, run_dir)
     run = JointRun(cfg, run_dir, splits, progress=False)
-    run.state["trial_id"] = tune.get_context().get_trial_id()
+    run.state.trial_id = tune.get_context().get_trial_id()
     try:
         while not run.done():
             row = run.run_round()
             metrics = trial_metrics(row)
-            metrics["restored_from_round"] = run.state.get("restored_from_round", 0)
-            metrics["restored_from_trial"] = run.state.get("restored_from_trial") or ""
+            metrics["restored_from_round"] = run.state.restored_from_round
+            metrics["restored_from_trial"] = run.state.restored_from_trial or ""
             metrics["trial_id"] = tune.get_context().get_trial_id()
             last = run.done()
             if last:

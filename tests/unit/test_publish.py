@@ -9,6 +9,7 @@ from ensemble import evaluate as E
 from ensemble import publish as P
 from ensemble.calibration import temper
 from ensemble.data import Splits
+from ensemble.rundir import RunState
 
 NAMES = ["neg", "neu", "pos"]
 KINDS = {"clf": "classifier", "reg": "regressor", "teach": "teacher", "stud": "student"}
@@ -71,7 +72,7 @@ def test_plots_include_the_reliability_diagram(tmp_path):
         sharpness=combine["params"]["regressor_sharpness"],
         temperatures=combine["params"]["temperatures"],
     )
-    state = {"history": {"clf": [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}]}}
+    state = RunState(history={"clf": [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}]})
     P._plots(tmp_path, splits, probs["test"], KINDS, rows, state, combine)
     png = tmp_path / "plots" / "reliability.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
@@ -165,3 +166,15 @@ def test_fit_combiner_gives_the_combined_output_a_temperature_that_holds_out_of_
         dev, kinds, splits, seed=0, method="soft_vote", calibrate=False)["params"]
     assert "output_temperature" not in P.fit_combiner(
         dev, kinds, splits, seed=0, method="hard_vote")["params"]
+
+
+def test_run_state_round_trips_and_refuses_unknown_keys(tmp_path):
+    assert RunState.load(tmp_path) == RunState()  # no state.json yet: a fresh run
+    state = RunState(rounds_completed=1, members={"clf": {"checkpoint": "c", "export": "e",
+                                                          "stopped": False}},
+                     round_done={"1": {"clf": True}}, distill={"done": True})
+    state.save(tmp_path)
+    assert RunState.load(tmp_path) == state
+    (tmp_path / "state.json").write_text('{"rounds_completed": 1, "iteration": 3}')
+    with pytest.raises(ValueError, match=r"unknown keys \['iteration'\].*new output_dir"):
+        RunState.load(tmp_path)
