@@ -4,7 +4,8 @@ The texts go through one Ray Data ``map_batches`` stage per member, each on its 
 (``concurrency`` actors that load the member's export once, `inference.LoadedMember`), then a
 combiner stage that turns the member outputs into the served answer (`cascade.ensemble_answer`,
 `schemas.predictions`, flattened by `inference.prediction_row`). On a cluster the pools spread
-over its nodes; locally the same code runs on a local Ray on a loopback address (`init_ray`).
+over its nodes; locally the same code runs on a local Ray on a loopback address
+(`raystart.init_ray`).
 Every member answers every text: the cascade is a serving latency device, not used here.
 
 Output is resumable (`ensemble.parts`): blocks of ``block_size`` rows land as part files as
@@ -248,18 +249,9 @@ def _run(parts: PartsDir, todo: list[int], texts: list[str], stages: _Stages,
 
 def _init_ray(run_dir: Path, address: str | None) -> bool:
     """Join ``address`` (or RAY_ADDRESS) or start a local Ray the way `ensemble train` does."""
-    import ray
+    from ensemble.raystart import init_ray, run_ray_config
 
-    from ensemble import config as C
-    from ensemble.orchestrate import init_ray
-    from ensemble.rundir import Manifest
-
-    if ray.is_initialized():
-        return False
-    saved = Manifest.load(run_dir).config.get("ray") or {}
-    known = {"address", "node_ip_address", "num_cpus", "storage_path"}
-    init_ray(C.RayConfig(**{k: v for k, v in saved.items() if k in known}), address)
-    return True
+    return init_ray(run_ray_config(run_dir), address)
 
 
 def _pipeline(parts: PartsDir, todo: list[int], texts: list[str], st: _Stages) -> Any:

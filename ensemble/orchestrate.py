@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 import uuid
 from pathlib import Path
@@ -30,25 +29,13 @@ from ensemble import tracking
 from ensemble.data import Splits, load_splits
 from ensemble.losses import LossWeights
 from ensemble.progress import LiveView, start_board
+from ensemble.raystart import init_ray
 from ensemble.rundir import RunState, atomic_write_json, atomic_write_text
 from ensemble.runner import MemberRunner
 from ensemble.training import stages as S
 from ensemble.training.job import MemberJob
 
 logger = logging.getLogger(__name__)
-
-
-def init_ray(rc: C.RayConfig, address: str | None = None, verbose: bool = False) -> None:
-    """Join a cluster (`address`, config, or RAY_ADDRESS) or start a local Ray on loopback."""
-    if ray.is_initialized():
-        return
-    address = address or rc.address or os.environ.get("RAY_ADDRESS")
-    kwargs: dict[str, Any] = {"log_to_driver": verbose, "logging_level": logging.WARNING}
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        ray.init(num_cpus=rc.num_cpus, _node_ip_address=rc.node_ip_address,
-                 include_dashboard=False, **kwargs)
 
 
 def check_config(cfg: C.RunConfig) -> None:

@@ -32,7 +32,7 @@ import yaml
 
 from ensemble import combination
 from ensemble.combine import METHODS
-from ensemble.config import RayConfig, ServeConfig
+from ensemble.config import ServeConfig
 from ensemble.rundir import Manifest
 from ensemble.serving import cascade
 from ensemble.serving.schemas import CombinerSettings, MemberSettings
@@ -471,6 +471,8 @@ def _connect(args: argparse.Namespace, run_dir: str) -> bool:
     """Connect to (or start) Ray; True if this process started it."""
     import ray
 
+    from ensemble.raystart import init_ray, run_ray_config
+
     if ray.is_initialized():
         return False
     address = args.ray_address or os.environ.get("RAY_ADDRESS")
@@ -480,22 +482,10 @@ def _connect(args: argparse.Namespace, run_dir: str) -> bool:
             "--update needs the cluster serving the app: pass --ray-address "
             "(`ensemble serve` prints it) or set RAY_ADDRESS"
         )
-    if address is not None:
-        try:
-            ray.init(address=address, log_to_driver=False)
-        except ConnectionError as err:
-            # Ray >= 2.5x turns token auth on for local clusters, but a driver joining by an
-            # explicit address presents the token only in token mode
-            raise RuntimeError(
-                f"{err}; if the cluster uses token authentication (the default "
-                "for a local ray.init), run with RAY_AUTH_MODE=token"
-            ) from None
-        return False
-    ray_cfg = Manifest.load(run_dir).config.get("ray") or {}
-    ip = args.node_ip_address or ray_cfg.get("node_ip_address") or RayConfig().node_ip_address
-    # a loopback node IP keeps Ray's addresses on loopback (see RayConfig.node_ip_address)
-    ray.init(_node_ip_address=ip, include_dashboard=False, num_cpus=ray_cfg.get("num_cpus"))
-    return True
+    # the run's own cluster address is not used: serve joins only the cluster it is given
+    rc = dataclasses.replace(run_ray_config(run_dir, node_ip_address=args.node_ip_address),
+                             address=None)
+    return init_ray(rc, address, verbose=address is None)
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -7,7 +7,7 @@ import argparse
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from ensemble import config as C
-    from ensemble.orchestrate import init_ray
+    from ensemble.raystart import init_ray
     from ensemble.tuning.search import run_tune
 
     overrides = list(args.overrides or [])
