@@ -354,7 +354,7 @@ def update(
     if _app_status(app_name) is None:
         raise RuntimeError(
             f"no Serve app {app_name!r} is running on this cluster; start it with "
-            "`ensemble serve RUN_DIR` (and pass --ray-address of that cluster to --update)"
+            "`ensemble serve RUN_DIR` (and pass --address of that cluster to --update)"
         )
     config = deploy_config(run_dir, cfg, method, app_name)
     apply(config, app_name, timeout_s, check_http=False)  # the proxy keeps its host and port
@@ -428,7 +428,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--update", action="store_true", help="push the manifest to a running app")
     p.add_argument("--write-config", metavar="PATH", help="write the Serve config YAML and exit")
     p.add_argument("--app-name", default=APP_NAME, help="Serve application name")
-    p.add_argument("--ray-address", help="Ray cluster to join (default: start a local one)")
+    p.add_argument("--address", "--ray-address", dest="ray_address",
+                   help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--node-ip-address", help="loopback IP for a local Ray (default from run)")
     mode = p.add_mutually_exclusive_group()  # default: block until Ctrl-C, then remove the app
     mode.add_argument(
@@ -437,7 +438,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     mode.add_argument(
         "--detach",
         action="store_true",
-        help="return once running (needs a Ray cluster that outlives this command: --ray-address)",
+        help="return once running (needs a Ray cluster that outlives this command: --address)",
     )
     p.set_defaults(func=_serve)
 
@@ -479,7 +480,7 @@ def _connect(args: argparse.Namespace, run_dir: str) -> bool:
     if address is None and args.update:
         # never "auto": with several Ray instances on a machine it may pick someone else's
         raise ValueError(
-            "--update needs the cluster serving the app: pass --ray-address "
+            "--update needs the cluster serving the app: pass --address "
             "(`ensemble serve` prints it) or set RAY_ADDRESS"
         )
     # the run's own cluster address is not used: serve joins only the cluster it is given
@@ -500,7 +501,7 @@ def _serve(args: argparse.Namespace) -> int:
         if args.detach and not (args.ray_address or ray.is_initialized()):
             print(
                 "--detach needs a Ray cluster that outlives this command: `ray start --head "
-                "--node-ip-address=127.0.0.1`, then pass --ray-address auto",
+                "--node-ip-address=127.0.0.1`, then pass --address auto",
                 file=sys.stderr,
             )
             return 2
@@ -521,7 +522,7 @@ def _serve(args: argparse.Namespace) -> int:
     gcs = ray.get_runtime_context().gcs_address
     print(f"serving {args.run_dir} at {url} (POST {url}/predict, GET {url}/info)")
     auth = "RAY_AUTH_MODE=token " if os.environ.get("RAY_AUTH_MODE") == "token" else ""
-    print(f"push new weights: {auth}ensemble serve {args.run_dir} --update --ray-address {gcs}")
+    print(f"push new weights: {auth}ensemble serve {args.run_dir} --update --address {gcs}")
     if args.detach:
         return 0
     return _block(args.app_name, started)
