@@ -186,7 +186,6 @@ def combiners_on_test(run_dir: Path, seed: int | None = None) -> dict[str, Any]:
 
     from ensemble import combine
     from ensemble import config as C
-    from ensemble import evaluate as E
     from ensemble.metrics import classification_metrics
     from ensemble.rundir import Manifest
     from ensemble.tuning.weights import AUTO, candidates, choose, select
@@ -205,9 +204,9 @@ def combiners_on_test(run_dir: Path, seed: int | None = None) -> dict[str, Any]:
         with np.load(run_dir / "predictions" / f"{split}.npz") as z:
             outputs = {n: z[n] for n in kinds}
             labels[split] = z["labels"]
-        names, stacked[split] = E.vote_probs(
-            outputs, kinds, manifest.intensity_edges, num_classes, sharpness, temperatures
-        )
+        names = list(outputs)
+        stacked[split] = combine.member_votes(outputs, kinds, manifest.intensity_edges,
+                                              num_classes, sharpness, temperatures)
     methods = ("hard_vote", *AUTO)
     _, fitted = choose(stacked["dev"], labels["dev"], methods=methods, seed=seed, rule="best")
     # the choice `ensemble train` makes with this code and the run's settings, from the same fits

@@ -126,7 +126,6 @@ def start(cfg: dict[str, Any]) -> subprocess.Popen | None:
 def load_run(run_dir: Path) -> dict[str, Any]:
     """A finished run's test votes, as the published combiner sees them, and its metadata."""
     from ensemble import combine
-    from ensemble import evaluate as E
     from ensemble.rundir import Manifest
 
     manifest = Manifest.load(run_dir)
@@ -137,9 +136,10 @@ def load_run(run_dir: Path) -> dict[str, Any]:
         outputs = {n: z[n] for n in kinds}
         labels = z["labels"]
     edges = manifest.intensity_edges
-    names, raw = E.vote_probs(outputs, kinds, edges, num_classes, params.get("regressor_sharpness"))
-    _, scaled = E.vote_probs(outputs, kinds, edges, num_classes, params.get("regressor_sharpness"),
-                             params.get("temperatures"))
+    names, sharpness = list(outputs), params.get("regressor_sharpness")
+    raw = combine.member_votes(outputs, kinds, edges, num_classes, sharpness)
+    scaled = combine.member_votes(outputs, kinds, edges, num_classes, sharpness,
+                                  params.get("temperatures"))
     c = manifest.combine
     weights = combine.weight_vector(c.get("weights"), names)
     metrics = json.loads((run_dir / "metrics.json").read_text())

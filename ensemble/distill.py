@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 
 from ensemble import combine
-from ensemble import evaluate as E
 from ensemble.config import RunConfig
 from ensemble.data import Splits
 from ensemble.data.sources import DataError, read_file
@@ -99,11 +98,9 @@ def published_probs(
 ) -> np.ndarray:
     """`ensemble_probs` on members' probabilities (a run's ``predictions/<split>.npz``)."""
     params = entry.get("params") or {}
-    names, votes = E.vote_probs(
-        probs, kinds, splits.intensity_edges(), splits.num_labels(),
-        params.get("regressor_sharpness"), params.get("temperatures"),
-    )
-    weights = combine.weight_vector(entry.get("weights"), names)
+    votes = combine.member_votes(probs, kinds, splits.intensity_edges(), splits.num_labels(),
+                                 params.get("regressor_sharpness"), params.get("temperatures"))
+    weights = combine.weight_vector(entry.get("weights"), list(probs))
     return combine.apply(entry["method"], votes, weights, params)
 
 

@@ -22,30 +22,12 @@ from ensemble.metrics import (
 FIXED_METHODS = ("hard_vote", "soft_vote")
 
 
-def vote_probs(
-    outputs: Mapping[str, np.ndarray],
-    kinds: Mapping[str, str],
-    edges: Sequence[float],
-    num_classes: int,
-    sharpness: float | None = None,
-    temperatures: Mapping[str, float] | None = None,
-) -> tuple[list[str], np.ndarray]:
-    """Member names and their votes (`combine.member_votes`) stacked as (M, N, C).
-
-    ``sharpness`` softens the regressor's vote (None: one-hot); ``temperatures`` (member -> T,
-    `member_temperatures`) scale classification members' probabilities; a member without one
-    votes as it is.
-    """
-    names = list(outputs)
-    return names, combine.member_votes(outputs, kinds, edges, num_classes, sharpness, temperatures)
-
-
 def disagreement(
     outputs: Mapping[str, np.ndarray], kinds: Mapping[str, str], edges: Sequence[float]
 ) -> dict[str, Any]:
     """`metrics.pairwise_disagreement` of the members' top-1 classes; a regressor's is its bin."""
     num_classes = len(edges) + 1
-    names, votes = vote_probs(outputs, kinds, edges, num_classes)
+    names, votes = list(outputs), combine.member_votes(outputs, kinds, edges, num_classes)
     return pairwise_disagreement(dict(zip(names, votes.argmax(axis=2), strict=True)))
 
 
@@ -112,8 +94,8 @@ def voted_intensity(
     votes: np.ndarray,
     class_intensity: Sequence[float],
 ) -> np.ndarray:
-    """The ensemble's (N,) intensity from what its members vote (`vote_probs`'s ``names``,
-    ``votes``): the regressor's own output, a classifier's expected intensity under its
+    """The ensemble's (N,) intensity from what its members vote (``votes``, `combine.member_votes`
+    in ``names`` order): the regressor's own output, a classifier's expected intensity under its
     temperature-scaled vote, averaged by `ensemble_intensity`."""
     voted = {n: outputs[n] if kinds[n] == "regressor" else votes[i] for i, n in enumerate(names)}
     return ensemble_intensity(intensity_estimates(voted, kinds, class_intensity), kinds)
@@ -151,7 +133,8 @@ def evaluate_split(
         of its scaled probabilities, the ones the ensemble rows combine.
     """
     num_classes = len(label_names)
-    names, probs = vote_probs(outputs, kinds, edges, num_classes, sharpness, temperatures)
+    names = list(outputs)
+    probs = combine.member_votes(outputs, kinds, edges, num_classes, sharpness, temperatures)
     temps = temperatures or {}
     rows: dict[str, dict[str, Any]] = {}
     for i, name in enumerate(names):

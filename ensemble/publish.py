@@ -18,7 +18,7 @@ from ensemble import evaluate as E
 from ensemble import report
 from ensemble.calibration import fit_temperature
 from ensemble.cards import write_cards
-from ensemble.combine import OUTPUT_TEMPERATURE, log_probs, to_probs
+from ensemble.combine import OUTPUT_TEMPERATURE, log_probs, member_votes, to_probs
 from ensemble.data import Splits
 from ensemble.metrics import roc_curves
 from ensemble.rundir import Manifest, MemberEntry, atomic_write_bytes, atomic_write_json
@@ -61,7 +61,8 @@ def fit_combiner(
         dev_probs, kinds, splits.labels["dev"], edges, num_classes, regressor_vote
     )
     temperatures = E.member_temperatures(dev_probs, kinds, splits.labels["dev"], calibrate)
-    names, probs = E.vote_probs(dev_probs, kinds, edges, num_classes, sharpness, temperatures)
+    names = list(dev_probs)
+    probs = member_votes(dev_probs, kinds, edges, num_classes, sharpness, temperatures)
     best, results = choose(
         probs, splits.labels["dev"], methods=candidates(method), seed=seed, rule=select
     )
@@ -248,8 +249,9 @@ def _plots(run_dir: Path, splits: Splits, test_probs, kinds, test_rows, state, c
     edges, num_classes = splits.intensity_edges(), splits.num_labels()
     sharpness = combine["params"].get("regressor_sharpness")
     temperatures = combine["params"].get("temperatures")
-    names, raw = E.vote_probs(test_probs, kinds, edges, num_classes, sharpness)
-    _, voted = E.vote_probs(test_probs, kinds, edges, num_classes, sharpness, temperatures)
+    names = list(test_probs)
+    raw = member_votes(test_probs, kinds, edges, num_classes, sharpness)
+    voted = member_votes(test_probs, kinds, edges, num_classes, sharpness, temperatures)
     from ensemble import combine as comb
 
     weights = comb.weight_vector(combine.get("weights"), names)

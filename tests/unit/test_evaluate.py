@@ -47,9 +47,9 @@ def test_member_temperatures_fit_classification_members_only_when_calibrating():
 
 def test_without_temperatures_members_vote_as_they_are():
     out, y, _ = _outputs()
-    names, plain = E.vote_probs(out, KINDS, EDGES, 3, 1.5)
-    _, none = E.vote_probs(out, KINDS, EDGES, 3, 1.5, temperatures=None)
-    _, empty = E.vote_probs(out, KINDS, EDGES, 3, 1.5, temperatures={})
+    names, plain = list(out), combine.member_votes(out, KINDS, EDGES, 3, 1.5)
+    none = combine.member_votes(out, KINDS, EDGES, 3, 1.5, temperatures=None)
+    empty = combine.member_votes(out, KINDS, EDGES, 3, 1.5, temperatures={})
     np.testing.assert_array_equal(plain, none)
     np.testing.assert_array_equal(plain, empty)
     np.testing.assert_array_equal(plain[names.index("clf")], out["clf"])
@@ -72,7 +72,7 @@ def test_rows_keep_members_raw_and_combine_their_scaled_votes():
         assert cal[name]["nll_calibrated"] < cal[name]["nll"]  # fitted on this very split
         assert "temperature" not in raw[name]
     assert "temperature" not in cal["reg"] and cal["reg"] == raw["reg"]
-    names, votes = E.vote_probs(out, KINDS, EDGES, 3, 1.5, temps)
+    votes = combine.member_votes(out, KINDS, EDGES, 3, 1.5, temps)
     soft = classification_metrics(y, combine.soft_vote(votes), NAMES)
     assert cal["ensemble/soft_vote"]["nll"] == pytest.approx(soft["nll"])
     assert cal["ensemble/soft_vote"]["accuracy"] == soft["accuracy"]

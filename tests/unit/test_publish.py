@@ -8,6 +8,7 @@ import pytest
 from ensemble import evaluate as E
 from ensemble import publish as P
 from ensemble.calibration import temper
+from ensemble.combine import member_votes
 from ensemble.data import Splits
 from ensemble.rundir import RunState
 
@@ -39,7 +40,7 @@ def _run(n: int = 300, seed: int = 0):
 
 def _soft_vote_accuracy(probs, splits, entry, temperatures) -> float:
     sharpness = entry["params"]["regressor_sharpness"]
-    _, votes = E.vote_probs(probs, KINDS, splits.intensity_edges(), 3, sharpness, temperatures)
+    votes = member_votes(probs, KINDS, splits.intensity_edges(), 3, sharpness, temperatures)
     return float(np.mean(votes.mean(axis=0).argmax(axis=1) == splits.labels["dev"]))
 
 
