@@ -271,14 +271,14 @@ class JointRun:
         self.outputs[name] = result["outputs"]
         after = D.mean_kl(dev_ensemble, combine.softmax(result["outputs"]["dev"]))
         self.state.members[name] = {"checkpoint": result["checkpoint"],
-                                       "export": result["export"],
-                                       "stopped": bool(result.get("stopped"))}
+                                    "export": result["export"],
+                                    "stopped": bool(result.get("stopped"))}
         self.state.history.setdefault(name, []).extend(result["history"])
         self.state.member_info[name] = result["info"]
         self.state.distill = {"done": True, "texts": len(probs), "corpus_texts": len(corpus),
-                                 "dev_kl_to_ensemble_before": before,
-                                 "dev_kl_to_ensemble_after": after,
-                                 "targets": str(D.cache_path(key))}
+                              "dev_kl_to_ensemble_before": before,
+                              "dev_kl_to_ensemble_after": after,
+                              "targets": str(D.cache_path(key))}
         self.state.save(self.run_dir)
         print(f"{name}: dev KL to the ensemble {before:.4f} -> {after:.4f}", flush=True)
 
@@ -373,8 +373,8 @@ def _round(cfg, r, state, runners, outputs, splits, splits_ref, kinds, board_nam
         new_outputs[name] = result["outputs"]
         if name not in skip:
             state.members[name] = {"checkpoint": result["checkpoint"],
-                                      "export": result["export"],
-                                      "stopped": bool(result.get("stopped"))}
+                                   "export": result["export"],
+                                   "stopped": bool(result.get("stopped"))}
             state.history.setdefault(name, []).extend(result["history"])
             state.member_info[name] = result["info"]
             done[name] = True

@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ensemble.config import ConfigError
+
 MANIFEST = "manifest.json"
 STATE = "state.json"  # a run's progress (rounds, member checkpoints), for resuming
 MANIFEST_VERSION = 1
@@ -120,7 +122,7 @@ class RunState:
         """The state saved in ``run_dir`` (a fresh one when there is none yet).
 
         Raises:
-            ValueError: if the file holds keys this version does not know.
+            ConfigError: if the file holds keys this version does not know (the CLI prints it).
         """
         path = Path(run_dir) / STATE
         if not path.is_file():
@@ -128,7 +130,7 @@ class RunState:
         data = read_json(path)
         unknown = sorted(set(data) - set(cls.__dataclass_fields__))
         if unknown:
-            raise ValueError(f"{path} has unknown keys {unknown}; it was written by another "
+            raise ConfigError(f"{path} has unknown keys {unknown}; it was written by another "
                              "version of ensemble: start the run in a new output_dir")
         return cls(**data)
 

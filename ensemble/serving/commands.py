@@ -369,7 +369,6 @@ def _plain(obj: Any) -> Any:
 # ---------------------------------------------------------------- CLI hooks (ensemble.cli)
 
 
-# ServeConfig overrides: (flag, type, help); the dest is the ServeConfig field
 # serve.<key> -> its flag's help. A flag's name, type, choices and on/off form come from the
 # ServeConfig field it sets (the one definition of a setting and its default).
 _SERVE_HELP = {

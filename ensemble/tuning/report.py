@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ensemble import config as C
-from ensemble.rundir import STATE, atomic_write_json, atomic_write_text
+from ensemble.rundir import RunState, atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -55,23 +55,19 @@ def trial_rows(results: Any, metric: str) -> list[dict[str, Any]]:
 
     rows = []
     for result in results:
-        state_path = Path(result.path) / "run" / STATE if result.path else None
-        per_round: list[float] = []
-        state: dict[str, Any] = {}
-        if state_path is not None and state_path.is_file():
-            state = json.loads(state_path.read_text())
-            per_round = [float(trial_metrics(r)[metric]) for r in state.get("rounds", [])
-                         if metric in trial_metrics(r)]
+        state = RunState.load(Path(result.path) / "run") if result.path else RunState()
+        per_round = [float(trial_metrics(r)[metric]) for r in state.rounds
+                     if metric in trial_metrics(r)]
         df = result.metrics_dataframe
         if not per_round and df is not None and metric in df:
             per_round = [float(x) for x in df[metric]]
         rows.append({
             "trial": Path(result.path).name if result.path else "?",
-            "trial_id": state.get("trial_id"),
+            "trial_id": state.trial_id,
             "config": result.config,
             "metric_per_round": per_round,
-            "restored_from_trial": state.get("restored_from_trial"),
-            "restored_from_round": state.get("restored_from_round", 0),
+            "restored_from_trial": state.restored_from_trial,
+            "restored_from_round": state.restored_from_round,
             "final": per_round[-1] if per_round else None,
             "error": str(result.error) if result.error else None,
             "run_dir": str(Path(result.path) / "run") if result.path else None,

@@ -9,8 +9,7 @@ donor's round. (Train V2: no `Tuner(trainer)`; the trial builds its own TorchTra
 
 from __future__ import annotations
 
-import dataclasses
-import json
+import copy
 import logging
 import shutil
 import tempfile
@@ -64,7 +63,7 @@ def check_space(cfg: C.RunConfig) -> None:
 def _save_checkpoint(run_dir: Path, state: RunState) -> tune.Checkpoint:
     """A self-contained checkpoint: state.json + each member's latest Ray Train checkpoint."""
     tmp = Path(tempfile.mkdtemp(prefix="tune-ckpt-"))
-    copied = RunState(**json.loads(json.dumps(dataclasses.asdict(state))))
+    copied = copy.deepcopy(state)
     copied.saved_by_trial = tune.get_context().get_trial_id()
     for name, member in copied.members.items():
         shutil.copytree(member["checkpoint"], tmp / "members" / name)
