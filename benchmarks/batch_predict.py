@@ -35,7 +35,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import common  # noqa: E402
+import common
 
 NAME = "batch_predict"
 
@@ -165,8 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         scratch = Path(scratch)
         run_dir = args.run_dir
         if args.tiny:
-            sys.path.insert(0, str(common.REPO / "tests"))
-            from helpers_serve import make_run_dir
+            from ensemble.testing import make_run_dir
 
             run_dir = make_run_dir(scratch / "run", n_dev=50)
         texts = (read_texts(args.input, args.text_column) if args.input

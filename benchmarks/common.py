@@ -195,8 +195,8 @@ def combiners_on_test(run_dir: Path, seed: int | None = None) -> dict[str, Any]:
     if seed is None:
         # the out-of-fold dev scores depend on the folds: the run's own seed picks what it picked
         seed = training.seed
-    sharpness = (manifest.combine.get("params") or {}).get("regressor_sharpness")
-    temperatures = (manifest.combine.get("params") or {}).get("temperatures")  # None: older runs
+    sharpness = manifest.combine.params.get("regressor_sharpness")
+    temperatures = manifest.combine.params.get("temperatures")  # None: older runs
     kinds = {n: m.kind for n, m in manifest.members.items()}
     num_classes = len(manifest.label_names)
     stacked, labels = {}, {}

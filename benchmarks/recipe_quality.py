@@ -118,7 +118,7 @@ def start(cfg: dict[str, Any]) -> subprocess.Popen | None:
     path = run_dir.parent / f"{cfg['name']}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     env = {**os.environ, common.WORKER_NICENESS: "0"}
-    log = open(run_dir.parent / f"{cfg['name']}.log", "w")  # noqa: SIM115 (closed by the OS)
+    log = open(run_dir.parent / f"{cfg['name']}.log", "w")
     return subprocess.Popen([sys.executable, "-m", "ensemble.cli", "train", str(path),
                              "--no-progress"], env=env, stdout=log, stderr=subprocess.STDOUT)
 
@@ -129,7 +129,8 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     from ensemble.rundir import Manifest
 
     manifest = Manifest.load(run_dir)
-    params = manifest.combine.get("params") or {}
+    c = manifest.combine
+    params = c.params
     kinds = {n: m.kind for n, m in manifest.members.items()}
     num_classes = len(manifest.label_names)
     with np.load(run_dir / "predictions" / "test.npz") as z:
@@ -140,15 +141,13 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     raw = combine.member_votes(outputs, kinds, edges, num_classes, sharpness)
     scaled = combine.member_votes(outputs, kinds, edges, num_classes, sharpness,
                                   params.get("temperatures"))
-    c = manifest.combine
-    weights = combine.weight_vector(c.get("weights"), names)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     return {
         "names": names, "kinds": kinds, "labels": labels, "label_names": manifest.label_names,
         "raw": dict(zip(names, raw, strict=True)),
         "scaled": dict(zip(names, scaled, strict=True)),
-        "published": combine.apply(c["method"], scaled, weights, c.get("params")),
-        "method": c["method"], "candidates": c.get("candidates", {}),
+        "published": c.probs(outputs),
+        "method": c.method, "candidates": c.info.get("candidates", {}),
         "temperatures": params.get("temperatures") or {},
         "wall_s": metrics.get("wall_s"), "info": metrics.get("members", {}),
         "test_rows": metrics["test"],

@@ -2,7 +2,7 @@
 the cascade, and batching on vs off.
 
     python benchmarks/serve_load.py RUN_DIR [--concurrency 1 8 32] [--max-seconds 8]
-    python benchmarks/serve_load.py --tiny     # tiny random-init members (tests/helpers_serve)
+    python benchmarks/serve_load.py --tiny     # tiny random-init members (ensemble/testing.py)
 
 Deploys RUN_DIR on a local Ray (127.0.0.5, HTTP on 127.0.0.1:18452), then for every scenario
 switches the running app's settings live (no restarts) and drives it from a separate load
@@ -330,7 +330,7 @@ def cascade_quality(run_dir: Path, confidence: str = "auto") -> dict[str, Any] |
     from ensemble.rundir import Manifest
     from ensemble.serving import cascade
 
-    spec = combination.combination_from_manifest(Manifest.load(run_dir))
+    spec = Manifest.load(run_dir).combination()
 
     def fit(m: str) -> dict[str, Any]:
         threshold, dev = cascade.fit_threshold_from_run(run_dir, spec, measure=m)
@@ -486,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--tiny",
         action="store_true",
-        help="build and serve the tiny random-init run of tests/helpers_serve.py",
+        help="build and serve the tiny random-init run of ensemble/testing.py",
     )
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--max-requests", type=int, default=400, help="per scenario and concurrency")
@@ -512,8 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.load:
         return _load_main(args)
     if args.tiny:
-        sys.path.insert(0, str(ROOT / "tests"))
-        from helpers_serve import make_run_dir
+        from ensemble.testing import make_run_dir
 
         with tempfile.TemporaryDirectory(prefix="serve_load_") as tmp:
             args.run_dir = make_run_dir(Path(tmp) / "tiny-run")
@@ -526,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from benchmarks.common import load_average, local_ray, machine, write_results
     from ensemble.rundir import Manifest
-    from ensemble.serving import commands
+    from ensemble.serving import deploy, settings
 
     run_dir = args.run_dir.resolve()
     manifest = Manifest.load(run_dir)
@@ -551,11 +550,11 @@ def _bench(args: argparse.Namespace) -> int:
     ):
         json.dump(texts, tf)
         tf.flush()
-        url = commands.deploy(run_dir, commands.serve_config_for(run_dir, base), timeout_s=600)
+        url = deploy.deploy(run_dir, settings.serve_config_for(run_dir, base), timeout_s=600)
 
         def measure(name: str, c: int, seconds: float, warm: bool) -> dict[str, Any]:
             path, overrides = scenarios[name]
-            commands.update(run_dir, commands.serve_config_for(run_dir, {**base, **overrides}))
+            deploy.update(run_dir, settings.serve_config_for(run_dir, {**base, **overrides}))
             if warm:  # tokenizer caches, routers, first batches
                 run_load(url + path, tf.name, 4, 16, 10.0)
             before = _batching(url)

@@ -69,7 +69,7 @@ def start_ensemble(cfg: dict, run_dir: Path) -> subprocess.Popen | None:
     path = run_dir.parent / f"{run_dir.name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, common.WORKER_NICENESS: "0"}  # Ray's workers compete on equal terms
-    log = open(run_dir.parent / f"{run_dir.name}.log", "w")  # noqa: SIM115 (closed by the OS)
+    log = open(run_dir.parent / f"{run_dir.name}.log", "w")
     return subprocess.Popen([sys.executable, "-m", "ensemble.cli", "train", str(path),
                              "--no-progress"], env=env, stdout=log, stderr=subprocess.STDOUT)
 
@@ -77,7 +77,7 @@ def start_ensemble(cfg: dict, run_dir: Path) -> subprocess.Popen | None:
 def start_plain(data: Path, epochs: int, seed: int, out: Path) -> subprocess.Popen | None:
     if out.is_file():
         return None
-    log = open(out.with_suffix(".log"), "w")  # noqa: SIM115
+    log = open(out.with_suffix(".log"), "w")
     return subprocess.Popen(
         [sys.executable, str(ROOT / "benchmarks" / "plain_finetune.py"), "--data", str(data),
          "--epochs", str(epochs), "--seed", str(seed), "--threads", "1", "--out", str(out)],

@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import git_commit, load_average, machine, write_results  # noqa: E402
+from benchmarks.common import git_commit, load_average, machine, write_results
 
 TARGET_SHARE = 0.97  # of the ensemble's accuracy
 TARGET_SPEEDUP = 1.9  # against a 6-layer member
@@ -79,18 +79,15 @@ def run_splits(run_dir: Path) -> Any:
 
 def score_run(run_dir: Path, row: dict[str, Any]) -> dict[str, Any]:
     """One student's row with its gaps to the best member and to the ensemble (paired SEs)."""
-    from ensemble import distill as D
-    from ensemble.rundir import read_json
+    from ensemble.rundir import Manifest
     from ensemble.serving.cascade import load_predictions
 
     name, member_pred, labels = best_member(run_dir)
     with np.load(run_dir / "students" / row["name"] / "predictions.npz") as z:
         student_pred = z["test"].argmax(1)
-    manifest = read_json(run_dir / "manifest.json")
+    spec = Manifest.load(run_dir).combine
     preds = load_predictions(run_dir, "test")
-    kinds = {n: m["kind"] for n, m in manifest["members"].items()}
-    ens_pred = D.published_probs({n: preds[n] for n in kinds}, kinds, manifest["combine"],
-                                 run_splits(run_dir)).argmax(1)
+    ens_pred = spec.probs({n: preds[n] for n in spec.members}).argmax(1)
     return {
         "run": str(run_dir), "name": row["name"], "layers": row["layers"],
         "params": row["params"], "teacher_params": row["teacher_params"],

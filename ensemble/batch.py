@@ -120,7 +120,7 @@ def job_description(
 ) -> dict[str, Any]:
     """What must not change between a run and its resumption (`PartsDir.open`)."""
     from ensemble.rundir import MANIFEST, Manifest
-    from ensemble.serving.commands import members_fingerprint
+    from ensemble.serving.deploy import members_fingerprint
 
     stat = input_path.stat()
     manifest_hash = hashlib.sha1((run_dir / MANIFEST).read_bytes()).hexdigest()[:16]

@@ -63,7 +63,7 @@ def render_card(cfg: C.RunConfig, manifest: Manifest, metrics: dict[str, Any], n
         f"`{name}` is {_ROLE[entry.kind]}. It is one member of the `{manifest.name}` ensemble "
         f"({', '.join(f'`{n}`' for n in manifest.members)}), trained jointly with the others in "
         f"{manifest.rounds_completed} round(s) and combined with them by "
-        f"`{manifest.combine.get('method')}`. This directory holds it alone: a plain "
+        f"`{manifest.combine.method}`. This directory holds it alone: a plain "
         "`transformers` model with its tokenizer.\n",
         _usage(name, regressor, manifest),
         _model(member, entry, manifest, regressor),
@@ -163,16 +163,16 @@ def _metrics(name: str, metrics: dict[str, Any], manifest: Manifest) -> str:
     rows = [(f"{name} ({split})", metrics.get(split, {}).get(name, {}))
             for split in ("dev", "test")]
     rows += [(f"{k} (test)", v) for k, v in metrics.get("test", {}).items()
-             if k == f"ensemble/{manifest.combine.get('method')}"]
+             if k == f"ensemble/{manifest.combine.method}"]
     keys = [k for k in _METRICS if any(k in r for _, r in rows)]
     table = ["| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for label, row in rows:
         cells = [f"{float(row[k]):.4f}" if k in row else "" for k in keys]
         table.append(f"| {label} | " + " | ".join(cells) + " |")
-    weight = manifest.combine.get("weights", {}).get(name)
+    weight = manifest.combine.weights.get(name)
     note = ("Dev metrics are in-sample for anything fitted on dev (temperatures, the combiner). "
             "NLL and ECE (15 bins) score the member's own probabilities; `*_calibrated` those "
             "after its temperature.")
     if weight is not None:
-        note += f" Its weight in the ensemble's `{manifest.combine.get('method')}`: {weight:.3g}."
+        note += f" Its weight in the ensemble's `{manifest.combine.method}`: {weight:.3g}."
     return "## Metrics\n\n" + "\n".join(table) + "\n\n" + note + "\n"

@@ -1,11 +1,13 @@
 """The combination spec: how a run's members become one prediction, the one definition.
 
-A `Combination` is a manifest's ``combine`` section made typed and checked (method, weights,
-params such as member temperatures, the regressor's sharpness and the output temperature)
-together with the label space it needs. `combine_outputs` turns the members' outputs into the
-combined prediction with `ensemble.combine`'s rules; the Serve combiner, `Ensemble.from_run`,
-`ensemble predict`, publish's plots and the distillation targets all call it, so every one of
-them returns what the run's metrics describe. Pure numpy (no Ray, no torch).
+A `Combination` is a manifest's ``combine`` section, typed and checked (method, weights, params
+such as member temperatures, the regressor's sharpness and the output temperature), together
+with the label space it needs: `Manifest.combine` holds one, `publish.fit_combiner` makes one,
+and `Combination.section` is what manifest.json stores. `combine_outputs` turns the members'
+outputs into the combined prediction with `ensemble.combine`'s rules (`Combination.probs` the
+probabilities alone); the Serve combiner, `Ensemble.from_run`, `ensemble predict`, publish's
+plots and the distillation targets all call them, so every one of them returns what the run's
+metrics describe. Pure numpy (no Ray, no torch).
 
 * classification members (classifier, teacher, student) output ``(B, C)`` probabilities; a
   member with a temperature in ``params["temperatures"]`` (fitted on dev when the run had
@@ -25,13 +27,11 @@ from typing import Any
 import numpy as np
 
 from ensemble import combine
-from ensemble.rundir import Manifest
 
 __all__ = [
     "CLASSIFICATION_KINDS",
     "Combination",
     "Combined",
-    "combination_from_manifest",
     "combine_outputs",
     "intensity_weights",
     "member_probs",
@@ -58,6 +58,9 @@ class Combination:
             ``temperatures``, member name -> T, scale classification members' probabilities;
             a member without one, or a manifest without the key, votes with T = 1; an optional
             ``output_temperature`` scales the combined probabilities).
+        info: what else the manifest's section records and combining does not use: how the
+            combiner was chosen on dev (``dev_score``, ``metric``, ``select``, ``candidates``,
+            ``out_of_fold``) and an optional ``cascade_threshold`` for serving.
     """
 
     members: dict[str, str]
@@ -67,6 +70,7 @@ class Combination:
     method: str = "soft_vote"
     weights: dict[str, float] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         problems = []
@@ -128,6 +132,49 @@ class Combination:
             problems.append(f"params.{combine.OUTPUT_TEMPERATURE}={out!r} must be finite and > 0")
         return problems
 
+    @classmethod
+    def from_section(
+        cls,
+        section: Mapping[str, Any],
+        kinds: Mapping[str, str],
+        label_names: Sequence[str],
+        class_intensity: Sequence[float],
+        intensity_edges: Sequence[float],
+    ) -> Combination:
+        """The combination a manifest's ``combine`` section describes.
+
+        Args:
+            section: ``method``, ``weights``, ``params``, the ``members`` in the order a learned
+                combiner was fitted in (default: the order of ``kinds``) and `info` keys.
+            kinds: the run's members, name -> kind.
+            label_names, class_intensity, intensity_edges: the run's label space.
+
+        Raises:
+            ValueError: if the section does not fit the members (the message names the fix).
+        """
+        # stacking coefficients are laid out in the order the combiner was fitted in
+        order = list(section.get("members") or kinds)
+        if sorted(order) != sorted(kinds):
+            raise ValueError(
+                f"combine.members {order} differ from the manifest's members "
+                f"{list(kinds)}; refit the combiner on the current members"
+            )
+        return cls(
+            members={name: kinds[name] for name in order},
+            label_names=list(label_names),
+            class_intensity=[float(v) for v in class_intensity],
+            intensity_edges=[float(v) for v in intensity_edges],
+            method=section.get("method", "soft_vote"),
+            weights={k: float(v) for k, v in (section.get("weights") or {}).items()},
+            params=dict(section.get("params") or {}),
+            info={k: v for k, v in section.items() if k not in _SECTION_KEYS},
+        )
+
+    def section(self) -> dict[str, Any]:
+        """The manifest's ``combine`` section (the label space is the manifest's own)."""
+        return {"method": self.method, "weights": dict(self.weights), "params": dict(self.params),
+                "members": list(self.members), **self.info}
+
     @property
     def num_classes(self) -> int:
         return len(self.label_names)
@@ -140,6 +187,16 @@ class Combination:
         """(M,) weights of ``names`` (default: all members) in that order; None = equal."""
         w = combine.weight_vector(self.weights, names or list(self.members))
         return None if w is None else np.array(w, dtype=np.float64)
+
+
+    def probs(self, outputs: Mapping[str, np.ndarray]) -> np.ndarray:
+        """(B, C) the combined probabilities of the members' outputs (`combine_outputs`'s)."""
+        names = list(self.members)
+        return combine.apply(self.method, stack_member_probs(outputs, self, names),
+                             self.weight_vector(names), self.params)
+
+
+_SECTION_KEYS = ("method", "weights", "params", "members")
 
 
 @dataclass(frozen=True)
@@ -257,35 +314,3 @@ def without(spec: Combination, missing: Sequence[str]) -> Combination:
         weights = {n: w / total for n, w in weights.items()}
     return dataclasses.replace(spec, members=members, method=method, weights=weights,
                                params=params)
-
-
-def combination_from_manifest(manifest: Manifest, method: str | None = None) -> Combination:
-    """The `Combination` a run directory's manifest describes.
-
-    Args:
-        manifest: the loaded manifest.
-        method: override of ``manifest.combine["method"]`` (e.g. from ``--method``).
-
-    Returns:
-        The validated combination.
-
-    Raises:
-        ValueError: if the manifest's combine section is inconsistent with its members.
-    """
-    comb = manifest.combine or {}
-    # stacking coefficients are laid out in the order the combiner was fitted in
-    order = list(comb.get("members") or manifest.members)
-    if sorted(order) != sorted(manifest.members):
-        raise ValueError(
-            f"combine.members {order} differ from the manifest's members "
-            f"{list(manifest.members)}; refit the combiner on the current members"
-        )
-    return Combination(
-        members={name: manifest.members[name].kind for name in order},
-        label_names=list(manifest.label_names),
-        class_intensity=[float(v) for v in manifest.class_intensity],
-        intensity_edges=[float(v) for v in manifest.intensity_edges],
-        method=method or comb.get("method", "soft_vote"),
-        weights={k: float(v) for k, v in (comb.get("weights") or {}).items()},
-        params=dict(comb.get("params") or {}),
-    )

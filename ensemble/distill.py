@@ -11,11 +11,11 @@ from __future__ import annotations
 import hashlib
 import io
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from ensemble import combine
+from ensemble.combination import Combination
 from ensemble.config import RunConfig
 from ensemble.data import Splits
 from ensemble.data.sources import DataError, read_file
@@ -78,30 +78,19 @@ def _with_corpus(
 
 
 def ensemble_probs(
-    outputs: dict[str, np.ndarray], kinds: dict[str, str], entry: dict[str, Any], splits: Splits
+    outputs: dict[str, np.ndarray], kinds: dict[str, str], spec: Combination
 ) -> np.ndarray:
-    """The ensemble described by a manifest ``combine`` entry, applied to members' raw outputs.
+    """The published ensemble ``spec`` applied to members' raw outputs.
 
     Args:
         outputs: member -> logits (N, C), or intensities (N,) for a regressor.
-        entry: `publish.fit_combiner`'s result: method, weights and params (member
-            temperatures, the regressor vote's sharpness).
+        kinds: member -> kind.
+        spec: the combination (`publish.fit_combiner`'s, or a run's `Manifest.combine`).
 
     Returns:
         (N, C) probabilities, as the published ensemble would answer.
     """
-    return published_probs(combine.to_probs(outputs, kinds), kinds, entry, splits)
-
-
-def published_probs(
-    probs: dict[str, np.ndarray], kinds: dict[str, str], entry: dict[str, Any], splits: Splits
-) -> np.ndarray:
-    """`ensemble_probs` on members' probabilities (a run's ``predictions/<split>.npz``)."""
-    params = entry.get("params") or {}
-    votes = combine.member_votes(probs, kinds, splits.intensity_edges(), splits.num_labels(),
-                                 params.get("regressor_sharpness"), params.get("temperatures"))
-    weights = combine.weight_vector(entry.get("weights"), list(probs))
-    return combine.apply(entry["method"], votes, weights, params)
+    return spec.probs(combine.to_probs(outputs, kinds))
 
 
 def load_cached(run_dir: Path, key: str) -> np.ndarray | None:

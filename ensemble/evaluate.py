@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from ensemble import calibration, combine
+from ensemble.combination import Combination
 from ensemble.metrics import (
     calibration_metrics,
     classification_metrics,
@@ -109,7 +110,7 @@ def evaluate_split(
     label_names: Sequence[str],
     class_intensity: Sequence[float],
     edges: Sequence[float],
-    learned: Mapping[str, Any] | None = None,
+    learned: Combination | None = None,
     sharpness: float | None = None,
     temperatures: Mapping[str, float] | None = None,
 ) -> dict[str, dict[str, Any]]:
@@ -120,8 +121,7 @@ def evaluate_split(
         kinds: member name -> kind.
         labels: (N,) class ids; intensity: (N,) targets or None.
         label_names, class_intensity, edges: the label space (see `Manifest`).
-        learned: optional published combiner {"method", "weights": {name: w}, "params"}; its
-            row replaces the plain row of the same method.
+        learned: the published combination; its row replaces the plain row of its method.
         sharpness: the regressor vote's sharpness (`regressor_sharpness`); None for one-hot.
         temperatures: member -> T (`member_temperatures`); None combines raw probabilities.
 
@@ -150,11 +150,9 @@ def evaluate_split(
             rows[name].update(regression_metrics(intensity, estimate))
         ens_intensity = voted_intensity(outputs, kinds, names, probs, class_intensity)
     methods: dict[str, np.ndarray] = {m: combine.apply(m, probs) for m in FIXED_METHODS}
-    if learned:  # the published combination, its params (an output temperature) included
-        weights = combine.weight_vector(learned.get("weights"), names)
-        methods[learned["method"]] = combine.apply(
-            learned["method"], probs, weights, learned.get("params")
-        )
+    if learned is not None:  # the published combination, its params (an output temperature) too
+        methods[learned.method] = combine.apply(learned.method, probs, learned.weight_vector(names),
+                                                learned.params)
     for method, combined in methods.items():
         row = classification_metrics(labels, combined, label_names)
         if ens_intensity is not None:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ensemble.combination import Combination, combination_from_manifest, member_probs
+from ensemble.combination import Combination, member_probs
 from ensemble.config import ServeConfig
 from ensemble.rundir import Manifest
 from ensemble.serving.cascade import (
@@ -94,12 +94,12 @@ def combiner_for(
     Raises:
         FileNotFoundError: without a manifest. ValueError: for bad settings.
     """
-    from ensemble.serving.commands import combiner_settings, serve_config_for
+    from ensemble.serving.settings import combiner_settings, serve_config_for
 
     cfg = serve_config_for(run_dir, serve)
     manifest = Manifest.load(run_dir)
     settings = combiner_settings(run_dir, manifest, cfg, method)
-    return settings, combination_from_manifest(manifest, settings.method), cfg
+    return settings, manifest.combination(settings.method), cfg
 
 
 class Ensemble:

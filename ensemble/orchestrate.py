@@ -26,6 +26,7 @@ from ensemble import distill as D
 from ensemble import evaluate as E
 from ensemble import guidance as G
 from ensemble import tracking
+from ensemble.combination import Combination
 from ensemble.data import Splits, load_splits
 from ensemble.losses import LossWeights
 from ensemble.progress import LiveView, start_board
@@ -157,7 +158,7 @@ def member_runners(cfg: C.RunConfig, run_dir: Path) -> dict[str, Any]:
 
 
 def ensemble_targets(run_dir: Path, runners: dict[str, Any], kinds: dict[str, str],
-                     entry: dict[str, Any], splits: Splits, corpus: list[str],
+                     spec: Combination, splits: Splits, corpus: list[str],
                      ) -> tuple[np.ndarray, str]:
     """The published ensemble's probabilities on train + corpus, cached in the run directory.
 
@@ -174,7 +175,7 @@ def ensemble_targets(run_dir: Path, runners: dict[str, Any], kinds: dict[str, st
     ref = ray.put(D.prediction_splits(splits, corpus))
     futures = {n: r.predict.remote(ref, True) for n, r in runners.items()}
     train = {n: ray.get(f)["outputs"]["train"] for n, f in futures.items()}
-    probs = D.ensemble_probs(train, kinds, entry, splits)
+    probs = D.ensemble_probs(train, kinds, spec)
     D.save(run_dir, key, probs)
     return probs, key
 
@@ -252,13 +253,13 @@ class JointRun:
         name = d.student
         corpus = D.held_out_corpus(D.read_corpus(cfg), splits)
         dev = {n: o["dev"] for n, o in self.outputs.items()}
-        entry = fit_combiner(
+        spec = fit_combiner(
             combine.to_probs(dev, self.kinds), self.kinds, splits, cfg.training.seed,
             cfg.training.regressor_vote, cfg.training.combiner, cfg.training.combiner_select,
             cfg.training.calibrate,
         )
-        probs, key = ensemble_targets(self.run_dir, self.runners, self.kinds, entry, splits, corpus)
-        dev_ensemble = D.ensemble_probs(dev, self.kinds, entry, splits)
+        probs, key = ensemble_targets(self.run_dir, self.runners, self.kinds, spec, splits, corpus)
+        dev_ensemble = D.ensemble_probs(dev, self.kinds, spec)
         before = D.mean_kl(dev_ensemble, combine.softmax(dev[name]))
         job = student_job(
             name, cfg.members[name], cfg, splits, corpus, probs, d, self.rounds_completed + 1,

@@ -125,6 +125,6 @@ class LiveView:
 
 
 def _plain(t: Table) -> str:
-    console = Console(record=True, width=110, file=open("/dev/null", "w"))  # noqa: SIM115
+    console = Console(record=True, width=110, file=open("/dev/null", "w"))
     console.print(t)
     return console.export_text()

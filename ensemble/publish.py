@@ -18,6 +18,7 @@ from ensemble import evaluate as E
 from ensemble import report
 from ensemble.calibration import fit_temperature
 from ensemble.cards import write_cards
+from ensemble.combination import Combination
 from ensemble.combine import OUTPUT_TEMPERATURE, log_probs, member_votes, to_probs
 from ensemble.data import Splits
 from ensemble.metrics import roc_curves
@@ -43,7 +44,7 @@ def fit_combiner(
     method: str = "auto",
     select: str = "one_se",
     calibrate: bool = True,
-) -> dict[str, Any]:
+) -> Combination:
     """Fit the combination ``method`` on dev, or with ``auto`` choose one (`weights.choose`).
 
     Learned methods are scored out-of-fold. The regressor vote's fitted sharpness goes into
@@ -77,7 +78,8 @@ def fit_combiner(
         t = fit_temperature(log_probs(dev_out), splits.labels["dev"])
         entry["params"] = {**entry["params"], OUTPUT_TEMPERATURE: t}
     entry["candidates"] = {m: r.dev_score for m, r in results.items()}
-    return entry
+    return Combination.from_section(entry, kinds, splits.label_names, splits.class_intensity(),
+                                    edges)
 
 
 def publish(
@@ -107,8 +109,8 @@ def publish(
         class_intensity=splits.class_intensity(),
         edges=splits.intensity_edges(),
         learned=combine,
-        sharpness=combine["params"].get("regressor_sharpness"),
-        temperatures=combine["params"].get("temperatures"),
+        sharpness=combine.params.get("regressor_sharpness"),
+        temperatures=combine.params.get("temperatures"),
     )
     results = {}
     for split in ("dev", "test"):
@@ -122,7 +124,7 @@ def publish(
         "dev": results["dev"],
         "test": results["test"],
         "members": info,
-        "combine": combine,
+        "combine": combine.section(),
         "wall_s": wall_s,
         "rounds": state.rounds_completed,
         "data": splits.summary(),
@@ -171,10 +173,9 @@ def publish(
 def _cascade(cfg: C.RunConfig, run_dir: Path, manifest: Manifest) -> dict[str, Any]:
     """The cascade Serve would fit (`serve.*` settings): its stats with the test loss, and the
     curve plot."""
-    from ensemble import combination
     from ensemble.serving import cascade
 
-    spec = combination.combination_from_manifest(manifest)
+    spec = manifest.combination()
     threshold, measure, stats = cascade.fit_cascade_from_run(
         run_dir, spec, cfg.serve.cascade_confidence, cfg.serve.cascade_max_accuracy_loss
     )
@@ -241,22 +242,20 @@ def infer_ms(paths: list[Path], texts: list[str], max_length: int, batch_size: i
     return [sorted(t)[len(t) // 2] for t in times]
 
 
-def _plots(run_dir: Path, splits: Splits, test_probs, kinds, test_rows, state, combine) -> None:
+def _plots(run_dir: Path, splits: Splits, test_probs, kinds, test_rows, state,
+           spec: Combination) -> None:
     plots = run_dir / "plots"
     report.plot_learning_curves(state.history, plots / "learning_curves.png")
     if state.rounds:
         report.plot_rounds(state.rounds, plots / "rounds.png")
     edges, num_classes = splits.intensity_edges(), splits.num_labels()
-    sharpness = combine["params"].get("regressor_sharpness")
-    temperatures = combine["params"].get("temperatures")
+    sharpness = spec.params.get("regressor_sharpness")
+    temperatures = spec.params.get("temperatures")
     names = list(test_probs)
     raw = member_votes(test_probs, kinds, edges, num_classes, sharpness)
     voted = member_votes(test_probs, kinds, edges, num_classes, sharpness, temperatures)
-    from ensemble import combine as comb
-
-    weights = comb.weight_vector(combine.get("weights"), names)
-    ens = comb.apply(combine["method"], voted, weights, combine.get("params"))
-    key = f"ensemble/{combine['method']}"
+    ens = spec.probs(test_probs)
+    key = f"ensemble/{spec.method}"
     combined = {**dict(zip(names, voted, strict=True)), key: ens}
     panels = {"test": combined}
     if temperatures:  # the members before and after scaling

@@ -20,10 +20,11 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from ensemble.combination import Combination
 from ensemble.config import ConfigError
 
 MANIFEST = "manifest.json"
@@ -156,8 +157,9 @@ class Manifest:
 
     `label_names` index the classes; `class_intensity[c]` is the mean intensity of class c on the
     training data and `intensity_edges` (len C-1) bin an intensity into a class, which is how the
-    regressor votes. `combine` holds `method`, `weights` (member name -> float) and any fitted
-    parameters of a learned method.
+    regressor votes. `combine` is the published `Combination` (method, weights, fitted params);
+    given its manifest.json section (a dict), it is read into one and checked against the
+    members.
     """
 
     name: str
@@ -166,18 +168,36 @@ class Manifest:
     intensity_edges: list[float]
     intensity_range: list[float]
     members: dict[str, MemberEntry]
-    combine: dict[str, Any]
+    combine: Combination
     rounds_completed: int = 0
     rounds_planned: int = 1
     metrics: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     version: int = MANIFEST_VERSION
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.combine, Combination):
+            self.combine = Combination.from_section(
+                self.combine, {n: m.kind for n, m in self.members.items()}, self.label_names,
+                self.class_intensity, self.intensity_edges)
+
     def member_path(self, run_dir: str | os.PathLike, name: str) -> Path:
         return Path(run_dir) / self.members[name].path
 
+    def combination(self, method: str | None = None) -> Combination:
+        """The published `Combination`, with ``method`` (e.g. from ``--method``) if given.
+
+        Raises:
+            ValueError: if ``method`` does not fit the run (e.g. ``weighted`` without weights).
+        """
+        spec = self.combine
+        return spec if method in (None, spec.method) else replace(spec, method=method)
+
     def save(self, run_dir: str | os.PathLike) -> None:
-        atomic_write_json(Path(run_dir) / MANIFEST, asdict(self))
+        raw = {f.name: getattr(self, f.name) for f in fields(self)}
+        raw["members"] = {n: asdict(m) for n, m in self.members.items()}
+        raw["combine"] = self.combine.section()
+        atomic_write_json(Path(run_dir) / MANIFEST, raw)
 
     @classmethod
     def load(cls, run_dir: str | os.PathLike) -> Manifest:
@@ -192,4 +212,7 @@ class Manifest:
             raise ValueError(f"{path} has manifest version {raw.get('version')}, "
                              f"this ensemble reads version {MANIFEST_VERSION}")
         raw["members"] = {k: MemberEntry(**v) for k, v in raw["members"].items()}
-        return cls(**raw)
+        try:
+            return cls(**raw)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None

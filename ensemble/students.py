@@ -34,7 +34,7 @@ from ensemble import combine
 from ensemble import config as C
 from ensemble import distill as D
 from ensemble.data import Splits
-from ensemble.rundir import atomic_write_json, read_json
+from ensemble.rundir import Manifest, atomic_write_json, read_json
 
 __all__ = ["add_commands", "distill_run", "evaluate_student"]
 
@@ -44,21 +44,20 @@ CASCADE_BUDGET = 0.005  # the accuracy the cascade may lose against the ensemble
 
 
 def _finished_run(run_dir: Path, overrides: list[str] | None,
-                  ) -> tuple[C.RunConfig, dict[str, Any], dict[str, Any]]:
+                  ) -> tuple[C.RunConfig, Manifest, dict[str, Any]]:
     """The run's config (with ``overrides``), manifest and metrics."""
     if not (run_dir / "manifest.json").is_file():
         raise C.ConfigError(
             f"{run_dir} is not a finished run (no manifest.json); train it first with "
             "`ensemble train CONFIG`, or pass the run directory it printed (RUN_DIR=...)"
         )
-    return (C.load(run_dir / "config.yaml", overrides), read_json(run_dir / "manifest.json"),
+    return (C.load(run_dir / "config.yaml", overrides), Manifest.load(run_dir),
             read_json(run_dir / "metrics.json"))
 
 
-def _default_teacher(manifest: dict[str, Any], metrics: dict[str, Any]) -> str:
+def _default_teacher(manifest: Manifest, metrics: dict[str, Any]) -> str:
     """The classification member with the best dev accuracy."""
-    candidates = [n for n, m in manifest["members"].items() if m["kind"] in ("classifier",
-                                                                           "teacher")]
+    candidates = [n for n, m in manifest.members.items() if m.kind in ("classifier", "teacher")]
     if not candidates:
         raise C.ConfigError("the run has no classifier or teacher member to cut a student from")
     return max(candidates, key=lambda n: metrics["dev"][n]["accuracy"])
@@ -94,19 +93,18 @@ def _scores(labels: np.ndarray, probs: np.ndarray, target: np.ndarray) -> dict[s
             **calibration_metrics(labels, probs), "kl_to_ensemble": D.mean_kl(target, probs)}
 
 
-def evaluate_student(run_dir: Path, manifest: dict[str, Any], splits: Splits,
+def evaluate_student(run_dir: Path, manifest: Manifest, splits: Splits,
                      logits: dict[str, np.ndarray]) -> dict[str, Any]:
     """The student's scores on dev/test beside the published ensemble's, and its cascade."""
     from ensemble.calibration import fit_temperature
     from ensemble.serving.cascade import cascade_accuracy, fit_cascade, load_predictions
 
-    kinds = {n: m["kind"] for n, m in manifest["members"].items()}
+    kinds = {n: m.kind for n, m in manifest.members.items()}
     ens, labels = {}, {}
     for split in ("dev", "test"):
         preds = load_predictions(run_dir, split)
         labels[split] = np.asarray(preds["labels"]).astype(np.int64)
-        ens[split] = D.published_probs({n: preds[n] for n in kinds}, kinds, manifest["combine"],
-                                       splits)
+        ens[split] = manifest.combine.probs({n: preds[n] for n in kinds})
     t = fit_temperature(logits["dev"], labels["dev"])
     out: dict[str, Any] = {"temperature": t}
     for split in ("dev", "test"):
@@ -171,14 +169,14 @@ def distill_run(
     cfg, manifest, metrics = _finished_run(run_dir, overrides)
     d = distill or C.DistillConfig()
     teacher = teacher or _default_teacher(manifest, metrics)
-    if teacher not in manifest["members"] or manifest["members"][teacher]["kind"] not in (
+    if teacher not in manifest.members or manifest.members[teacher].kind not in (
             "classifier", "teacher"):
-        members = ", ".join(f"{n} ({m['kind']})" for n, m in manifest["members"].items())
+        members = ", ".join(f"{n} ({m.kind})" for n, m in manifest.members.items())
         raise C.ConfigError(
             f"--teacher {teacher!r} is not a classifier or teacher member of the run; "
             f"members: {members}"
         )
-    export = run_dir / manifest["members"][teacher]["path"]
+    export = manifest.member_path(run_dir, teacher)
     depth = _teacher_layers(export)
     if not 1 <= layers <= depth:
         raise C.ConfigError(f"--layers {layers}: the teacher {teacher} has {depth} layers; "
@@ -201,12 +199,12 @@ def distill_run(
     check_config(cfg)
     splits = load_splits(cfg.data)
     corpus = D.held_out_corpus(D.read_corpus(cfg), splits)
-    kinds = {n: m["kind"] for n, m in manifest["members"].items()}
+    kinds = {n: m.kind for n, m in manifest.members.items()}
 
     t0 = time.time()
     init_ray(cfg.ray, address)
     predictors = member_runners(run_cfg, run_dir)  # the run's members, on their exports
-    probs, key = ensemble_targets(run_dir, predictors, kinds, manifest["combine"], splits, corpus)
+    probs, key = ensemble_targets(run_dir, predictors, kinds, manifest.combine, splits, corpus)
     for actor in predictors.values():
         ray.kill(actor)
     runner = MemberRunner.options(num_cpus=0).remote(
@@ -224,7 +222,7 @@ def distill_run(
     info = result["info"]
     row = {
         "name": name, "teacher": teacher, "layers": layers, "teacher_layers": depth,
-        "params": info["params"], "teacher_params": manifest["members"][teacher]["params"],
+        "params": info["params"], "teacher_params": manifest.members[teacher].params,
         "texts": int(len(probs)), "corpus_texts": len(corpus),
         "targets": str(D.cache_path(key)), "epochs": d.epochs,
         "alpha": d.alpha, "temperature": d.temperature, "lr": member.lr,

@@ -15,8 +15,8 @@ manifest and binds
   weights, cascade and limits are its ``user_config``, so `reconfigure` swaps them on the
   running replicas without a restart.
 
-Resolving settings, the Serve config YAML, deploying and live updates are in
-`ensemble.serving.commands`.
+Settings come from `ensemble.serving.settings`; the deployments' options, the Serve config YAML,
+deploying and live updates from `ensemble.serving.deploy`.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from ray import serve
 from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle
 
-from ensemble.combination import Combination, combination_from_manifest, member_probs
+from ensemble.combination import Combination, member_probs
 from ensemble.inference import LoadedMember
 from ensemble.rundir import Manifest
 from ensemble.serving import schemas as s
@@ -51,14 +51,8 @@ from ensemble.serving.cascade import (
     hard_examples,
     student_of,
 )
-from ensemble.serving.commands import (
-    COMBINER,
-    combiner_settings,
-    member_deployment_name,
-    member_settings,
-    replicas,
-    serve_config_for,
-)
+from ensemble.serving.deploy import COMBINER, deployments, member_deployment_name
+from ensemble.serving.settings import serve_config_for
 
 logger = logging.getLogger(__name__)
 
@@ -233,7 +227,7 @@ class Combiner:
         self._members = members
         self._local: dict[str, LoadedMember] = {}  # the cascade's in-process student
         self._local_texts = 0
-        self._base = combination_from_manifest(self._manifest)
+        self._base = self._manifest.combination()
         self._settings = s.CombinerSettings()
         self._spec = self._base
         self._requests = 0
@@ -489,27 +483,12 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     bad = [n for n in manifest.members if not _NAME_RE.match(n)]
     if bad:
         raise ValueError(f"member names {bad} must match {_NAME_RE.pattern} to name deployments")
-    common = dict(
-        max_ongoing_requests=cfg.max_ongoing_requests,
-        health_check_period_s=cfg.health_check_period_s,
-    )
-    member_cfg = member_settings(cfg).model_dump()
+    options = deployments(run_dir, manifest, cfg, method)
     threads = max(1, round(cfg.num_cpus))
     members = {
-        name: MemberModel.options(
-            name=member_deployment_name(name),
-            user_config=member_cfg,
-            ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
-            **common,
-            **replicas(cfg, combiner=False),
-        ).bind(run_dir, name, threads, cfg.num_gpus > 0)
+        name: MemberModel.options(name=member_deployment_name(name),
+                                  **options[member_deployment_name(name)])
+        .bind(run_dir, name, threads, cfg.num_gpus > 0)
         for name in manifest.members
     }
-    settings = combiner_settings(run_dir, manifest, cfg, method)
-    return Combiner.options(
-        name=COMBINER,
-        user_config=settings.model_dump(),
-        ray_actor_options={"num_cpus": min(cfg.num_cpus, 0.25)},
-        **common,
-        **replicas(cfg, combiner=True),
-    ).bind(run_dir, members)
+    return Combiner.options(name=COMBINER, **options[COMBINER]).bind(run_dir, members)

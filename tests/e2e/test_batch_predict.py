@@ -22,11 +22,11 @@ import pyarrow.parquet as pq
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from helpers_procs import kill_session  # noqa: E402
-from helpers_serve import make_run_dir  # noqa: E402
+from helpers_procs import kill_session
 
-from ensemble.cli import main  # noqa: E402
-from ensemble.inference import Ensemble, prediction_row  # noqa: E402
+from ensemble.cli import main
+from ensemble.inference import Ensemble, prediction_row
+from ensemble.testing import make_run_dir
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -122,7 +122,7 @@ def test_killed_predict_resumes_without_duplicate_or_missing_rows(
     args = ["predict", str(run_dir), str(source), "-o", str(out), "--block-size", str(block),
             "--batch-size", "50", "--no-progress"]
     parts = tmp_path / "preds.csv.parts"
-    log = open(tmp_path / "predict.log", "w")  # noqa: SIM115
+    log = open(tmp_path / "predict.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "ensemble.cli", *args], cwd=REPO,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:

@@ -79,7 +79,7 @@ def _artifacts(run_dir: Path) -> set[str]:
     """The run directory's files (Ray Train storage and TensorBoard event files aside: one per
     process, named by time and host), with the ensemble method's name normalised: which combiner
     wins on dev decides the names of its plots."""
-    method = Manifest.load(run_dir).combine["method"]
+    method = Manifest.load(run_dir).combine.method
     return {
         p.relative_to(run_dir).as_posix().replace(f"_ensemble_{method}", "_ensemble_METHOD")
         for p in run_dir.rglob("*")

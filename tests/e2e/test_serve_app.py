@@ -22,11 +22,10 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from helpers_serve import CLASS_INTENSITY, EDGES, KINDS, LABELS, make_run_dir  # noqa: E402
-
-from ensemble import combine  # noqa: E402
-from ensemble.client import EnsembleClient, EnsembleHTTPError  # noqa: E402
-from ensemble.serving import cascade  # noqa: E402
+from ensemble import combine
+from ensemble.client import EnsembleClient, EnsembleHTTPError
+from ensemble.serving import cascade
+from ensemble.testing import CLASS_INTENSITY, EDGES, KINDS, LABELS, make_run_dir
 
 pytestmark = pytest.mark.e2e
 
@@ -49,10 +48,10 @@ class Served:
 
     def push(self, method: str | None = None, **overrides) -> dict:
         """Live update, the way `ensemble serve --update` does it."""
-        from ensemble.serving import commands
+        from ensemble.serving import deploy, settings
 
-        cfg = commands.serve_config_for(self.run_dir, {**_BASE, **overrides})
-        return commands.update(self.run_dir, cfg, method, timeout_s=120)
+        cfg = settings.serve_config_for(self.run_dir, {**_BASE, **overrides})
+        return deploy.update(self.run_dir, cfg, method, timeout_s=120)
 
 
 _BASE = {"port": PORT, "num_cpus": 0.2, "health_check_period_s": 1.0}
@@ -63,18 +62,18 @@ def served(tmp_path_factory):
     import ray
     from ray import serve
 
-    from ensemble.serving import commands
+    from ensemble.serving import deploy, settings
 
     run_dir = make_run_dir(tmp_path_factory.mktemp("serve") / "run")
     # reuse a Ray (and Serve proxy) another fixture of the session started; else start ours
     started = not ray.is_initialized()
     if started:
         ray.init(num_cpus=2, _node_ip_address="127.0.0.5", include_dashboard=False)
-    running = commands.running_http_options()
+    running = deploy.running_http_options()
     if running is not None:
         _BASE["port"] = running["port"]
     try:
-        url = commands.deploy(run_dir, commands.serve_config_for(run_dir, _BASE), timeout_s=300)
+        url = deploy.deploy(run_dir, settings.serve_config_for(run_dir, _BASE), timeout_s=300)
         with EnsembleClient(url, timeout=20) as client:
             yield Served(run_dir, url, client)
     finally:
@@ -82,7 +81,7 @@ def served(tmp_path_factory):
             serve.shutdown()
             ray.shutdown()
         else:
-            serve.delete(commands.APP_NAME)
+            serve.delete(deploy.APP_NAME)
 
 
 def _member_arrays(pred) -> dict[str, np.ndarray]:
@@ -494,9 +493,9 @@ def test_a_killed_combiner_replica_is_covered_by_the_second_one(served):
     EnsembleClient, which sends such a request again, loses none."""
     import threading
 
-    from ensemble.serving import commands
+    from ensemble.serving import deploy, settings
 
-    commands.deploy(served.run_dir, commands.serve_config_for(
+    deploy.deploy(served.run_dir, settings.serve_config_for(
         served.run_dir, {**_BASE, "combiner_replicas": 2}), timeout_s=300)
     try:
         pids, deadline = set(), time.monotonic() + 60
@@ -524,7 +523,7 @@ def test_a_killed_combiner_replica_is_covered_by_the_second_one(served):
             replaced, deadline = False, time.monotonic() + 120
             while not replaced and time.monotonic() < deadline:
                 time.sleep(0.5)
-                replaced = _running_replicas(commands.COMBINER) == 2 and victim not in {
+                replaced = _running_replicas(deploy.COMBINER) == 2 and victim not in {
                     served.client.stats().combiner.pid for _ in range(4)}
             time.sleep(1.0)
             stop.set()
@@ -539,16 +538,16 @@ def test_a_killed_combiner_replica_is_covered_by_the_second_one(served):
         assert set(failed) <= {500} and len(failed) <= 4, failed  # only what was in flight
         assert answers and all(len(a) == 2 for a in answers)
     finally:
-        commands.deploy(served.run_dir, commands.serve_config_for(served.run_dir, _BASE),
+        deploy.deploy(served.run_dir, settings.serve_config_for(served.run_dir, _BASE),
                         timeout_s=300)
 
 
 def _running_replicas(deployment: str) -> int:
     from ray import serve
 
-    from ensemble.serving import commands
+    from ensemble.serving import deploy
 
-    app = serve.status().applications[commands.APP_NAME]
+    app = serve.status().applications[deploy.APP_NAME]
     states = app.deployments[deployment].replica_states
     return sum(n for state, n in states.items() if str(getattr(state, "value", state)) == "RUNNING")
 
@@ -557,13 +556,13 @@ def test_a_member_deployment_scales_out_under_load_and_back_in(served):
     """Last in the module: it redeploys the app with autoscaling, then as it was."""
     import threading
 
-    from ensemble.serving import commands
+    from ensemble.serving import deploy, settings
 
     auto = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
             "upscale_delay_s": 0.5, "downscale_delay_s": 2.0, "metrics_interval_s": 0.5,
             "look_back_period_s": 1.0}
-    teacher = commands.member_deployment_name("teacher")
-    commands.deploy(served.run_dir, commands.serve_config_for(
+    teacher = deploy.member_deployment_name("teacher")
+    deploy.deploy(served.run_dir, settings.serve_config_for(
         served.run_dir, {**_BASE, "autoscaling": auto}), timeout_s=300)
     try:
         assert _running_replicas(teacher) == 1
@@ -593,5 +592,5 @@ def test_a_member_deployment_scales_out_under_load_and_back_in(served):
         print(f"autoscaling: 1 -> 2 replicas under load ({len(codes)} requests, all 200), "
               "back to 1 after it")
     finally:
-        commands.deploy(served.run_dir, commands.serve_config_for(served.run_dir, _BASE),
+        deploy.deploy(served.run_dir, settings.serve_config_for(served.run_dir, _BASE),
                         timeout_s=300)

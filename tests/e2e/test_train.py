@@ -22,9 +22,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from helpers_procs import kill_session, session_pids  # noqa: E402
+from helpers_procs import kill_session, session_pids
 
-from ensemble.cli import main  # noqa: E402
+from ensemble.cli import main
 from ensemble.rundir import Manifest, read_json
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -138,7 +138,7 @@ def test_run_directory_holds_metrics_plots_predictions_and_exports(trained: Trai
     manifest = Manifest.load(run_dir)
     assert manifest.rounds_completed == 2 and manifest.rounds_planned == 2
     assert {n: m.kind for n, m in manifest.members.items()} == MEMBERS
-    assert manifest.combine["method"] in ("soft_vote", "weighted", "caruana", "stacking")
+    assert manifest.combine.method in ("soft_vote", "weighted", "caruana", "stacking")
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["rounds"] == 2
@@ -159,7 +159,7 @@ def test_run_directory_holds_metrics_plots_predictions_and_exports(trained: Trai
     assert all((run_dir / "plots" / p).stat().st_size > 1000 for p in plots)
     page = (run_dir / "index.html").read_text()  # every plot beside the metrics table
     assert all(f'<img src="plots/{p}"' in page for p in plots)
-    assert f'<tr class="published"><td>ensemble/{manifest.combine["method"]}</td>' in page
+    assert f'<tr class="published"><td>ensemble/{manifest.combine.method}</td>' in page
 
     with np.load(run_dir / "predictions" / "dev.npz") as dev:
         assert dev["labels"].shape == (64,) and dev["intensity"].shape == (64,)
@@ -322,7 +322,7 @@ def test_killed_run_resumes_and_completes(ray_local, sst_dir: Path, tmp_path: Pa
     config.write_text(KILL_CONFIG.format(source=sst_dir))
     run_dir = tmp_path / "run"
     args = ["train", str(config), "--output-dir", str(run_dir), "--no-progress"]
-    log = open(tmp_path / "driver.log", "w")  # noqa: SIM115
+    log = open(tmp_path / "driver.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "ensemble.cli", *args],
         cwd=REPO,

@@ -60,7 +60,7 @@ def test_adding_a_member_trains_only_that_member(ray_local, sst_dir: Path, tmp_p
     assert after["history"]["classifier_b"]  # the added member trained
     manifest = Manifest.load(run_dir)
     assert list(manifest.members) == ["classifier_a", "classifier_b"]
-    assert set(manifest.combine["members"]) == {"classifier_a", "classifier_b"}
+    assert set(manifest.combine.members) == {"classifier_a", "classifier_b"}
     assert set(after["rounds"][0]["dev"]) >= {"classifier_a", "classifier_b"}
 
     # a changed member is not a growth: the run refuses and says how to start over

@@ -9,6 +9,7 @@ from ensemble import calibration, combine
 from ensemble import config as C
 from ensemble import distill as D
 from ensemble import evaluate as E
+from ensemble.combination import Combination
 from ensemble.data import DataError, Splits
 
 NAMES = ["neg", "neu", "pos"]
@@ -33,9 +34,11 @@ def _outputs(n: int, seed: int = 1) -> dict[str, np.ndarray]:
 def test_targets_are_the_published_ensemble_on_the_members_outputs() -> None:
     splits, out = _splits(), _outputs(60)
     temps = {"clf": 2.0, "stud": 0.5}
-    entry = {"method": "weighted", "weights": {"clf": 0.5, "reg": 0.2, "stud": 0.3},
-             "params": {"temperatures": temps, "regressor_sharpness": 3.0}}
-    got = D.ensemble_probs(out, KINDS, entry, splits)
+    entry = Combination.from_section(
+        {"method": "weighted", "weights": {"clf": 0.5, "reg": 0.2, "stud": 0.3},
+         "params": {"temperatures": temps, "regressor_sharpness": 3.0}},
+        KINDS, NAMES, splits.class_intensity(), splits.intensity_edges())
+    got = D.ensemble_probs(out, KINDS, entry)
     probs = combine.to_probs(out, KINDS)
     # the same ensemble evaluate_split scores: its learned row on these outputs
     rows = E.evaluate_split(probs, KINDS, splits.labels["dev"], None, NAMES,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -39,7 +41,7 @@ def _run(n: int = 300, seed: int = 0):
 
 
 def _soft_vote_accuracy(probs, splits, entry, temperatures) -> float:
-    sharpness = entry["params"]["regressor_sharpness"]
+    sharpness = entry.params["regressor_sharpness"]
     votes = member_votes(probs, KINDS, splits.intensity_edges(), 3, sharpness, temperatures)
     return float(np.mean(votes.mean(axis=0).argmax(axis=1) == splits.labels["dev"]))
 
@@ -48,19 +50,19 @@ def test_fit_combiner_without_calibration_fits_the_raw_votes():
     splits, probs = _run()
     entry = P.fit_combiner(probs["dev"], KINDS, splits, seed=0, method="soft_vote",
                            calibrate=False)
-    assert "temperatures" not in entry["params"]
+    assert "temperatures" not in entry.params
     raw = _soft_vote_accuracy(probs["dev"], splits, entry, None)
-    assert entry["candidates"]["soft_vote"] == pytest.approx(raw)
+    assert entry.info["candidates"]["soft_vote"] == pytest.approx(raw)
 
 
 def test_fit_combiner_stores_temperatures_and_fits_the_scaled_votes():
     splits, probs = _run()
     entry = P.fit_combiner(probs["dev"], KINDS, splits, seed=0, method="soft_vote")
-    temps = entry["params"]["temperatures"]
+    temps = entry.params["temperatures"]
     assert set(temps) == {"clf", "teach", "stud"}
     assert temps == E.member_temperatures(probs["dev"], KINDS, splits.labels["dev"])
     scaled = _soft_vote_accuracy(probs["dev"], splits, entry, temps)
-    assert entry["candidates"]["soft_vote"] == pytest.approx(scaled)
+    assert entry.info["candidates"]["soft_vote"] == pytest.approx(scaled)
     assert scaled != _soft_vote_accuracy(probs["dev"], splits, entry, None)  # it mattered here
 
 
@@ -70,8 +72,8 @@ def test_plots_include_the_reliability_diagram(tmp_path):
     rows = E.evaluate_split(
         probs["test"], KINDS, splits.labels["test"], splits.intensity["test"], NAMES,
         splits.class_intensity(), splits.intensity_edges(), learned=combine,
-        sharpness=combine["params"]["regressor_sharpness"],
-        temperatures=combine["params"]["temperatures"],
+        sharpness=combine.params["regressor_sharpness"],
+        temperatures=combine.params["temperatures"],
     )
     state = RunState(history={"clf": [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}]})
     P._plots(tmp_path, splits, probs["test"], KINDS, rows, state, combine)
@@ -94,14 +96,14 @@ def test_summary_shows_nll_ece_and_the_scaled_rows(tmp_path, capsys):
     rows = E.evaluate_split(
         probs["test"], KINDS, splits.labels["test"], splits.intensity["test"], NAMES,
         splits.class_intensity(), splits.intensity_edges(), learned=combine,
-        sharpness=combine["params"]["regressor_sharpness"],
-        temperatures=combine["params"]["temperatures"],
+        sharpness=combine.params["regressor_sharpness"],
+        temperatures=combine.params["temperatures"],
     )
     P.print_summary(rows, {}, tmp_path)
     text = capsys.readouterr().out
     header = next(line for line in text.splitlines() if "member" in line)
     assert "NLL" in header and "ECE" in header
-    t = combine["params"]["temperatures"]["clf"]
+    t = combine.params["temperatures"]["clf"]
     scaled = next(line for line in text.splitlines() if f"clf (T={t:.2f})" in line)
     assert f"{rows['clf']['nll_calibrated']:.3f}" in scaled
 
@@ -151,22 +153,22 @@ def test_fit_combiner_gives_the_combined_output_a_temperature_that_holds_out_of_
                     labels={"train": y_dev, "dev": y_dev, "test": y_test}, intensity=None,
                     label_names=NAMES)
     entry = P.fit_combiner(dev, kinds, splits, seed=0, method="soft_vote")
-    t = entry["params"]["output_temperature"]
+    t = entry.params["output_temperature"]
     assert t < 0.95  # the average of two calibrated, independently wrong members is too unsure
     rows = E.evaluate_split(test, kinds, y_test, None, NAMES, [0.0, 0.5, 1.0], [0.25, 0.75],
-                            learned=entry, temperatures=entry["params"]["temperatures"])
-    unscaled = dict(entry, params={k: v for k, v in entry["params"].items()
-                                   if k != "output_temperature"})
+                            learned=entry, temperatures=entry.params["temperatures"])
+    unscaled = dataclasses.replace(entry, params={k: v for k, v in entry.params.items()
+                                                  if k != "output_temperature"})
     plain = E.evaluate_split(test, kinds, y_test, None, NAMES, [0.0, 0.5, 1.0], [0.25, 0.75],
-                             learned=unscaled, temperatures=entry["params"]["temperatures"])
+                             learned=unscaled, temperatures=entry.params["temperatures"])
     published, before = rows["ensemble/soft_vote"], plain["ensemble/soft_vote"]
     assert published["accuracy"] == before["accuracy"]
     assert published["nll"] < before["nll"] - 0.005 and published["ece"] < before["ece"]
     # off with training.calibrate, and never for a hard vote
     assert "output_temperature" not in P.fit_combiner(
-        dev, kinds, splits, seed=0, method="soft_vote", calibrate=False)["params"]
+        dev, kinds, splits, seed=0, method="soft_vote", calibrate=False).params
     assert "output_temperature" not in P.fit_combiner(
-        dev, kinds, splits, seed=0, method="hard_vote")["params"]
+        dev, kinds, splits, seed=0, method="hard_vote").params
 
 
 def test_run_state_round_trips_and_refuses_unknown_keys(tmp_path):

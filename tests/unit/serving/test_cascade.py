@@ -282,11 +282,14 @@ def test_stacking_member_order_comes_from_the_fitted_combiner(tmp_path):
             "members": ["stud", "reg", "clf", "teach"],
         },
     )
-    spec = combination.combination_from_manifest(Manifest.load(tmp_path))
+    spec = Manifest.load(tmp_path).combination()
     assert list(spec.members) == ["stud", "reg", "clf", "teach"]
-    _manifest_run(tmp_path / "other", {"method": "soft_vote", "members": ["stud", "reg"]})
+    # a manifest.json whose combiner was fitted on other members (Manifest refuses to make one)
+    raw = json.loads((tmp_path / "manifest.json").read_text())
+    raw["combine"]["members"] = ["stud", "reg"]
+    (tmp_path / "manifest.json").write_text(json.dumps(raw))
     with pytest.raises(ValueError, match="refit the combiner"):
-        combination.combination_from_manifest(Manifest.load(tmp_path / "other"))
+        Manifest.load(tmp_path).combination()
 
 
 def test_regressor_sharpness_param_gives_a_soft_vote():
@@ -465,7 +468,7 @@ def _manifest_run(tmp_path, combine_section):
 
 def test_fit_threshold_from_run_uses_the_served_combination(tmp_path):
     preds = _manifest_run(tmp_path, {"method": "soft_vote", "weights": {}, "params": {}})
-    spec = combination.combination_from_manifest(Manifest.load(tmp_path))
+    spec = Manifest.load(tmp_path).combination()
     threshold, stats = cascade.fit_threshold_from_run(tmp_path, spec, max_accuracy_loss=0.005)
     ensemble = combination.combine_outputs(preds, spec).probs
     assert threshold == cascade.fit_threshold(preds["stud"], ensemble, preds["labels"])
@@ -489,13 +492,13 @@ def test_a_fitted_threshold_reports_its_loss_on_test_beside_dev(tmp_path):
 
 
 def _run_spec(run_dir):
-    return combination.combination_from_manifest(Manifest.load(run_dir))
+    return Manifest.load(run_dir).combination()
 
 
 def test_cascade_fit_on_a_calibrated_run_uses_the_scaled_student(tmp_path):
     temps = {"clf": 1.3, "teach": 0.8, "stud": 2.5}
     preds = _manifest_run(tmp_path, {"method": "soft_vote", "params": {"temperatures": temps}})
-    spec = combination.combination_from_manifest(Manifest.load(tmp_path))
+    spec = Manifest.load(tmp_path).combination()
     assert spec.temperature("stud") == 2.5
     ensemble = combination.combine_outputs(preds, spec).probs
     student = combination.member_probs(spec, "stud", preds["stud"])
@@ -506,13 +509,13 @@ def test_cascade_fit_on_a_calibrated_run_uses_the_scaled_student(tmp_path):
         assert {k: stats[k] for k in dev} == dev and stats["max_accuracy_loss"] == 0.005
 
 
-def test_combination_from_manifest_reads_method_and_weights(tmp_path):
+def test_the_manifests_combination_reads_method_and_weights(tmp_path):
     _manifest_run(
         tmp_path, {"method": "hard_vote", "weights": {"clf": 2, "reg": 1, "teach": 1, "stud": 0}}
     )
-    spec = combination.combination_from_manifest(Manifest.load(tmp_path))
+    spec = Manifest.load(tmp_path).combination()
     assert spec.method == "hard_vote" and spec.weights["clf"] == 2.0
-    assert combination.combination_from_manifest(Manifest.load(tmp_path), "soft_vote").method == (
+    assert Manifest.load(tmp_path).combination("soft_vote").method == (
         "soft_vote"
     )
     np.testing.assert_array_equal(spec.weight_vector(), [2.0, 1.0, 1.0, 0.0])
@@ -530,7 +533,7 @@ def test_auto_confidence_keeps_the_measure_with_the_larger_student_share(tmp_pat
     sharp = preds["stud"] ** rng.uniform(0.3, 3.0, size=(len(preds["stud"]), 1))
     preds["stud"] = sharp / sharp.sum(1, keepdims=True)
     np.savez(tmp_path / "predictions" / "dev.npz", **preds)
-    spec = combination.combination_from_manifest(Manifest.load(tmp_path))
+    spec = Manifest.load(tmp_path).combination()
     each = {m: cascade.fit_threshold_from_run(tmp_path, spec, measure=m)
             for m in cascade.CONFIDENCE_MEASURES}
     threshold, measure, stats = cascade.fit_cascade_from_run(tmp_path, spec, "auto")

@@ -53,7 +53,7 @@ class _Stub(BaseHTTPRequestHandler):
         except BrokenPipeError:  # the client gave up first (timeout test)
             pass
 
-    def do_POST(self):  # noqa: N802
+    def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self.server.seen.append((self.path, body))
         if self.path == "/api/predict":
@@ -78,7 +78,7 @@ class _Stub(BaseHTTPRequestHandler):
             time.sleep(2.0)
             self._send(200, {})
 
-    def do_GET(self):  # noqa: N802
+    def do_GET(self):
         if self.path.startswith("/api/healthz"):
             self._send(200, {"status": "ok"})
 

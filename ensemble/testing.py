@@ -1,4 +1,4 @@
-"""Build a real run directory for serving tests without training.
+"""A real, servable run directory built without training: for the tests and `--tiny` benchmarks.
 
 `make_run_dir` writes what `ensemble train` leaves behind, at toy scale: four tiny random-init
 BERT members (classifier, regressor, teacher, student; 2 layers, hidden 32) saved with

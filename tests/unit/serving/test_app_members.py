@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from helpers_serve import make_run_dir  # noqa: E402
-
-from ensemble.serving.app import LoadedMember  # noqa: E402
+from ensemble.serving.app import LoadedMember
+from ensemble.testing import make_run_dir
 
 TEXTS = [
     "a long , winding and ultimately rewarding film about memory , loss and the sea",

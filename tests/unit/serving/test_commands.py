@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from helpers_serve import synthetic_predictions  # noqa: E402
-
 from ensemble import combination
-from ensemble.rundir import Manifest, MemberEntry  # noqa: E402
-from ensemble.serving import cascade, commands  # noqa: E402
+from ensemble.rundir import Manifest, MemberEntry
+from ensemble.serving import cascade, commands, deploy, settings
+from ensemble.testing import synthetic_predictions
 
 KINDS = {
     "classifier": "classifier",
@@ -60,21 +57,21 @@ def run_dir(tmp_path) -> Path:
 
 
 def test_serve_config_layers_run_config_and_overrides(run_dir):
-    cfg = commands.serve_config_for(run_dir, {"max_batch_size": 4, "host": None})
+    cfg = settings.serve_config_for(run_dir, {"max_batch_size": 4, "host": None})
     assert (cfg.port, cfg.max_batch_size, cfg.host) == (18999, 4, "127.0.0.1")
     with pytest.raises(ValueError, match=r"unknown serve setting\(s\) \['max_batch'\]"):
-        commands.serve_config_for(run_dir, {"max_batch": 4})
+        settings.serve_config_for(run_dir, {"max_batch": 4})
     with pytest.raises(ValueError, match="max_ongoing_requests"):
-        commands.serve_config_for(run_dir, {"max_batch_size": 128})
+        settings.serve_config_for(run_dir, {"max_batch_size": 128})
 
 
 def test_deploy_config_is_a_valid_serve_config(run_dir):
     from ray.serve.schema import ServeDeploySchema
 
-    cfg = commands.serve_config_for(
+    cfg = settings.serve_config_for(
         run_dir, {"cascade": True, "route_prefix": "/ens", "num_cpus": 0.2}
     )
-    config = commands.deploy_config(run_dir, cfg, method="soft_vote")
+    config = deploy.deploy_config(run_dir, cfg, method="soft_vote")
     ServeDeploySchema.model_validate(config)  # what `serve deploy` checks
     assert config["http_options"] == {"host": "127.0.0.1", "port": 18999}
     (app,) = config["applications"]
@@ -98,9 +95,9 @@ def test_replicas_are_a_count_or_an_autoscaling_config_serve_accepts(run_dir):
 
     auto = {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 2,
             "downscale_delay_s": 5}
-    cfg = commands.serve_config_for(run_dir, {"autoscaling": auto, "combiner_replicas": 2,
+    cfg = settings.serve_config_for(run_dir, {"autoscaling": auto, "combiner_replicas": 2,
                                               "min_members": 2})
-    config = commands.deploy_config(run_dir, cfg)
+    config = deploy.deploy_config(run_dir, cfg)
     ServeDeploySchema.model_validate(config)
     deps = {d["name"]: d for d in config["applications"][0]["deployments"]}
     assert deps["combiner"]["num_replicas"] == 2 and "autoscaling_config" not in deps["combiner"]
@@ -116,46 +113,46 @@ def test_replicas_are_a_count_or_an_autoscaling_config_serve_accepts(run_dir):
            ({"min_members": 5}, r"serve.min_members=5 but the run has 4 members; use 1 to 4")]
     for overrides, match in bad:
         with pytest.raises(ValueError, match=match):
-            commands.deploy_config(run_dir, commands.serve_config_for(run_dir, overrides))
+            deploy.deploy_config(run_dir, settings.serve_config_for(run_dir, overrides))
 
 
 def test_explicit_threshold_wins_over_fitting(run_dir):
-    cfg = commands.serve_config_for(run_dir, {"cascade": True, "cascade_threshold": 0.42})
+    cfg = settings.serve_config_for(run_dir, {"cascade": True, "cascade_threshold": 0.42})
     manifest = Manifest.load(run_dir)
-    live = commands.combiner_settings(run_dir, manifest, cfg)
+    live = settings.combiner_settings(run_dir, manifest, cfg)
     assert (live.cascade_threshold, live.cascade_confidence) == (0.42, "margin")  # auto's reading
-    cfg = commands.serve_config_for(
+    cfg = settings.serve_config_for(
         run_dir, {"cascade": True, "cascade_threshold": 0.8, "cascade_confidence": "max_prob"}
     )
-    live = commands.combiner_settings(run_dir, manifest, cfg)
+    live = settings.combiner_settings(run_dir, manifest, cfg)
     assert (live.cascade_threshold, live.cascade_confidence) == (0.8, "max_prob")
 
 
 def test_fitted_threshold_comes_with_the_measure_auto_chose(run_dir):
     manifest = Manifest.load(run_dir)
-    live = commands.combiner_settings(
-        run_dir, manifest, commands.serve_config_for(run_dir, {"cascade": True})
+    live = settings.combiner_settings(
+        run_dir, manifest, settings.serve_config_for(run_dir, {"cascade": True})
     )
-    spec = combination.combination_from_manifest(manifest)
+    spec = manifest.combination()
     threshold, measure, _ = cascade.fit_cascade_from_run(run_dir, spec, "auto")
     assert (live.cascade_threshold, live.cascade_confidence) == (threshold, measure)
 
 
 def test_cascade_budget_sets_the_fitted_threshold(run_dir):
     manifest = Manifest.load(run_dir)
-    spec = combination.combination_from_manifest(manifest)
+    spec = manifest.combination()
     for budget in (0.0, 0.05):
-        cfg = commands.serve_config_for(
+        cfg = settings.serve_config_for(
             run_dir, {"cascade": True, "cascade_max_accuracy_loss": budget,
                       "cascade_confidence": "margin"}
         )
-        live = commands.combiner_settings(run_dir, manifest, cfg)
+        live = settings.combiner_settings(run_dir, manifest, cfg)
         expected, _ = cascade.fit_threshold_from_run(run_dir, spec, budget, measure="margin")
         assert live.cascade_threshold == expected
     # on one confidence measure (thresholds on two measures do not compare), a larger budget
     # never lets the student answer fewer texts
     strict, loose = (
-        commands.combiner_settings(run_dir, manifest, commands.serve_config_for(
+        settings.combiner_settings(run_dir, manifest, settings.serve_config_for(
             run_dir, {"cascade": True, "cascade_max_accuracy_loss": b,
                       "cascade_confidence": "margin"})).cascade_threshold
         for b in (0.0, 0.05)
@@ -165,24 +162,24 @@ def test_cascade_budget_sets_the_fitted_threshold(run_dir):
 
 def test_cascade_without_predictions_or_student_names_the_fix(run_dir):
     os.remove(run_dir / "predictions" / "dev.npz")
-    cfg = commands.serve_config_for(run_dir, {"cascade": True})
+    cfg = settings.serve_config_for(run_dir, {"cascade": True})
     with pytest.raises(ValueError, match="set serve.cascade_threshold"):
-        commands.combiner_settings(run_dir, Manifest.load(run_dir), cfg)
+        settings.combiner_settings(run_dir, Manifest.load(run_dir), cfg)
     manifest = Manifest.load(run_dir)
     manifest.members.pop("student")
-    manifest.combine["weights"].pop("student")
+    manifest.combine = combination.without(manifest.combine, ["student"])
     with pytest.raises(ValueError, match="kind 'student'"):
-        commands.combiner_settings(run_dir, manifest, cfg)
+        settings.combiner_settings(run_dir, manifest, cfg)
 
 
 def test_only_new_member_weights_change_the_build_args(run_dir):
     """Same args -> Serve reconfigures in place; new weights -> new args -> members reload."""
-    cfg = commands.serve_config_for(run_dir)
-    args = commands.deploy_config(run_dir, cfg)["applications"][0]["args"]
-    other = commands.serve_config_for(run_dir, {"cascade": True, "max_batch_size": 1})
-    assert commands.deploy_config(run_dir, other, "hard_vote")["applications"][0]["args"] == args
+    cfg = settings.serve_config_for(run_dir)
+    args = deploy.deploy_config(run_dir, cfg)["applications"][0]["args"]
+    other = settings.serve_config_for(run_dir, {"cascade": True, "max_batch_size": 1})
+    assert deploy.deploy_config(run_dir, other, "hard_vote")["applications"][0]["args"] == args
     (run_dir / "members" / "teacher" / "export" / "model.safetensors").write_bytes(b"new weights")
-    assert commands.deploy_config(run_dir, cfg)["applications"][0]["args"] != args
+    assert deploy.deploy_config(run_dir, cfg)["applications"][0]["args"] != args
 
 
 def _parse(argv):
@@ -276,7 +273,7 @@ def test_serving_settings_have_one_definition():
                 assert info.default == getattr(default, name), (model.__name__, name)
     changed = ServeConfig(max_batch_size=4, max_ongoing_requests=8, forward_chunk_size=2,
                           min_members=2, max_texts=7, sequential=True, request_timeout_s=3.0)
-    member = commands.member_settings(changed)
+    member = settings.member_settings(changed)
     assert (member.max_batch_size, member.forward_chunk_size) == (4, 2)
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers()
