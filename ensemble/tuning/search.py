@@ -53,11 +53,22 @@ def check_space(cfg: C.RunConfig) -> None:
             "tune.space is empty; add e.g. "
             "tune.space.training.guidance.mutual: {kind: uniform, low: 0, high: 1}"
         )
-    probe = {
-        key: (s.values[0] if s.kind == "choice" and s.values else s.low)
-        for key, s in cfg.tune.space.items()
-    }
-    C.replace(cfg, probe)
+    # both ends of every range (and every choice): a top a key rejects fails here, not in a trial
+    for probe in (_ends(cfg.tune.space, first=True), _ends(cfg.tune.space, first=False)):
+        C.replace(cfg, probe)
+
+
+def _ends(space: dict[str, C.TuneSpace], first: bool) -> dict[str, Any]:
+    """Each key's first (or last) value: a choice's, or a range's low (or highest) end."""
+    out: dict[str, Any] = {}
+    for key, s in space.items():
+        if s.kind == "choice" and s.values:
+            out[key] = s.values[0] if first else s.values[-1]
+        elif s.kind == "randint":  # draws ints in [low, high)
+            out[key] = int(s.low) if first else max(int(s.low), int(s.high) - 1)
+        else:
+            out[key] = s.low if first else s.high
+    return out
 
 
 def _save_checkpoint(run_dir: Path, state: RunState) -> tune.Checkpoint:
@@ -188,10 +199,13 @@ def make_scheduler(cfg: C.RunConfig, space: dict[str, Any]):
 def make_search_alg(cfg: C.RunConfig):
     if cfg.tune.scheduler != "optuna":
         return None
-    try:
-        from ray.tune.search.optuna import OptunaSearch
-    except ImportError as err:
-        raise C.ConfigError("tune.scheduler=optuna needs `pip install optuna`") from err
+    import importlib.util
+
+    # Ray's module imports without optuna and fails only when OptunaSearch is built
+    if importlib.util.find_spec("optuna") is None:
+        raise C.ConfigError("tune.scheduler=optuna needs `pip install optuna`")
+    from ray.tune.search.optuna import OptunaSearch
+
     return OptunaSearch(seed=cfg.tune.seed)
 
 
