@@ -103,7 +103,7 @@ def build(
     if (g.mutual > 0 or g.student_from_ensemble > 0) and train:
         sharpness = regressor_sharpness(cfg, splits, kinds, outputs)
         temps = member_temperatures(cfg, splits, kinds, outputs)
-        ensemble = ray.put(_ensemble_probs(train, kinds, splits, g.temperature, sharpness, temps))
+        ensemble = _ensemble_probs(train, kinds, splits, g.temperature, sharpness, temps)
     for name, m in cfg.members.items():
         arrays: dict[str, Any] = {}
         w = loss_weights(cfg, name, available=True)
@@ -114,8 +114,14 @@ def build(
         if w.from_classifier > 0 and "classifier" in by_kind:
             arrays["classifier_probs"] = softmax(train[by_kind["classifier"]])
         if w.from_ensemble > 0 and ensemble is not None:
-            arrays["ensemble_probs"] = ray.get(ensemble)
+            arrays["ensemble_probs"] = ensemble
         missing = _missing(w, arrays)
+        if missing == ["teacher_logits"]:
+            raise ValueError(
+                f"member {name}: distill_alpha={w.distill_alpha} but its teacher "
+                f"{m.teacher!r} has no training outputs; train the teacher in this run or set "
+                f"members.{name}.distill_alpha: 0"
+            )
         if missing:
             raise ValueError(
                 f"member {name}: guidance {missing} is on but no member produces it; "
@@ -127,6 +133,7 @@ def build(
 
 def _missing(w: LossWeights, arrays: dict[str, Any]) -> list[str]:
     need = {
+        "teacher_logits": w.distill_alpha,
         "regressor_intensity": w.from_regressor,
         "classifier_probs": w.from_classifier,
         "ensemble_probs": w.from_ensemble,

@@ -44,18 +44,23 @@ def _mlm_batch(ids, index, tokenizer, probability: float, generator: torch.Gener
 
 @torch.no_grad()
 def masked_lm_loss(model, ids, tokenizer, probability: float, batch_size: int = 64) -> float:
-    """Mean masked-LM loss over `ids` with a fixed masking seed (comparable across calls)."""
+    """Mean masked-LM loss over `ids` with a fixed masking seed (comparable across calls).
+
+    The model is evaluated in eval mode without gradients and handed back in the mode it came in.
+    """
+    was_training = model.training
     model.eval()
     generator = torch.Generator().manual_seed(1234)
     losses, weights = [], []
-    for start in range(0, len(ids), batch_size):
-        index = np.arange(start, min(len(ids), start + batch_size))
-        batch = _mlm_batch(ids, index, tokenizer, probability, generator)
-        count = int((batch["labels"] != -100).sum())
-        if count:
-            losses.append(float(model(**batch).loss) * count)
-            weights.append(count)
-    model.train()
+    with torch.no_grad():
+        for start in range(0, len(ids), batch_size):
+            index = np.arange(start, min(len(ids), start + batch_size))
+            batch = _mlm_batch(ids, index, tokenizer, probability, generator)
+            count = int((batch["labels"] != -100).sum())
+            if count:
+                losses.append(float(model(**batch).loss) * count)
+                weights.append(count)
+    model.train(was_training)
     return sum(losses) / max(1, sum(weights))
 
 

@@ -229,6 +229,15 @@ def test_build_names_the_member_and_the_fix_when_a_producer_is_missing(ray_local
         G.build(cfg, splits, KINDS, outputs)
 
 
+def test_build_names_the_fix_when_a_distilling_students_teacher_has_no_outputs(ray_local) -> None:
+    splits = _splits()
+    outputs = _outputs(splits)
+    del outputs["teacher"]["train"]
+    with pytest.raises(ValueError, match=r"member student: distill_alpha=.* its teacher 'teacher' "
+                                         r"has no training outputs.*distill_alpha: 0"):
+        G.build(_cfg(), splits, KINDS, outputs)
+
+
 def test_teacher_only_sends_just_the_teacher_logits(ray_local) -> None:
     logits = np.arange(12, dtype=np.float32).reshape(4, 3)
     sent = _get(G.teacher_only(logits))

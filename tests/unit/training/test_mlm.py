@@ -83,7 +83,11 @@ def test_masked_lm_loss_starts_at_chance_and_drops_with_training(ids, tokenizer)
     model = build_mlm("default", pretrained=False, arch=TINY_ARCH)
     dev = ids[:16]
     before = masked_lm_loss(model, dev, tokenizer, 0.15, batch_size=8)
-    assert model.training  # handed back in training mode
+    assert model.training  # handed back in the mode it came in
+    model.eval()
+    masked_lm_loss(model, dev[:4], tokenizer, 0.15, batch_size=8)
+    assert not model.training
+    model.train()
     # a random init predicts ~uniformly over the vocabulary
     assert before == pytest.approx(math.log(len(tokenizer)), abs=0.3)
     torch.manual_seed(123)  # the fixed mask does not depend on the global RNG
