@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ensemble.data import Splits
 from ensemble.rundir import Manifest, MemberEntry
 
 LABELS = ["very negative", "negative", "neutral", "positive", "very positive"]
@@ -68,6 +69,16 @@ def synthetic_predictions(n: int, seed: int) -> dict[str, np.ndarray]:
         out[name] = _softmax(logits).astype(np.float32)
     out["regressor"] = (intensity + rng.normal(0, 0.12, n)).astype(np.float32)
     return out
+
+
+def synthetic_splits(n: int = 90, seed: int = 0) -> Splits:
+    """Three ordinal classes with n texts per split; a text's intensity lies inside its class's
+    third of [0, 1] (so the regressor's bins recover the class)."""
+    rng = np.random.default_rng(seed)
+    labels = {s: rng.integers(0, 3, n) for s in ("train", "dev", "test")}
+    intensity = {s: (y + rng.uniform(0.05, 0.95, n)) / 3.0 for s, y in labels.items()}
+    return Splits(texts={s: [f"{s} text {i}" for i in range(n)] for s in labels}, labels=labels,
+                  intensity=intensity, label_names=["neg", "neu", "pos"])
 
 
 def make_run_dir(

@@ -16,6 +16,7 @@ from ensemble import config as C
 from ensemble import guidance as G
 from ensemble.combine import softmax
 from ensemble.data import Splits
+from ensemble.testing import synthetic_splits
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -30,11 +31,7 @@ def _cfg(*overrides: str) -> C.RunConfig:
 
 
 def _splits(n: int = 90, seed: int = 0) -> Splits:
-    rng = np.random.default_rng(seed)
-    labels = {s: rng.integers(0, 3, n) for s in ("train", "dev", "test")}
-    intensity = {s: (y + rng.uniform(0.05, 0.95, n)) / 3.0 for s, y in labels.items()}
-    return Splits(texts={s: [f"text {i}" for i in range(n)] for s in labels}, labels=labels,
-                  intensity=intensity, label_names=["neg", "neu", "pos"])
+    return synthetic_splits(n, seed)
 
 
 def _logits(y: np.ndarray, scale: float, rng: np.random.Generator) -> np.ndarray:

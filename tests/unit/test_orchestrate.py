@@ -17,6 +17,7 @@ from ensemble import distill as D
 from ensemble import orchestrate as O
 from ensemble.data import Splits
 from ensemble.rundir import RunState
+from ensemble.testing import synthetic_splits
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -27,11 +28,7 @@ def _cfg(run_dir: Path, *overrides: str) -> C.RunConfig:
 
 
 def _splits(n: int = 40, seed: int = 0) -> Splits:
-    rng = np.random.default_rng(seed)
-    labels = {s: rng.integers(0, 3, n) for s in ("train", "dev", "test")}
-    intensity = {s: (y + rng.uniform(0.1, 0.9, n)) / 3.0 for s, y in labels.items()}
-    return Splits(texts={s: [f"{s} text {i}" for i in range(n)] for s in labels}, labels=labels,
-                  intensity=intensity, label_names=["neg", "neu", "pos"])
+    return synthetic_splits(n, seed)
 
 
 # ---------------------------------------------------------------------------- check_config
