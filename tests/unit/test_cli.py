@@ -40,3 +40,17 @@ def test_flags_reject_bad_values_before_anything_starts(argv, message, capsys) -
         main(argv)
     assert exit_.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_address_means_the_ray_cluster_everywhere_and_the_cli_has_a_version(capsys):
+    from ensemble.cli import build_parser
+
+    parser = build_parser()
+    for flag in ("--address", "--ray-address"):  # the second: the name serve used before
+        assert parser.parse_args(["serve", "run", flag, "auto"]).ray_address == "auto"
+    for command in (["train", "c.yaml"], ["tune", "c.yaml"], ["distill", "run", "--layers", "3"],
+                    ["predict", "run", "in.csv", "-o", "o"]):
+        assert parser.parse_args([*command, "--address", "auto"]).address == "auto"
+    with pytest.raises(SystemExit) as exit_:
+        parser.parse_args(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("ensemble ")

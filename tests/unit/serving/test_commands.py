@@ -114,17 +114,3 @@ def test_serving_settings_have_one_definition():
     assert set(commands._SERVE_HELP) <= fields
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "run", "--cascade-confidence", "best"])
-
-
-def test_address_means_the_ray_cluster_everywhere_and_the_cli_has_a_version(capsys):
-    from ensemble.cli import build_parser
-
-    parser = build_parser()
-    for flag in ("--address", "--ray-address"):  # the second: the name serve used before
-        assert parser.parse_args(["serve", "run", flag, "auto"]).ray_address == "auto"
-    for command in (["train", "c.yaml"], ["tune", "c.yaml"], ["distill", "run", "--layers", "3"],
-                    ["predict", "run", "in.csv", "-o", "o"]):
-        assert parser.parse_args([*command, "--address", "auto"]).address == "auto"
-    with pytest.raises(SystemExit) as exit_:
-        parser.parse_args(["--version"])
-    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("ensemble ")
