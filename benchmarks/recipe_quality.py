@@ -118,7 +118,7 @@ def start(cfg: dict[str, Any]) -> subprocess.Popen | None:
     path = run_dir.parent / f"{cfg['name']}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     env = {**os.environ, common.WORKER_NICENESS: "0"}
-    log = open(run_dir.parent / f"{cfg['name']}.log", "w")
+    log = open(run_dir.parent / f"{cfg['name']}.log", "w")  # closed by the OS with the child
     return subprocess.Popen([sys.executable, "-m", "ensemble.cli", "train", str(path),
                              "--no-progress"], env=env, stdout=log, stderr=subprocess.STDOUT)
 
@@ -146,7 +146,7 @@ def load_run(run_dir: Path) -> dict[str, Any]:
         "names": names, "kinds": kinds, "labels": labels, "label_names": manifest.label_names,
         "raw": dict(zip(names, raw, strict=True)),
         "scaled": dict(zip(names, scaled, strict=True)),
-        "published": c.probs(outputs),
+        "published": c.combine_votes(scaled, names),
         "method": c.method, "candidates": c.info.get("candidates", {}),
         "temperatures": params.get("temperatures") or {},
         "wall_s": metrics.get("wall_s"), "info": metrics.get("members", {}),

@@ -188,12 +188,15 @@ class Combination:
         w = combine.weight_vector(self.weights, names or list(self.members))
         return None if w is None else np.array(w, dtype=np.float64)
 
+    def combine_votes(self, votes: np.ndarray, names: list[str] | None = None) -> np.ndarray:
+        """(B, C) the combination of (M, B, C) member votes stacked in ``names`` order (default:
+        the members' order), with this method, its weights and params."""
+        names = names or list(self.members)
+        return combine.apply(self.method, votes, self.weight_vector(names), self.params)
 
     def probs(self, outputs: Mapping[str, np.ndarray]) -> np.ndarray:
         """(B, C) the combined probabilities of the members' outputs (`combine_outputs`'s)."""
-        names = list(self.members)
-        return combine.apply(self.method, stack_member_probs(outputs, self, names),
-                             self.weight_vector(names), self.params)
+        return self.combine_votes(stack_member_probs(outputs, self))
 
 
 _SECTION_KEYS = ("method", "weights", "params", "members")
@@ -264,8 +267,7 @@ def combine_outputs(outputs: Mapping[str, np.ndarray], spec: Combination) -> Com
     """
     names = list(spec.members)
     probs = stack_member_probs(outputs, spec, names)  # (M, B, C)
-    weights = spec.weight_vector(names)
-    final = combine.apply(spec.method, probs, weights, spec.params)  # (B, C)
+    final = spec.combine_votes(probs, names)  # (B, C)
     intensities = np.stack(
         [  # (M, B)
             np.asarray(outputs[n], dtype=np.float64).reshape(-1)

@@ -151,8 +151,7 @@ def evaluate_split(
         ens_intensity = voted_intensity(outputs, kinds, names, probs, class_intensity)
     methods: dict[str, np.ndarray] = {m: combine.apply(m, probs) for m in FIXED_METHODS}
     if learned is not None:  # the published combination, its params (an output temperature) too
-        methods[learned.method] = combine.apply(learned.method, probs, learned.weight_vector(names),
-                                                learned.params)
+        methods[learned.method] = learned.combine_votes(probs, names)
     for method, combined in methods.items():
         row = classification_metrics(labels, combined, label_names)
         if ens_intensity is not None:

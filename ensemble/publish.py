@@ -254,7 +254,7 @@ def _plots(run_dir: Path, splits: Splits, test_probs, kinds, test_rows, state,
     names = list(test_probs)
     raw = member_votes(test_probs, kinds, edges, num_classes, sharpness)
     voted = member_votes(test_probs, kinds, edges, num_classes, sharpness, temperatures)
-    ens = spec.probs(test_probs)
+    ens = spec.combine_votes(voted, names)
     key = f"ensemble/{spec.method}"
     combined = {**dict(zip(names, voted, strict=True)), key: ens}
     panels = {"test": combined}

@@ -49,12 +49,12 @@ def serve_config_for(
 
 
 def resolve_threshold(
-    run_dir: str | os.PathLike, manifest: Manifest, cfg: ServeConfig, spec: combination.Combination
+    run_dir: str | os.PathLike, cfg: ServeConfig, spec: combination.Combination
 ) -> tuple[float | None, str]:
     """Cascade threshold and the confidence it applies to.
 
-    The threshold is ``serve.cascade_threshold``, else the manifest's, else fitted on dev within
-    ``serve.cascade_max_accuracy_loss`` of the ensemble's dev accuracy. With
+    The threshold is ``serve.cascade_threshold``, else the manifest's (``spec.info``), else fitted
+    on dev within ``serve.cascade_max_accuracy_loss`` of the ensemble's dev accuracy. With
     ``serve.cascade_confidence: auto`` a fitted threshold comes with whichever measure lets the
     student answer more dev texts within the budget; a given threshold is read as a margin.
 
@@ -66,7 +66,7 @@ def resolve_threshold(
     fallback = "margin" if cfg.cascade_confidence == "auto" else cfg.cascade_confidence
     given = cfg.cascade_threshold
     if given is None:
-        given = manifest.combine.info.get("cascade_threshold")
+        given = spec.info.get("cascade_threshold")
     if given is not None:
         return float(given), fallback
     try:
@@ -98,7 +98,7 @@ def combiner_settings(
             f"serve.min_members={cfg.min_members} but the run has {len(spec.members)} members; "
             f"use 1 to {len(spec.members)}"
         )
-    threshold, measure = resolve_threshold(run_dir, manifest, cfg, spec)
+    threshold, measure = resolve_threshold(run_dir, cfg, spec)
     return CombinerSettings(method=spec.method, weights=spec.weights, params=_plain(spec.params),
                             cascade_threshold=threshold, cascade_confidence=measure,
                             **_shared(cfg, CombinerSettings, exclude=("cascade_threshold",
