@@ -48,7 +48,7 @@ from ensemble.data import Splits, load_splits
 from ensemble.losses import LossWeights, member_loss
 from ensemble.models import members as M
 from ensemble.training.engine import OptimSettings, make_engine
-from ensemble.training.job import MemberJob, steps_per_epoch
+from ensemble.training.job import MemberSpec, StageJob, steps_per_epoch, train_config
 from ensemble.training.loop import (
     Targets,
     collate,
@@ -154,12 +154,13 @@ def ensemble_run(b: Bench, splits: Splits, splits_ref: Any, zero: int, backend: 
                           zero_stage=zero, num_workers=1, cpus_per_worker=float(b.threads))
     # epochs chosen so that the job runs exactly b.total micro-steps (ceil(epochs*per_epoch))
     stage = StageConfig(name="finetune", epochs=(b.total - 0.5) / per_epoch)
-    job = MemberJob(name="bench", member=member, stage=stage, num_labels=splits.num_labels(),
-                    class_intensity=splits.class_intensity(), max_length=b.max_length, seed=SEED,
-                    round=ROUND, repeats=1, repeat=1, splits=splits_ref, backend=backend)
+    spec = MemberSpec(name="bench", member=member, num_labels=splits.num_labels(),
+                      class_intensity=splits.class_intensity(), max_length=b.max_length,
+                      seed=SEED, backend=backend)
+    job = StageJob(stage=stage, round=ROUND, repeats=1, repeat=1, splits=splits_ref)
     trainer = TorchTrainer(
         train_member,
-        train_loop_config={"job": job},
+        train_loop_config=train_config(spec, job),
         scaling_config=ScalingConfig(num_workers=1, use_gpu=False,
                                      resources_per_worker={"CPU": b.threads}),
         run_config=RunConfig(name=f"bench-{tag}", storage_path=storage),

@@ -34,7 +34,7 @@ from ensemble.raystart import init_ray
 from ensemble.rundir import RunState, atomic_write_json, atomic_write_text
 from ensemble.runner import MemberRunner
 from ensemble.training import stages as S
-from ensemble.training.job import MemberJob
+from ensemble.training.job import MemberSpec, StageJob
 
 logger = logging.getLogger(__name__)
 
@@ -118,42 +118,50 @@ def _first_diff(a: Any, b: Any, path: str = "") -> str:
 
 
 def _jobs(cfg: C.RunConfig, name: str, r: int, state: RunState, splits_ref: Any,
-          guidance_ref: Any, teacher_ckpt: Any, board: str, splits: Splits) -> list[MemberJob]:
-    member = cfg.members[name]
-    plan = S.plan(member)
+          guidance_ref: Any, teacher_ckpt: Any) -> list[StageJob]:
+    """Member ``name``'s stage jobs in round ``r``: every stage in round 1, the last one after."""
+    plan = S.plan(cfg.members[name])
     last = len(plan) - 1
     indices = list(range(len(plan))) if r == 1 else [last]
     prev = state.members.get(name, {}).get("checkpoint")
-    seed = member.seed if member.seed is not None else cfg.training.seed
-    jobs = []
-    for i in indices:
-        repeat = 1 if i < last else r
-        jobs.append(MemberJob(
-            name=name, member=member, stage=plan[i], num_labels=_num_outputs(member, splits),
-            class_intensity=splits.class_intensity(), max_length=cfg.max_length(name),
-            seed=seed, round=r, repeats=1 if i < last else cfg.training.rounds,
-            repeat=repeat, splits=splits_ref, guidance=guidance_ref,
+    return [
+        StageJob(
+            stage=plan[i], round=r, repeats=1 if i < last else cfg.training.rounds,
+            repeat=1 if i < last else r, splits=splits_ref, guidance=guidance_ref,
             weights=G.loss_weights(cfg, name, available=r > 1),
             init_checkpoint=ray.train.Checkpoint(prev) if prev and i == indices[0] else None,
             resume_optimizer=r > 1, teacher_checkpoint=teacher_ckpt,
-            progress_actor=board, log_every=cfg.training.log_every,
-        ))
-    return jobs
+        )
+        for i in indices
+    ]
+
+
+def member_spec(cfg: C.RunConfig, name: str, splits: Splits,
+                board: str | None = None) -> MemberSpec:
+    """Member ``name`` of ``cfg`` as its runner and every one of its jobs see it."""
+    member = cfg.members[name]
+    return MemberSpec(
+        name=name, member=member, num_labels=_num_outputs(member, splits),
+        class_intensity=splits.class_intensity(), max_length=cfg.max_length(name),
+        seed=member.seed if member.seed is not None else cfg.training.seed,
+        log_every=cfg.training.log_every, progress_actor=board,
+    )
 
 
 def _num_outputs(member: C.MemberConfig, splits: Splits) -> int:
     return 1 if member.kind == "regressor" else splits.num_labels()
 
 
-def member_runners(cfg: C.RunConfig, run_dir: Path) -> dict[str, Any]:
+def member_runners(cfg: C.RunConfig, run_dir: Path, splits: Splits,
+                   board: str | None = None) -> dict[str, Any]:
     """One `MemberRunner` actor per member of ``cfg``, on this node."""
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     storage = cfg.ray.storage_path or str(run_dir / "ray")
     return {
         name: MemberRunner.options(num_cpus=0, scheduling_strategy=here).remote(
-            name, m, str(run_dir), storage, cfg.training.max_failures,
-            cfg.training.eval_batch_size, cfg.max_length(name))
-        for name, m in cfg.members.items()
+            member_spec(cfg, name, splits, board), str(run_dir), storage,
+            cfg.training.max_failures, cfg.training.eval_batch_size)
+        for name in cfg.members
     }
 
 
@@ -180,22 +188,18 @@ def ensemble_targets(run_dir: Path, runners: dict[str, Any], kinds: dict[str, st
     return probs, key
 
 
-def student_job(name: str, member: C.MemberConfig, cfg: C.RunConfig, splits: Splits,
-                corpus: list[str], probs: np.ndarray, d: C.DistillConfig, round_: int,
-                init_checkpoint: Any = None, teacher_checkpoint: Any = None,
-                board: str | None = None) -> MemberJob:
-    """The one training job that distils the ensemble's ``probs`` into the student ``name``."""
-    member = dataclasses.replace(member, epochs=d.epochs)
-    stage = dataclasses.replace(S.plan(member)[-1], epochs=d.epochs)
-    return MemberJob(
-        name=name, member=member, stage=stage, num_labels=splits.num_labels(),
-        class_intensity=splits.class_intensity(), max_length=cfg.max_length(name),
-        seed=member.seed if member.seed is not None else cfg.training.seed, round=round_,
-        repeats=1, repeat=1, splits=ray.put(D.training_splits(splits, corpus, probs)),
+def student_job(member: C.MemberConfig, splits: Splits, corpus: list[str], probs: np.ndarray,
+                d: C.DistillConfig, round_: int, init_checkpoint: Any = None,
+                teacher_checkpoint: Any = None) -> StageJob:
+    """The one training job that distils the ensemble's ``probs`` into the student ``member``:
+    its last stage, for the distillation's epochs."""
+    return StageJob(
+        stage=dataclasses.replace(S.plan(member)[-1], epochs=d.epochs), round=round_, repeats=1,
+        repeat=1,
+        splits=ray.put(D.training_splits(splits, corpus, probs)),
         guidance=ray.put({"teacher_logits": D.teacher_logits(probs)}),
         weights=LossWeights(distill_alpha=d.alpha, distill_temperature=d.temperature),
         init_checkpoint=init_checkpoint, teacher_checkpoint=teacher_checkpoint,
-        progress_actor=board, log_every=cfg.training.log_every,
     )
 
 
@@ -212,7 +216,7 @@ class JointRun:
         self.splits_ref = ray.put(splits)
         self.board_name = f"progress-{uuid.uuid4().hex[:8]}"
         self.board = start_board(self.board_name)
-        self.runners = member_runners(cfg, run_dir)
+        self.runners = member_runners(cfg, run_dir, splits, self.board_name)
         self.outputs: dict[str, dict[str, np.ndarray]] = {}
         if self.state.rounds_completed:
             ray.get([self.runners[n].export_from.remote(m["checkpoint"])
@@ -231,11 +235,72 @@ class JointRun:
 
     def run_round(self) -> dict[str, Any]:
         """Train the next round; returns its row of dev metrics (also saved to rounds.json)."""
-        r = self.rounds_completed + 1
-        self.outputs = _round(self.cfg, r, self.state, self.runners, self.outputs, self.splits,
-                              self.splits_ref, self.kinds, self.board_name, self.board,
-                              self.run_dir, self.progress)
+        self.outputs = self._train_round(self.rounds_completed + 1)
         return self.state.rounds[-1]
+
+    def _train_round(self, r: int) -> dict[str, dict[str, np.ndarray]]:
+        """Train every member for round r; in round 1 a student starts once its teacher is done."""
+        cfg, state, runners, outputs = self.cfg, self.state, self.runners, self.outputs
+        splits, splits_ref, kinds, run_dir = self.splits, self.splits_ref, self.kinds, self.run_dir
+        rounds = cfg.training.rounds
+        done = state.round_done.get(str(r), {})
+        guidance_refs = G.build(cfg, splits, kinds, outputs) if outputs else {}
+        new_outputs: dict[str, dict[str, np.ndarray]] = {}
+
+        def stopped(name: str) -> bool:  # early stopping ended its training in an earlier round
+            return bool(state.members.get(name, {}).get("stopped"))
+
+        skip = {n for n in cfg.members if n in done or stopped(n)}
+
+        def submit(name: str) -> Any:
+            needs_train = r < rounds or any(kinds[s] == "student" for s in cfg.members
+                                            if cfg.members[s].teacher == name and r == 1)
+            if name in skip:
+                return runners[name].predict.remote(splits_ref, needs_train)
+            teacher = cfg.members[name].teacher
+            g_ref = guidance_refs.get(name)
+            if teacher and teacher not in outputs and teacher in new_outputs:
+                g_ref = G.teacher_only(new_outputs[teacher]["train"])
+            teacher_ckpt = (ray.train.Checkpoint(state.members[teacher]["checkpoint"])
+                            if teacher and r == 1 else None)
+            jobs = _jobs(cfg, name, r, state, splits_ref, g_ref, teacher_ckpt)
+            return runners[name].run_round.remote(jobs, needs_train)
+
+        # round 1: a student distils from its teacher's trained weights and logits of this round
+        waiting = {n: cfg.members[n].teacher for n in cfg.members
+                   if kinds[n] == "student" and r == 1}
+
+        def record(name: str, result: dict[str, Any]) -> dict[str, Any]:
+            new_outputs[name] = result["outputs"]
+            if name not in skip:
+                state.members[name] = {"checkpoint": result["checkpoint"],
+                                       "export": result["export"],
+                                       "stopped": bool(result.get("stopped"))}
+                state.history.setdefault(name, []).extend(result["history"])
+                state.member_info[name] = result["info"]
+                done[name] = True
+                state.round_done[str(r)] = done
+                state.save(run_dir)
+            ready = [s for s, t in waiting.items() if t == name]
+            for s in ready:
+                del waiting[s]
+            return {s: submit(s) for s in ready}
+
+        futures = {name: submit(name) for name in cfg.members if name not in waiting}
+        view = LiveView(self.board, f"round {r}/{rounds}", enabled=self.progress)
+        view.wait(futures, on_done=record)
+        if waiting:  # config checks make this unreachable: every student's teacher is a member
+            raise RuntimeError(f"students {sorted(waiting)} never got their teacher's round")
+        new_outputs = {n: new_outputs[n] for n in cfg.members}  # config order, not finishing order
+        row = _round_row(cfg, r, splits, kinds, new_outputs, state)
+        state.rounds.append(row)
+        state.rounds_completed = r
+        state.save(run_dir)
+        atomic_write_json(run_dir / "rounds.json", state.rounds)
+        from ensemble.publish import print_round
+
+        print_round(row)
+        return new_outputs
 
     def distill(self) -> None:
         """Train `distill.student` on the published ensemble's calibrated probabilities.
@@ -262,9 +327,8 @@ class JointRun:
         dev_ensemble = D.ensemble_probs(dev, self.kinds, spec)
         before = D.mean_kl(dev_ensemble, combine.softmax(dev[name]))
         job = student_job(
-            name, cfg.members[name], cfg, splits, corpus, probs, d, self.rounds_completed + 1,
+            cfg.members[name], splits, corpus, probs, d, self.rounds_completed + 1,
             init_checkpoint=ray.train.Checkpoint(self.state.members[name]["checkpoint"]),
-            board=self.board_name,
         )
         print(f"distilling the ensemble into {name}: {len(probs)} texts "
               f"({len(corpus)} from the corpus), up to {d.epochs:g} epochs", flush=True)
@@ -337,69 +401,6 @@ def train(cfg: C.RunConfig, address: str | None = None, verbose: bool = False,
         run.close()
         tracker.close(status)
     return run_dir
-
-
-def _round(cfg, r, state, runners, outputs, splits, splits_ref, kinds, board_name, board,
-           run_dir, progress) -> dict[str, dict[str, np.ndarray]]:
-    """Train every member for round r; in round 1 a student starts once its teacher is done."""
-    rounds = cfg.training.rounds
-    done = state.round_done.get(str(r), {})
-    guidance_refs = G.build(cfg, splits, kinds, outputs) if outputs else {}
-    new_outputs: dict[str, dict[str, np.ndarray]] = {}
-
-    def stopped(name: str) -> bool:  # early stopping ended its training in an earlier round
-        return bool(state.members.get(name, {}).get("stopped"))
-
-    skip = {n for n in cfg.members if n in done or stopped(n)}
-
-    def submit(name: str) -> Any:
-        needs_train = r < rounds or any(kinds[s] == "student" for s in cfg.members
-                                        if cfg.members[s].teacher == name and r == 1)
-        if name in skip:
-            return runners[name].predict.remote(splits_ref, needs_train)
-        teacher = cfg.members[name].teacher
-        g_ref = guidance_refs.get(name)
-        if teacher and teacher not in outputs and teacher in new_outputs:
-            g_ref = G.teacher_only(new_outputs[teacher]["train"])
-        teacher_ckpt = (ray.train.Checkpoint(state.members[teacher]["checkpoint"])
-                        if teacher and r == 1 else None)
-        jobs = _jobs(cfg, name, r, state, splits_ref, g_ref, teacher_ckpt, board_name, splits)
-        return runners[name].run_round.remote(jobs, needs_train)
-
-    # round 1: a student distils from its teacher's trained weights and logits of this round
-    waiting = {n: cfg.members[n].teacher for n in cfg.members
-               if kinds[n] == "student" and r == 1}
-
-    def record(name: str, result: dict[str, Any]) -> dict[str, Any]:
-        new_outputs[name] = result["outputs"]
-        if name not in skip:
-            state.members[name] = {"checkpoint": result["checkpoint"],
-                                   "export": result["export"],
-                                   "stopped": bool(result.get("stopped"))}
-            state.history.setdefault(name, []).extend(result["history"])
-            state.member_info[name] = result["info"]
-            done[name] = True
-            state.round_done[str(r)] = done
-            state.save(run_dir)
-        ready = [s for s, t in waiting.items() if t == name]
-        for s in ready:
-            del waiting[s]
-        return {s: submit(s) for s in ready}
-
-    futures = {name: submit(name) for name in cfg.members if name not in waiting}
-    LiveView(board, f"round {r}/{rounds}", enabled=progress).wait(futures, on_done=record)
-    if waiting:  # config checks make this unreachable: every student's teacher is a member
-        raise RuntimeError(f"students {sorted(waiting)} never got their teacher's round")
-    new_outputs = {n: new_outputs[n] for n in cfg.members}  # config order, not finishing order
-    row = _round_row(cfg, r, splits, kinds, new_outputs, state)
-    state.rounds.append(row)
-    state.rounds_completed = r
-    state.save(run_dir)
-    atomic_write_json(run_dir / "rounds.json", state.rounds)
-    from ensemble.publish import print_round
-
-    print_round(row)
-    return new_outputs
 
 
 def _round_row(cfg, r, splits, kinds, outputs, state) -> dict[str, Any]:

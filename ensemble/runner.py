@@ -21,10 +21,9 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from ensemble.config import MemberConfig
 from ensemble.models.members import count_parameters, load_exported
 from ensemble.rundir import atomic_replace_dir
-from ensemble.training.job import HF_DIR, MemberJob
+from ensemble.training.job import HF_DIR, MemberSpec, StageJob, train_config
 from ensemble.training.loop import encode, predict_logits
 from ensemble.training.worker import train_member
 
@@ -33,32 +32,31 @@ logger = logging.getLogger(__name__)
 
 @ray.remote
 class MemberRunner:
-    def __init__(self, name: str, member: MemberConfig, run_dir: str, storage_path: str,
-                 max_failures: int, eval_batch_size: int, max_length: int,
-                 export_dir: str | None = None):
-        self.name = name
-        self.member = member
+    """Holds its member's `MemberSpec`, given once; every job it runs gets it with the stage."""
+
+    def __init__(self, spec: MemberSpec, run_dir: str, storage_path: str, max_failures: int,
+                 eval_batch_size: int, export_dir: str | None = None):
+        self.spec = spec
         self.run_dir = Path(run_dir)
         self.storage_path = storage_path
         self.max_failures = max_failures
         self.eval_batch_size = eval_batch_size
-        self.max_length = max_length
         self.export_dir = (Path(export_dir) if export_dir
-                           else self.run_dir / "members" / name / "export")
+                           else self.run_dir / "members" / spec.name / "export")
 
-    def fit(self, job: MemberJob, key: str) -> tuple[Any, dict[str, Any]]:
+    def fit(self, job: StageJob, key: str) -> tuple[Any, dict[str, Any]]:
         """Run one stage job to completion; a re-run with the same key resumes its checkpoint."""
-        m = self.member
+        m = self.spec.member
         resources = {"CPU": m.cpus_per_worker}
         if m.gpus_per_worker:
             resources["GPU"] = m.gpus_per_worker
         trainer = TorchTrainer(
             train_member,
-            train_loop_config={"job": job},
+            train_loop_config=train_config(self.spec, job),
             scaling_config=ScalingConfig(num_workers=m.num_workers, use_gpu=m.gpus_per_worker > 0,
                                          resources_per_worker=resources),
             run_config=RunConfig(
-                name=f"{self.name}-{key}",
+                name=f"{self.spec.name}-{key}",
                 storage_path=self.storage_path,
                 failure_config=FailureConfig(max_failures=self.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=1),
@@ -66,10 +64,10 @@ class MemberRunner:
         )
         result = trainer.fit()
         if result.checkpoint is None:
-            raise RuntimeError(f"member {self.name} job {key} finished without a checkpoint")
+            raise RuntimeError(f"member {self.spec.name} job {key} finished without a checkpoint")
         return result.checkpoint, dict(result.metrics or {})
 
-    def run_round(self, jobs: list[MemberJob], predict_train: bool) -> dict[str, Any]:
+    def run_round(self, jobs: list[StageJob], predict_train: bool) -> dict[str, Any]:
         """Run the round's stage jobs in order, each starting from the last one's output."""
         t0 = time.time()
         checkpoint = jobs[0].init_checkpoint
@@ -98,7 +96,7 @@ class MemberRunner:
                 stopped = True
                 break
         result = self.predict(splits, predict_train)
-        info = {"kind": self.member.kind, "train_wall_s": time.time() - t0, "stages": stages,
+        info = {"kind": self.spec.member.kind, "train_wall_s": time.time() - t0, "stages": stages,
                 "samples_per_s": float(np.mean(samples_per_s)) if samples_per_s else 0.0,
                 **result["info"]}
         return {"checkpoint": checkpoint.path, "export": str(self.export_dir),
@@ -125,15 +123,15 @@ class MemberRunner:
     def _outputs(self, model, tokenizer, texts: list[str], max_length: int) -> np.ndarray:
         ids = encode(tokenizer, texts, max_length)
         logits = predict_logits(model, ids, tokenizer.pad_token_id, self.eval_batch_size)
-        return logits[:, 0] if self.member.kind == "regressor" else logits
+        return logits[:, 0] if self.spec.member.kind == "regressor" else logits
 
     def _dev_summary(self, splits: Any) -> dict[str, float]:
         """Dev accuracy (classification) / Pearson r (intensity) of the current export."""
         from ensemble.metrics import regression_metrics
 
         model, tokenizer = self._model()
-        out = self._outputs(model, tokenizer, splits.texts["dev"], self.max_length)
-        if self.member.kind == "regressor":
+        out = self._outputs(model, tokenizer, splits.texts["dev"], self.spec.max_length)
+        if self.spec.member.kind == "regressor":
             if splits.intensity is None:
                 return {}
             return {"pearson": regression_metrics(splits.intensity["dev"], out)["pearson"]}
@@ -142,9 +140,9 @@ class MemberRunner:
     def predict(self, splits_ref: Any, predict_train: bool) -> dict[str, Any]:
         """Outputs on each split: logits (N, C) for classification, intensities (N,) otherwise."""
         splits = ray.get(splits_ref) if isinstance(splits_ref, ray.ObjectRef) else splits_ref
-        torch.set_num_threads(max(1, int(self.member.cpus_per_worker)))
+        torch.set_num_threads(max(1, int(self.spec.member.cpus_per_worker)))
         model, tokenizer = self._model()
-        max_length = self.max_length
+        max_length = self.spec.max_length
         outputs: dict[str, np.ndarray] = {}
         info: dict[str, Any] = {"params": count_parameters(model)}
         for split in ("dev", "test") + (("train",) if predict_train else ()):

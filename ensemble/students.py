@@ -161,6 +161,7 @@ def distill_run(
         ensemble_targets,
         init_ray,
         member_runners,
+        member_spec,
         student_job,
     )
     from ensemble.runner import MemberRunner
@@ -203,14 +204,15 @@ def distill_run(
 
     t0 = time.time()
     init_ray(cfg.ray, address)
-    predictors = member_runners(run_cfg, run_dir)  # the run's members, on their exports
+    predictors = member_runners(run_cfg, run_dir, splits)  # the run's members, on their exports
     probs, key = ensemble_targets(run_dir, predictors, kinds, manifest.combine, splits, corpus)
     for actor in predictors.values():
         ray.kill(actor)
     runner = MemberRunner.options(num_cpus=0).remote(
-        name, member, str(out_dir), str(out_dir / "ray"), cfg.training.max_failures,
-        cfg.training.eval_batch_size, cfg.max_length(name), export_dir=str(out_dir / "export"))
-    job = student_job(name, member, cfg, splits, corpus, probs, cfg.distill, 1,
+        member_spec(cfg, name, splits), str(out_dir), str(out_dir / "ray"),
+        cfg.training.max_failures, cfg.training.eval_batch_size,
+        export_dir=str(out_dir / "export"))
+    job = student_job(member, splits, corpus, probs, cfg.distill, 1,
                       teacher_checkpoint=_teacher_checkpoint(out_dir, export))
     print(f"distilling the ensemble into {name} ({layers} of {teacher}'s {depth} layers): "
           f"{len(probs)} texts ({len(corpus)} from the corpus), up to {d.epochs:g} epochs",

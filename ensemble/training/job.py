@@ -1,7 +1,9 @@
-"""One training job of one member (`MemberJob`) and the step arithmetic every stage shares.
+"""What a training job carries, and the step arithmetic every stage shares.
 
-Plain data and pure helpers, imported by the Ray Train worker (`training.worker`) and the MLM
-stage (`training.mlm`) alike, so neither imports the other.
+A member's fixed description (`MemberSpec`) is given to its runner once; each stage it runs is a
+`StageJob` with only what changes from job to job. The runner hands both to the Ray Train workers.
+Plain data and pure helpers, imported by the worker (`training.worker`) and the MLM stage
+(`training.mlm`) alike.
 """
 
 from __future__ import annotations
@@ -18,17 +20,26 @@ from ensemble.training.engine import OptimSettings
 HF_DIR = "hf"  # the save_pretrained export inside a member checkpoint
 
 
-@dataclass
-class MemberJob:
-    """Everything a worker needs for one stage of one member in one round (plain, picklable)."""
+@dataclass(frozen=True)
+class MemberSpec:
+    """One member as its jobs see it, fixed for a run (plain, picklable)."""
 
     name: str
     member: MemberConfig
-    stage: StageConfig
-    num_labels: int
+    num_labels: int  # 1 for a regressor
     class_intensity: list[float]
     max_length: int
-    seed: int
+    seed: int  # the member's own, else the run's
+    log_every: int = 10
+    progress_actor: str | None = None  # the run's progress board
+    backend: str = "deepspeed"
+
+
+@dataclass
+class StageJob:
+    """One stage of one member in one round: what changes from job to job (plain, picklable)."""
+
+    stage: StageConfig
     round: int  # 1-based
     repeats: int  # how many rounds run this stage (sets the LR schedule's length)
     repeat: int  # 1-based index of this run of the stage
@@ -38,9 +49,11 @@ class MemberJob:
     init_checkpoint: Any = None  # ray.train.Checkpoint: the previous job's final checkpoint
     resume_optimizer: bool = False  # same stage again: keep optimizer + schedule state
     teacher_checkpoint: Any = None  # ray.train.Checkpoint: a student starts from its teacher
-    backend: str = "deepspeed"
-    progress_actor: str | None = None
-    log_every: int = 10
+
+
+def train_config(spec: MemberSpec, job: StageJob) -> dict[str, Any]:
+    """The `train_loop_config` of the Ray Train job that runs ``job`` of ``spec``'s member."""
+    return {"spec": spec, "job": job}
 
 
 def steps_per_epoch(n_train: int, world: int, micro_batch: int, grad_accum: int) -> int:
@@ -54,11 +67,10 @@ def stage_micro_steps(epochs: float, per_epoch: int, grad_accum: int) -> int:
     return max(grad_accum, steps - steps % grad_accum)
 
 
-def optim_settings(job: MemberJob, total_steps: int) -> OptimSettings:
-    """The optimiser and DeepSpeed settings of ``job`` over ``total_steps`` optimiser steps."""
-    m = job.member
+def optim_settings(m: MemberConfig, stage: StageConfig, total_steps: int) -> OptimSettings:
+    """The optimiser and DeepSpeed settings of member ``m``'s ``stage`` over ``total_steps``."""
     return OptimSettings(
-        lr=job.stage.lr or m.lr,
+        lr=stage.lr or m.lr,
         weight_decay=m.weight_decay,
         scheduler=m.scheduler,
         warmup_ratio=m.warmup_ratio,

@@ -16,12 +16,20 @@ import ray.train
 import torch
 
 from ensemble.models import members as M
+from ensemble.training.checkpoints import build_model, load_tokenizer, report
 from ensemble.training.engine import make_engine
-from ensemble.training.job import optim_settings, stage_micro_steps, start_dir, steps_per_epoch
-from ensemble.training.loop import collate, encode, epoch_order, mask_tokens, micro_batches
+from ensemble.training.job import (
+    MemberSpec,
+    StageJob,
+    optim_settings,
+    stage_micro_steps,
+    start_dir,
+    steps_per_epoch,
+)
+from ensemble.training.loop import StreamStart, collate, encode, job_epochs, mask_tokens
 
 
-def _corpus(job: Any, splits: Any) -> list[str]:
+def _corpus(job: StageJob, splits: Any) -> list[str]:
     if job.stage.corpus:
         lines = Path(job.stage.corpus).read_text(encoding="utf-8").splitlines()
         return [line for line in lines if line.strip()]
@@ -64,25 +72,30 @@ def masked_lm_loss(model, ids, tokenizer, probability: float, batch_size: int = 
     return sum(losses) / max(1, sum(weights))
 
 
-def train_mlm_stage(job, splits, rank: int, world: int, build_model, load_tok, report) -> None:
-    """Train the encoder with masked-LM, then report a checkpoint holding the member model."""
+def train_mlm_stage(spec: MemberSpec, job: StageJob, splits: Any, rank: int, world: int) -> None:
+    """Train the encoder with masked-LM, then report a checkpoint holding the member model.
+
+    The texts come in the stream every stage reads (`loop.job_epochs`), seeded by the member's
+    seed alone; a checkpoint is reported at every epoch's end, and a restored job continues there.
+    """
+    m = spec.member
     restored = ray.train.get_checkpoint()
     with start_dir(restored, job.init_checkpoint) as init_dir:
-        member = build_model(job, init_dir)
-        tokenizer = load_tok(job, init_dir)
-        source = str(Path(init_dir) / "hf") if init_dir else M.resolve_model_name(job.member.model)
-        if init_dir or (job.member.pretrained and not job.member.arch):
+        member = build_model(spec, init_dir, job.teacher_checkpoint)
+        tokenizer = load_tokenizer(spec, init_dir, job.teacher_checkpoint)
+        source = str(Path(init_dir) / "hf") if init_dir else M.resolve_model_name(m.model)
+        if init_dir or (m.pretrained and not m.arch):
             mlm = M.build_mlm(source, pretrained=True)
         else:
-            mlm = M.build_mlm(job.member.model, pretrained=False, arch=job.member.arch)
+            mlm = M.build_mlm(m.model, pretrained=False, arch=m.arch)
         mlm.base_model.load_state_dict(member.base_model.state_dict(), strict=False)
-        ids = encode(tokenizer, _corpus(job, splits), job.max_length)
-        dev_ids = encode(tokenizer, splits.texts["dev"][:512], job.max_length)
+        ids = encode(tokenizer, _corpus(job, splits), spec.max_length)
+        dev_ids = encode(tokenizer, splits.texts["dev"][:512], spec.max_length)
         n = len(ids)
-        per_epoch = steps_per_epoch(n, world, job.member.micro_batch_size, job.member.grad_accum)
-        job_steps = stage_micro_steps(job.stage.epochs, per_epoch, job.member.grad_accum)
+        per_epoch = steps_per_epoch(n, world, m.micro_batch_size, m.grad_accum)
+        job_steps = stage_micro_steps(job.stage.epochs, per_epoch, m.grad_accum)
         engine = make_engine(
-            mlm, optim_settings(job, job_steps // job.member.grad_accum), job.backend, world
+            mlm, optim_settings(m, job.stage, job_steps // m.grad_accum), spec.backend, world
         )
         state: dict[str, Any] = {"micro": 0, "history": []}
         if restored:
@@ -90,22 +103,27 @@ def train_mlm_stage(job, splits, rank: int, world: int, build_model, load_tok, r
     p = job.stage.mlm_probability
     if "dev_mlm_loss_before" not in state:
         state["dev_mlm_loss_before"] = masked_lm_loss(engine.model, dev_ids, tokenizer, p)
-    generator = torch.Generator().manual_seed(job.seed + rank)
+    generator = torch.Generator().manual_seed(spec.seed + rank)
     micro = state["micro"]
-    while micro < job_steps:
-        epoch, skip = divmod(micro, per_epoch)
-        order = epoch_order(n, job.seed, epoch, rank, world)
-        for index in micro_batches(order, job.member.micro_batch_size, skip=skip):
+
+    def export(full_state, member=member):
+        mlm.load_state_dict(full_state)
+        member.base_model.load_state_dict(mlm.base_model.state_dict(), strict=False)
+        return member
+
+    stream = StreamStart(spec.seed, 0)
+    for group in job_epochs(n, stream, micro, job_steps, per_epoch, m.micro_batch_size,
+                            rank, world):
+        engine.model.train()
+        for index in group:
             loss = engine(**_mlm_batch(ids, index, tokenizer, p, generator)).loss
             engine.backward(loss)
             engine.step()
             micro += 1
-            if micro % job.log_every == 0 or micro == job_steps:
+            if micro % spec.log_every == 0 or micro == job_steps:
                 state["history"].append(
                     {"round": job.round, "stage": "mlm", "step": micro, "loss": float(loss)}
                 )
-            if micro >= job_steps or micro % per_epoch == 0:
-                break
         state["micro"] = micro
         metrics = {
             "round": job.round,
@@ -119,10 +137,9 @@ def train_mlm_stage(job, splits, rank: int, world: int, build_model, load_tok, r
         }
         if micro >= job_steps:
             metrics["dev_mlm_loss_after"] = masked_lm_loss(engine.model, dev_ids, tokenizer, p)
-
-        def export(full_state, member=member):
-            mlm.load_state_dict(full_state)
-            member.base_model.load_state_dict(mlm.base_model.state_dict(), strict=False)
-            return member
-
         report(engine, tokenizer, metrics, dict(state), export)
+    if micro < job_steps:  # an epoch gave no micro-batch at all
+        raise ValueError(
+            f"{spec.name}: {n} masked-LM texts give no micro-batch of {m.micro_batch_size} "
+            f"on each of {world} workers; lower micro_batch_size or num_workers"
+        )

@@ -25,10 +25,12 @@ import torch
 from ensemble.config import LOWER_IS_BETTER
 from ensemble.models import members as M
 from ensemble.training import stages as S
+from ensemble.training.checkpoints import build_model, load_tokenizer, report
 from ensemble.training.engine import make_engine
 from ensemble.training.job import (
     HF_DIR,
-    MemberJob,
+    MemberSpec,
+    StageJob,
     optim_settings,
     stage_micro_steps,
     start_dir,
@@ -47,31 +49,9 @@ from ensemble.training.loop import (
     stream_start,
     train_step,
 )
+from ensemble.training.mlm import train_mlm_stage
 
 logger = logging.getLogger(__name__)
-
-
-def _build_model(job: MemberJob, init_dir: str | None):
-    m = job.member
-    if init_dir is not None:
-        return M.load_exported(Path(init_dir) / HF_DIR)[0]
-    if m.kind == "student":
-        if job.teacher_checkpoint is None:
-            raise ValueError(f"student {job.name} has no trained teacher to start from")
-        with job.teacher_checkpoint.as_directory() as teacher_dir:
-            teacher, _ = M.load_exported(Path(teacher_dir) / HF_DIR)
-        return M.make_student(teacher, m.student_layers)
-    return M.build_member(m.model, job.num_labels, regression=m.kind == "regressor",
-                          pretrained=m.pretrained, arch=m.arch)
-
-
-def _tokenizer(job: MemberJob, init_dir: str | None):
-    if init_dir is not None:
-        return M.load_tokenizer(str(Path(init_dir) / HF_DIR))
-    if job.member.kind == "student" and job.teacher_checkpoint is not None:
-        with job.teacher_checkpoint.as_directory() as teacher_dir:
-            return M.load_tokenizer(str(Path(teacher_dir) / HF_DIR))
-    return M.load_tokenizer(job.member.model)
 
 
 def _targets(splits: Any, guidance: dict[str, np.ndarray] | None) -> Targets:
@@ -87,63 +67,38 @@ def _targets(splits: Any, guidance: dict[str, np.ndarray] | None) -> Targets:
     )
 
 
-def _report(engine, tokenizer, metrics: dict[str, Any], client_state: dict[str, Any],
-            export=None, best_dir: Path | None = None) -> None:
-    """Checkpoint every rank's shard plus rank 0's `save_pretrained` export, then report.
-
-    With `best_dir` (early stopping), the export is the best dev weights saved there, while the
-    engine shards hold the latest state to resume from.
-    """
-    ctx = ray.train.get_context()
-    tmp = tempfile.mkdtemp(prefix="ensemble-ckpt-")
-    try:
-        engine.save(tmp, client_state)
-        if best_dir is not None:
-            if ctx.get_world_rank() == 0:
-                shutil.copytree(best_dir, Path(tmp) / HF_DIR)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-            return
-        state = engine.full_state_dict()  # every rank takes part under ZeRO-3
-        if ctx.get_world_rank() == 0:
-            model = export(state) if export is not None else engine.model
-            model.save_pretrained(Path(tmp) / HF_DIR, state_dict=None if export else state)
-            tokenizer.save_pretrained(Path(tmp) / HF_DIR)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def train_member(config: dict[str, Any]) -> None:
-    """Ray Train entry point: run `config["job"]` (one stage of one member) to completion."""
-    job: MemberJob = config["job"]
+    """Ray Train entry point: run `config["job"]`, one stage of `config["spec"]`'s member, to
+    completion (`job.train_config` builds the config)."""
+    spec: MemberSpec = config["spec"]
+    job: StageJob = config["job"]
+    m = spec.member
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(job.member.cpus_per_worker)))
+    torch.set_num_threads(max(1, int(m.cpus_per_worker)))
     # per-member seed: two members of the same shape still start (and shuffle) differently
-    torch.manual_seed(job.seed + 1000 * job.round + zlib.crc32(job.name.encode()) % 997)
+    torch.manual_seed(spec.seed + 1000 * job.round + zlib.crc32(spec.name.encode()) % 997)
     splits = ray.get(job.splits)
     guidance = ray.get(job.guidance) if job.guidance is not None else None
     if job.stage.name == "mlm":
-        from ensemble.training.mlm import train_mlm_stage
-
-        return train_mlm_stage(job, splits, rank, world, _build_model, _tokenizer, _report)
+        return train_mlm_stage(spec, job, splits, rank, world)
 
     restored = ray.train.get_checkpoint()  # same job, after a failure or a re-run
     with start_dir(restored, job.init_checkpoint) as init_dir:
-        model = _build_model(job, init_dir)
-        M.name_labels(model, splits.label_names, job.member.kind == "regressor")
-        tokenizer = _tokenizer(job, init_dir)
-        bag = bag_indices(len(splits.texts["train"]), job.seed, job.member.bootstrap,
-                          job.member.data_fraction)
-        ids = encode(tokenizer, [splits.texts["train"][i] for i in bag], job.max_length)
+        model = build_model(spec, init_dir, job.teacher_checkpoint)
+        M.name_labels(model, splits.label_names, m.kind == "regressor")
+        tokenizer = load_tokenizer(spec, init_dir, job.teacher_checkpoint)
+        bag = bag_indices(len(splits.texts["train"]), spec.seed, m.bootstrap,
+                          m.data_fraction)
+        ids = encode(tokenizer, [splits.texts["train"][i] for i in bag], spec.max_length)
         n = len(ids)
-        per_epoch = steps_per_epoch(n, world, job.member.micro_batch_size, job.member.grad_accum)
-        job_steps = stage_micro_steps(job.stage.epochs, per_epoch, job.member.grad_accum)
-        settings = optim_settings(job, job.repeats * job_steps // job.member.grad_accum)
+        per_epoch = steps_per_epoch(n, world, m.micro_batch_size, m.grad_accum)
+        job_steps = stage_micro_steps(job.stage.epochs, per_epoch, m.grad_accum)
+        settings = optim_settings(m, job.stage, job.repeats * job_steps // m.grad_accum)
         engine = make_engine(
-            model, settings, job.backend, world,
+            model, settings, spec.backend, world,
             lr_scale=S.layer_lr_scale(model, job.stage.layer_lr_decay),
-            unfreeze_step=S.unfreeze_steps(model, job.stage, per_epoch // job.member.grad_accum),
+            unfreeze_step=S.unfreeze_steps(model, job.stage, per_epoch // m.grad_accum),
         )
         state: dict[str, Any] = {"micro": 0, "history": [], "early": None, "evals": []}
         if init_dir is not None and (restored or job.resume_optimizer):
@@ -157,21 +112,21 @@ def train_member(config: dict[str, Any]) -> None:
                 state["micro"] = int(loaded["micro"])
                 state["history"] = list(loaded["history"])
                 if rank == 0:
-                    logger.info("%s %s round %d: resuming at micro-step %d of %d", job.name,
+                    logger.info("%s %s round %d: resuming at micro-step %d of %d", spec.name,
                                 job.stage.name, job.round, state["micro"], job_steps)
-        early = _early_stopping(job, state, init_dir, rank, splits, tokenizer)
+        early = _early_stopping(spec, job, state, init_dir, rank, splits, tokenizer)
     targets = _targets(splits, guidance).subset(bag)
     weights = (
         job.weights if job.stage.name == "distill" else replace(job.weights, distill_alpha=0.0)
     )
-    ci = torch.tensor(job.class_intensity, dtype=torch.float32)
+    ci = torch.tensor(spec.class_intensity, dtype=torch.float32)
     order = None
     if job.stage.name == "curriculum":
         g = guidance or {}
         scores = S.difficulty(job.stage, targets.intensity, g.get("teacher_logits"))
         order = S.curriculum_order(scores)
     epochs = math.ceil(job_steps / per_epoch)
-    board = _progress(job.progress_actor) if rank == 0 else None
+    board = _progress(spec.progress_actor) if rank == 0 else None
     speed = Throughput()
     micro = state["micro"]
     offset_steps = (job.repeat - 1) * job_steps
@@ -179,7 +134,7 @@ def train_member(config: dict[str, Any]) -> None:
     # stopped, so 2 rounds x 0.5 epoch is one pass and round r's texts are new to the models
     # whose predictions guide it. A curriculum restarts its pacing every round instead.
     stream = stream_start(
-        job.seed, job.round, job.repeat, offset_steps, curriculum=order is not None
+        spec.seed, job.round, job.repeat, offset_steps, curriculum=order is not None
     )
     paced = None if order is None else (
         lambda epoch: S.paced_order(order, job.stage, epoch, epochs, stream.seed)
@@ -188,23 +143,23 @@ def train_member(config: dict[str, Any]) -> None:
     stopped = early is not None and early.stopper.stopped
     if stopped:  # a re-run of a job that had stopped: its last checkpoint is the result
         return
-    for group in job_epochs(n, stream, micro, job_steps, per_epoch, job.member.micro_batch_size,
+    for group in job_epochs(n, stream, micro, job_steps, per_epoch, m.micro_batch_size,
                             rank, world, paced):
         for chunk in eval_chunks(group, micro, every):
             engine.model.train()
             for index in chunk:
                 result = train_step(engine, ids, tokenizer.pad_token_id, targets, index,
-                                    job.member.kind, job.member.task_loss, weights, ci)
+                                    m.kind, m.task_loss, weights, ci)
                 micro += 1
                 speed.update(result.samples * world)
                 # an evaluation point is logged too: a job that stops early has its losses
                 last_in_chunk = early is not None and index is chunk[-1]
-                if micro % job.log_every == 0 or micro == job_steps or last_in_chunk:
+                if micro % spec.log_every == 0 or micro == job_steps or last_in_chunk:
                     point = {"round": job.round, "stage": job.stage.name,
                              "step": offset_steps + micro, "loss": result.loss, **result.parts}
                     state["history"].append(point)
                     if board is not None:
-                        board.update.remote(job.name, {**point, "lr": engine.lr(),
+                        board.update.remote(spec.name, {**point, "lr": engine.lr(),
                                                        "samples_per_s": speed.rate(),
                                                        "progress": micro / job_steps})
             state["micro"] = micro
@@ -217,18 +172,18 @@ def train_member(config: dict[str, Any]) -> None:
                        "done": micro >= job_steps or stopped, "stopped": stopped}
             if early is not None:
                 metrics.update(evals=state["evals"], best=early.stopper.as_dict())
-            _report(engine, tokenizer, metrics, dict(state),
+            report(engine, tokenizer, metrics, dict(state),
                     best_dir=early.best_dir if early is not None else None)
             if stopped:
                 if rank == 0:
                     logger.info("%s stops early at step %d: best dev %s %.4f at step %s",
-                                job.name, offset_steps + micro, early.metric,
+                                spec.name, offset_steps + micro, early.metric,
                                 early.stopper.best, early.stopper.best_step)
                 return
     if micro < job_steps:  # an epoch gave no micro-batch at all
         raise ValueError(
-            f"{job.name}: {n} training texts give no micro-batch of "
-            f"{job.member.micro_batch_size} x grad_accum {job.member.grad_accum} on each of "
+            f"{spec.name}: {n} training texts give no micro-batch of "
+            f"{m.micro_batch_size} x grad_accum {m.grad_accum} on each of "
             f"{world} workers; lower micro_batch_size, grad_accum or num_workers"
         )
 
@@ -236,18 +191,18 @@ def train_member(config: dict[str, Any]) -> None:
 class _EarlyStopping:
     """A job's early stopping: dev evaluation, the stopper, and rank 0's best-weights copy."""
 
-    def __init__(self, job: MemberJob, stopper: EarlyStopper, ids: list[list[int]],
+    def __init__(self, spec: MemberSpec, job: StageJob, stopper: EarlyStopper, ids: list[list[int]],
                  labels: np.ndarray | None, intensity: np.ndarray | None, best_dir: Path,
                  every_micro: int | None, rank: int, world: int):
-        self.job, self.stopper, self.ids = job, stopper, ids
+        self.spec, self.job, self.stopper, self.ids = spec, job, stopper, ids
         self.labels, self.intensity = labels, intensity
         self.best_dir, self.every_micro, self.rank, self.world = best_dir, every_micro, rank, world
-        self.metric = job.member.early_stopping.metric_for(job.member.kind)
+        self.metric = spec.member.early_stopping.metric_for(spec.member.kind)
 
     def evaluate(self, engine, tokenizer, step: int, state: dict[str, Any]) -> bool:
         """Score dev, keep the weights if they are the best so far; True when the job stops."""
         logits = predict_logits(engine.model, self.ids, tokenizer.pad_token_id, 64)
-        if self.job.member.kind == "regressor":
+        if self.spec.member.kind == "regressor":
             logits = logits[:, 0]
         value = dev_score(self.metric, logits, self.labels, self.intensity)
         value = _from_rank0(value, self.world)  # every rank takes the same decision
@@ -267,29 +222,29 @@ class _EarlyStopping:
         return self.stopper.stopped
 
 
-def _early_stopping(job: MemberJob, state: dict[str, Any], init_dir: str | None, rank: int,
-                    splits: Any, tokenizer: Any) -> _EarlyStopping | None:
+def _early_stopping(spec: MemberSpec, job: StageJob, state: dict[str, Any], init_dir: str | None,
+                    rank: int, splits: Any, tokenizer: Any) -> _EarlyStopping | None:
     """The job's early stopping, carried on from `state`; None when the member has none.
 
     The best weights so far are the export of the checkpoint the job starts from (a restored
     job's own, or the previous round's), so rank 0 copies them to its best-weights directory.
     """
-    es = job.member.early_stopping
+    es = spec.member.early_stopping
     if es is None or job.stage.name not in S.SUPERVISED:
         return None
-    metric = es.metric_for(job.member.kind)
+    metric = es.metric_for(spec.member.kind)
     stopper = (EarlyStopper.from_dict(state["early"]) if state.get("early") else
                EarlyStopper(metric in LOWER_IS_BETTER, es.patience, es.min_delta))
     if "dev" not in splits.texts:
-        raise ValueError(f"{job.name}: early_stopping needs a dev split; give the data one")
-    ids = encode(tokenizer, splits.texts["dev"], job.max_length)
+        raise ValueError(f"{spec.name}: early_stopping needs a dev split; give the data one")
+    ids = encode(tokenizer, splits.texts["dev"], spec.max_length)
     labels = splits.labels.get("dev") if splits.labels is not None else None
     intensity = splits.intensity.get("dev") if splits.intensity is not None else None
     best_dir = Path(tempfile.mkdtemp(prefix="ensemble-best-")) / "hf"
     if rank == 0 and stopper.best is not None and init_dir is not None:
         shutil.copytree(Path(init_dir) / HF_DIR, best_dir)
-    every = es.every_steps * job.member.grad_accum if es.every_steps else None
-    return _EarlyStopping(job, stopper, ids, labels, intensity, best_dir, every, rank,
+    every = es.every_steps * spec.member.grad_accum if es.every_steps else None
+    return _EarlyStopping(spec, job, stopper, ids, labels, intensity, best_dir, every, rank,
                           ray.train.get_context().get_world_size())
 
 

@@ -18,7 +18,7 @@ import torch
 
 from ensemble.config import DataConfig, MemberConfig, StageConfig
 from ensemble.data import load_splits
-from ensemble.training.job import HF_DIR, MemberJob
+from ensemble.training.job import HF_DIR, MemberSpec, StageJob, train_config
 from ensemble.training.worker import train_member
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -49,24 +49,26 @@ def _fit(ray_local, splits_ref, splits, zero_stage: int, storage: Path) -> tuple
         num_workers=2,
         cpus_per_worker=1,
     )
-    job = MemberJob(
+    spec = MemberSpec(
         name="clf",
         member=member,
-        stage=StageConfig(name="finetune", epochs=2.0),
         num_labels=splits.num_labels(),
         class_intensity=splits.class_intensity(),
         max_length=32,
         seed=0,
+        log_every=1,
+        backend="deepspeed",
+    )
+    job = StageJob(
+        stage=StageConfig(name="finetune", epochs=2.0),
         round=1,
         repeats=1,
         repeat=1,
         splits=splits_ref,
-        backend="deepspeed",
-        log_every=1,
     )
     trainer = TorchTrainer(
         train_member,
-        train_loop_config={"job": job},
+        train_loop_config=train_config(spec, job),
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(name=f"zero{zero_stage}", storage_path=str(storage)),
     )

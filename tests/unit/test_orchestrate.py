@@ -172,7 +172,7 @@ def test_grow_leaves_an_unfinished_run_alone(tmp_path: Path) -> None:
 
 def _jobs(cfg: C.RunConfig, name: str, r: int, state: RunState | None = None):
     return O._jobs(cfg, name, r, state or RunState(), splits_ref="SPLITS", guidance_ref="GUIDE",
-                   teacher_ckpt=None, board="board", splits=_splits())
+                   teacher_ckpt=None)
 
 
 def test_first_round_runs_every_stage_in_order(tmp_path: Path) -> None:
@@ -185,11 +185,15 @@ def test_first_round_runs_every_stage_in_order(tmp_path: Path) -> None:
     # the last stage repeats every round: its schedule spans all rounds; earlier ones run once
     assert [(j.repeats, j.repeat) for j in jobs] == [(1, 1), (3, 1)]
     for j in jobs:
-        assert (j.name, j.round, j.num_labels, j.seed, j.max_length) == ("classifier", 1, 3, 11, 20)
-        assert (j.splits, j.guidance, j.progress_actor) == ("SPLITS", "GUIDE", "board")
+        assert j.round == 1
+        assert (j.splits, j.guidance) == ("SPLITS", "GUIDE")
         assert j.init_checkpoint is None and not j.resume_optimizer
         assert j.weights.from_ensemble == 0.0  # no previous round to learn from yet
-    assert jobs[0].class_intensity == _splits().class_intensity()
+    # what every job of the member shares travels once, in its spec
+    spec = O.member_spec(cfg, "classifier", _splits(), board="board")
+    assert (spec.name, spec.num_labels, spec.seed, spec.max_length) == ("classifier", 3, 11, 20)
+    assert spec.member is cfg.members["classifier"] and spec.progress_actor == "board"
+    assert spec.class_intensity == _splits().class_intensity()
 
 
 def test_later_rounds_repeat_the_last_stage_from_the_members_checkpoint(tmp_path: Path) -> None:
@@ -200,8 +204,9 @@ def test_later_rounds_repeat_the_last_stage_from_the_members_checkpoint(tmp_path
     assert job.stage.name == "finetune" and (job.repeats, job.repeat) == (3, 2)
     assert job.init_checkpoint.path == str(tmp_path / "ckpt") and job.resume_optimizer
     assert job.weights.from_ensemble == 0.5  # guidance is on from round 2
-    assert job.seed == cfg.training.seed  # no seed of its own
-    assert job.max_length == cfg.data.max_length
+    spec = O.member_spec(cfg, "classifier", _splits())
+    assert spec.seed == cfg.training.seed  # no seed of its own
+    assert spec.max_length == cfg.data.max_length
 
 
 def test_a_resumed_first_round_starts_only_its_first_stage_from_the_checkpoint(
@@ -219,9 +224,11 @@ def test_jobs_give_the_regressor_one_output_and_the_student_its_distill_stage(
 ) -> None:
     cfg = _cfg(tmp_path)
     (reg,) = _jobs(cfg, "regressor", 1)
-    assert reg.num_labels == 1 and reg.stage.name == "finetune"
+    assert O.member_spec(cfg, "regressor", _splits()).num_labels == 1
+    assert reg.stage.name == "finetune"
     (student,) = _jobs(cfg, "student", 1)
-    assert student.num_labels == 3 and student.stage.name == "distill"
+    assert O.member_spec(cfg, "student", _splits()).num_labels == 3
+    assert student.stage.name == "distill"
     assert student.weights.distill_alpha == 0.5 and student.weights.distill_temperature == 2.0
 
 
@@ -233,10 +240,9 @@ def test_student_job_distils_the_ensemble_over_train_and_corpus(ray_local, tmp_p
     rng = np.random.default_rng(0)
     probs = rng.dirichlet(np.ones(3), size=len(splits.texts["train"]) + len(corpus))
     assert cfg.distill is not None
-    job = O.student_job("student", cfg.members["student"], cfg, splits, corpus, probs,
-                        cfg.distill, round_=2, board="board")
-    assert job.stage.name == "distill" and job.stage.epochs == 2.5 and job.member.epochs == 2.5
-    assert (job.round, job.repeats, job.repeat, job.num_labels) == (2, 1, 1, 3)
+    job = O.student_job(cfg.members["student"], splits, corpus, probs, cfg.distill, round_=2)
+    assert job.stage.name == "distill" and job.stage.epochs == 2.5
+    assert (job.round, job.repeats, job.repeat) == (2, 1, 1)
     assert (job.weights.distill_alpha, job.weights.distill_temperature) == (0.7, 3.0)
     assert job.weights.from_ensemble == 0.0 and job.weights.from_regressor == 0.0
     student_splits = ray.get(job.splits)

@@ -18,7 +18,7 @@ from ensemble.config import MemberConfig
 from ensemble.data import Splits
 from ensemble.models.members import count_parameters
 from ensemble.runner import MemberRunner
-from ensemble.training.job import HF_DIR
+from ensemble.training.job import HF_DIR, MemberSpec
 
 # two actors, each importing torch, transformers and Ray Train: ~40 s on a busy 2-core machine
 pytestmark = pytest.mark.slow
@@ -55,8 +55,10 @@ def runners(ray_local, tmp_path_factory):
     root = tmp_path_factory.mktemp("runners")
     actors = {
         name: MemberRunner.options(num_cpus=0).remote(
-            name, MemberConfig(kind=kind, pretrained=False), str(root / "run"),
-            str(root / "ray"), 0, 2, MAX_LENGTH)  # eval batches of 2: order is restored
+            MemberSpec(name=name, member=MemberConfig(kind=kind, pretrained=False),
+                       num_labels=1 if kind == "regressor" else 3,
+                       class_intensity=[0.0, 0.5, 1.0], max_length=MAX_LENGTH, seed=0),
+            str(root / "run"), str(root / "ray"), 0, 2)  # eval batches of 2: order is restored
         for name, kind in (("clf", "classifier"), ("reg", "regressor"))
     }
     yield root / "run" / "members", actors
