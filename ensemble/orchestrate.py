@@ -49,7 +49,10 @@ def check_config(cfg: C.RunConfig) -> None:
 
 
 def _fingerprint(d: dict[str, Any]) -> dict[str, Any]:
-    return {"data": d.get("data"), "members": d.get("members")}
+    """What a resumed (or grown) run must keep: its data, its members and the seed they train
+    with when they have none of their own (it also seeds the combiner's fit)."""
+    return {"data": d.get("data"), "members": d.get("members"),
+            "training.seed": (d.get("training") or {}).get("seed")}
 
 
 def prepare_run_dir(cfg: C.RunConfig) -> tuple[Path, list[str]]:
@@ -72,7 +75,7 @@ def prepare_run_dir(cfg: C.RunConfig) -> tuple[Path, list[str]]:
             if not added:
                 diff = _first_diff(_fingerprint(old), _fingerprint(new))
                 raise C.ConfigError(
-                    f"{run_dir} holds a run with different data/members ({diff}); pass a new "
+                    f"{run_dir} holds a run with different data/members/seed ({diff}); pass a new "
                     "output_dir (or delete the old run) to start over. Only adding members to a "
                     "one-round run, with the others and the data unchanged, continues a run"
                 )
@@ -86,6 +89,7 @@ def _added_members(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     one_round = old["training"]["rounds"] == new["training"]["rounds"] == 1
     before, after = old.get("members") or {}, new.get("members") or {}
     if (not one_round or old.get("data") != new.get("data") or not before.keys() < after.keys()
+            or old["training"]["seed"] != new["training"]["seed"]
             or any(before[n] != after[n] for n in before)):
         return []
     return [n for n in after if n not in before]

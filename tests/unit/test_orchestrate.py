@@ -83,6 +83,8 @@ def test_prepare_run_dir_resumes_the_same_run(tmp_path: Path) -> None:
     [
         ("members.classifier.lr=0.002", "members.classifier.lr: 0.001 -> 0.002"),
         ("data.max_train_samples=100", "data.max_train_samples: 256 -> 100"),
+        # members without a seed of their own train with the run's: a resume keeps it
+        ("training.seed=5", "training.seed: 0 -> 5"),
     ],
 )
 def test_prepare_run_dir_refuses_changed_data_or_members_and_names_the_change(
@@ -113,8 +115,9 @@ def test_prepare_run_dir_grows_a_one_round_run_by_an_added_member(tmp_path: Path
         ["training.rounds=2"],  # growth is for one-round runs only
         ["members.classifier.lr=0.002"],  # an added member, but an old one changed too
         ["data.max_length=24"],  # an added member, but the data changed
+        ["training.seed=5"],  # an added member, but the old ones' seed changed
     ],
-    ids=["two_rounds", "changed_member", "changed_data"],
+    ids=["two_rounds", "changed_member", "changed_data", "changed_seed"],
 )
 def test_prepare_run_dir_refuses_growth_that_changes_the_run(
     tmp_path: Path, overrides: list[str]
