@@ -99,13 +99,44 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
-def main(argv: list[str] | None = None) -> int:
+class UsageError(ValueError):
+    """A command line the parser cannot place: an unknown option or a stray word."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse an ``ensemble`` command line, every subcommand alike.
+
+    Options may come before or after CONFIG, and dotted ``key=value`` overrides anywhere after
+    it (after a ``--`` too): argparse fills ``overrides`` only up to the first option, so the
+    rest it leaves over are appended here. Argparse's own errors (a missing CONFIG, a bad
+    choice) exit with status 2.
+
+    Raises:
+        UsageError: an unknown option, or a word that is not a ``key=value`` override.
+    """
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra:  # argparse stops filling `overrides` at the first flag: `CONFIG --flag k=v`
-        if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra and extra[0] == "--":
+        extra = extra[1:]
+    if extra:
+        command = f"ensemble {args.command}"
+        for token in extra:
+            if token.startswith("-"):
+                raise UsageError(f"unknown option {token!r} (see `{command} --help`)")
+            if "=" not in token or not hasattr(args, "overrides"):
+                raise UsageError(f"unexpected argument {token!r}: `{command}` takes "
+                                 + ("dotted key=value overrides after CONFIG"
+                                    if hasattr(args, "overrides") else "no overrides"))
         args.overrides = list(args.overrides or []) + extra
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+    except UsageError as err:
+        print(f"ensemble: {err}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -347,26 +347,9 @@ def add_commands(subparsers: Any) -> None:
         "[key=value ...]",
     )
     parser.add_argument("config", help="run config YAML, inside the working dir")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.rounds=2")
     _add_options(parser)
-    # REMAINDER + a second pass lets options come after CONFIG and before the overrides
-    parser.add_argument("overrides", nargs=argparse.REMAINDER, help="key=value overrides")
     parser.set_defaults(func=_cmd_launch)
-
-
-def _parse_late_options(args: argparse.Namespace) -> list[str]:
-    """Parse options that follow CONFIG into `args`; what is left are the overrides."""
-    options = argparse.ArgumentParser(prog="ensemble launch", add_help=False)
-    _add_options(options)
-    _, extra = options.parse_known_args(args.overrides, namespace=args)
-    overrides, seen_dashdash = [], False
-    for token in extra:
-        if token == "--" and not seen_dashdash:
-            seen_dashdash = True
-        elif token.startswith("-") and not seen_dashdash:
-            raise ValueError(f"unknown option {token!r} (see `ensemble launch --help`)")
-        else:
-            overrides.append(token)
-    return overrides
 
 
 def _parse_env(pairs: list[str]) -> dict[str, str]:
@@ -377,16 +360,15 @@ def _parse_env(pairs: list[str]) -> dict[str, str]:
 
 
 def job_from_args(args: argparse.Namespace) -> JobSpec:
-    """The JobSpec of parsed `ensemble launch` arguments (no cluster contact).
+    """The JobSpec of parsed `ensemble launch` arguments (`cli.parse_args`; no cluster contact).
 
     Raises:
         ValueError: bad options, overrides or config (see `build_job`).
     """
-    overrides = _parse_late_options(args)
     return build_job(
         args.config,
         command=args.job_command,
-        overrides=overrides,
+        overrides=list(args.overrides),
         storage_path=args.storage_path,
         working_dir=args.working_dir,
         env=_parse_env(args.env),

@@ -54,3 +54,28 @@ def test_address_means_the_ray_cluster_everywhere_and_the_cli_has_a_version(caps
     with pytest.raises(SystemExit) as exit_:
         parser.parse_args(["--version"])
     assert exit_.value.code == 0 and capsys.readouterr().out.startswith("ensemble ")
+
+
+@pytest.mark.parametrize("command", ["validate", "train", "tune", "launch"])
+def test_every_config_command_takes_options_and_overrides_in_any_order(command) -> None:
+    from ensemble.cli import parse_args
+
+    options = {"validate": ["--data"], "train": ["--verbose"], "tune": ["--address", "auto"],
+               "launch": ["--address", "http://h:1"]}[command]
+    for argv in ([command, "c.yaml", "a.b=1", *options, "c=2"],
+                 [command, *options, "c.yaml", "a.b=1", "c=2"],
+                 [command, "c.yaml", *options, "--", "a.b=1", "c=2"]):
+        args = parse_args(argv)
+        assert (args.config, args.overrides) == ("c.yaml", ["a.b=1", "c=2"]), argv
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "c.yaml", "--bogus"], "unknown option '--bogus' (see `ensemble train --help`)"),
+    (["launch", "c.yaml", "--verbose", "a=1"], "unknown option '--verbose'"),
+    (["train", "c.yaml", "--verbose", "rounds"], "unexpected argument 'rounds'"),
+    (["serve", "status", "a=1"], "`ensemble serve` takes no overrides"),
+])
+def test_an_unplaceable_word_is_one_line_and_exit_2(argv, message, capsys) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

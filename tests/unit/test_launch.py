@@ -43,9 +43,9 @@ def _workdir() -> str:
 
 
 def _parse_cli(argv: list[str]):
-    """Parse `ensemble ...` (argv without 'ensemble') with the real CLI parser."""
+    """Parse `ensemble ...` (argv without 'ensemble') as the CLI does."""
     try:
-        return cli.build_parser().parse_args(argv)
+        return cli.parse_args(argv)
     except SystemExit as err:  # argparse reports errors by exiting
         raise AssertionError(f"`ensemble {shlex.join(argv)}` does not parse") from err
 
