@@ -16,20 +16,13 @@ import ray.train
 import torch
 
 from ensemble.models import members as M
+from ensemble.training import job as J
 from ensemble.training.checkpoints import build_model, load_tokenizer, report
 from ensemble.training.engine import make_engine
-from ensemble.training.job import (
-    MemberSpec,
-    StageJob,
-    optim_settings,
-    stage_micro_steps,
-    start_dir,
-    steps_per_epoch,
-)
 from ensemble.training.loop import StreamStart, collate, encode, job_epochs, mask_tokens
 
 
-def _corpus(job: StageJob, splits: Any) -> list[str]:
+def _corpus(job: J.StageJob, splits: Any) -> list[str]:
     if job.stage.corpus:
         lines = Path(job.stage.corpus).read_text(encoding="utf-8").splitlines()
         return [line for line in lines if line.strip()]
@@ -72,7 +65,8 @@ def masked_lm_loss(model, ids, tokenizer, probability: float, batch_size: int = 
     return sum(losses) / max(1, sum(weights))
 
 
-def train_mlm_stage(spec: MemberSpec, job: StageJob, splits: Any, rank: int, world: int) -> None:
+def train_mlm_stage(spec: J.MemberSpec, job: J.StageJob, splits: Any, rank: int,
+                    world: int) -> None:
     """Train the encoder with masked-LM, then report a checkpoint holding the member model.
 
     The texts come in the stream every stage reads (`loop.job_epochs`), seeded by the member's
@@ -80,7 +74,7 @@ def train_mlm_stage(spec: MemberSpec, job: StageJob, splits: Any, rank: int, wor
     """
     m = spec.member
     restored = ray.train.get_checkpoint()
-    with start_dir(restored, job.init_checkpoint) as init_dir:
+    with J.start_dir(restored, job.init_checkpoint) as init_dir:
         member = build_model(spec, init_dir, job.teacher_checkpoint)
         tokenizer = load_tokenizer(spec, init_dir, job.teacher_checkpoint)
         source = str(Path(init_dir) / "hf") if init_dir else M.resolve_model_name(m.model)
@@ -92,10 +86,10 @@ def train_mlm_stage(spec: MemberSpec, job: StageJob, splits: Any, rank: int, wor
         ids = encode(tokenizer, _corpus(job, splits), spec.max_length)
         dev_ids = encode(tokenizer, splits.texts["dev"][:512], spec.max_length)
         n = len(ids)
-        per_epoch = steps_per_epoch(n, world, m.micro_batch_size, m.grad_accum)
-        job_steps = stage_micro_steps(job.stage.epochs, per_epoch, m.grad_accum)
+        per_epoch = J.steps_per_epoch(n, world, m.micro_batch_size, m.grad_accum)
+        job_steps = J.stage_micro_steps(job.stage.epochs, per_epoch, m.grad_accum)
         engine = make_engine(
-            mlm, optim_settings(m, job.stage, job_steps // m.grad_accum), spec.backend, world
+            mlm, J.optim_settings(m, job.stage, job_steps // m.grad_accum), spec.backend, world
         )
         state: dict[str, Any] = {"micro": 0, "history": []}
         if restored:
