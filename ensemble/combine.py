@@ -16,12 +16,15 @@ its inputs and raises ``ValueError`` naming the fix; none of them mutate their a
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 
+from ensemble.config import CombineMethod
+
 __all__ = [
     "METHODS",
+    "UNFITTED",
     "apply",
     "check_probs",
     "combine_intensity",
@@ -41,9 +44,11 @@ __all__ = [
     "temper",
 ]
 
-METHODS = ("hard_vote", "soft_vote", "weighted", "caruana", "stacking")
+METHODS: tuple[str, ...] = get_args(CombineMethod)
 # Methods whose weights are learned on dev data and must be passed to `apply`.
 _NEEDS_WEIGHTS = ("weighted", "caruana")
+# Methods with nothing learned: every member counts the same.
+UNFITTED = tuple(m for m in METHODS if m not in (*_NEEDS_WEIGHTS, "stacking"))
 # Bump given to classes tied for the most votes; far below any real difference in vote shares.
 _TIE_EPS = 1e-9
 # `params` key of the temperature applied to the combined probabilities (not to a hard vote)

@@ -23,6 +23,8 @@ logger = logging.getLogger(__name__)
 
 MemberKind = Literal["classifier", "regressor", "teacher", "student"]
 StageName = Literal["mlm", "finetune", "curriculum", "distill"]
+# how member outputs become one prediction (ensemble.combine.METHODS is this list)
+CombineMethod = Literal["hard_vote", "soft_vote", "weighted", "caruana", "stacking"]
 
 
 class ConfigError(ValueError):
@@ -283,7 +285,7 @@ class TrainingConfig:
     # are fitted on dev by ensemble.tuning.weights). "auto" picks one of soft_vote, weighted,
     # caruana and stacking by out-of-fold dev accuracy under combiner_select: "one_se" keeps the
     # simplest method within one bootstrap standard error of the best, "best" takes the best
-    combiner: Literal["auto", "hard_vote", "soft_vote", "weighted", "caruana", "stacking"] = "auto"
+    combiner: Literal["auto", CombineMethod] = "auto"
     combiner_select: Literal["one_se", "best"] = "one_se"
     # how the regressor votes among classifiers: "calibrated" softens its binned intensity with a
     # sharpness fitted on dev (ensemble.combine.fit_regressor_sharpness); "one_hot" votes its bin

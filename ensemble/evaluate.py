@@ -20,8 +20,6 @@ from ensemble.metrics import (
     regression_metrics,
 )
 
-FIXED_METHODS = ("hard_vote", "soft_vote")
-
 
 def disagreement(
     outputs: Mapping[str, np.ndarray], kinds: Mapping[str, str], edges: Sequence[float]
@@ -149,7 +147,7 @@ def evaluate_split(
         for name, estimate in intensity_estimates(outputs, kinds, class_intensity).items():
             rows[name].update(regression_metrics(intensity, estimate))
         ens_intensity = voted_intensity(outputs, kinds, names, probs, class_intensity)
-    methods: dict[str, np.ndarray] = {m: combine.apply(m, probs) for m in FIXED_METHODS}
+    methods: dict[str, np.ndarray] = {m: combine.apply(m, probs) for m in combine.UNFITTED}
     if learned is not None:  # the published combination, its params (an output temperature) too
         methods[learned.method] = learned.combine_votes(probs, names)
     for method, combined in methods.items():

@@ -40,7 +40,6 @@ __all__ = [
     "select",
 ]
 
-CHOOSABLE = ("hard_vote", "soft_vote", "weighted", "caruana", "stacking")
 # what `training.combiner: auto` chooses among, simplest first
 AUTO = ("soft_vote", "weighted", "caruana", "stacking")
 # A class never seen by a stacking fold gets this much less logit than the least likely seen one.
@@ -269,9 +268,9 @@ def choose(
     Returns:
         ``(chosen, {method: FitResult})``.
     """
-    unknown = [name for name in methods if name not in CHOOSABLE]
+    unknown = [name for name in methods if name not in combine.METHODS]
     if unknown or not methods:
-        raise ValueError(f"unknown methods {unknown}; choose from {', '.join(CHOOSABLE)}")
+        raise ValueError(f"unknown methods {unknown}; choose from {', '.join(combine.METHODS)}")
     _check_rule(rule, bootstrap)  # before any fitting
     p, y = _check_dev(probs_dev, labels_dev, metric)
     m = p.shape[0]
@@ -281,7 +280,7 @@ def choose(
     }
     results: dict[str, FitResult] = {}
     for name in methods:
-        if name in ("soft_vote", "hard_vote"):
+        if name in combine.UNFITTED:
             uniform = np.full(m, 1.0 / m)
             voted = combine.apply(name, p, uniform)
             dev = metric_value(voted, y, metric)
