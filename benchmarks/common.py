@@ -168,6 +168,75 @@ def write_results(name: str, data: dict[str, Any], markdown: str,
     return json_path, md_path
 
 
+def member_votes(run_dir: Path) -> tuple[dict[str, str], dict[str, Any], dict[str, Any]]:
+    """A finished run's stacked member votes on dev and test, as its published combiner sees
+    them (classifiers temperature-scaled, the regressor voting through its fitted sharpness).
+
+    Returns:
+        ({member: kind} in vote order, {split: (M, N, C) votes}, {split: (N,) labels}).
+    """
+    import numpy as np
+
+    from ensemble import combine
+    from ensemble.rundir import Manifest
+
+    manifest = Manifest.load(run_dir)
+    sharpness = manifest.combine.params.get("regressor_sharpness")
+    temperatures = manifest.combine.params.get("temperatures")  # None: older runs
+    kinds = {n: m.kind for n, m in manifest.members.items()}
+    stacked, labels = {}, {}
+    for split in ("dev", "test"):
+        with np.load(run_dir / "predictions" / f"{split}.npz") as z:
+            outputs = {n: z[n] for n in kinds}
+            labels[split] = z["labels"]
+        stacked[split] = combine.member_votes(outputs, kinds, manifest.intensity_edges,
+                                              len(manifest.label_names), sharpness, temperatures)
+    return kinds, stacked, labels
+
+
+def fitted_on_test(names: list[str], stacked: dict[str, Any], labels: dict[str, Any],
+                   label_names: list[str], seed: int, combiner: str = "auto",
+                   select_rule: str = "one_se", se: bool = False) -> dict[str, Any]:
+    """Every combination method fitted on the dev votes and applied to the test votes; the
+    method ``combiner`` picks under ``select_rule``, as `ensemble train` picks it. With ``se``,
+    each method also gets the bootstrap SE of its test accuracy over the test texts."""
+    from ensemble import combine
+    from ensemble.metrics import classification_metrics
+    from ensemble.tuning.weights import AUTO, candidates, choose, select
+
+    methods = ("hard_vote", *AUTO)
+    _, fitted = choose(stacked["dev"], labels["dev"], methods=methods, seed=seed, rule="best")
+    # the choice `ensemble train` makes with this code and the run's settings, from the same fits
+    chosen = select({m: fitted[m] for m in candidates(combiner)}, labels["dev"], select_rule,
+                    seed=seed)
+    out: dict[str, Any] = {"chosen": chosen.method, "select": select_rule, "members": names,
+                           "methods": {}}
+    for method, fit in fitted.items():
+        probs = combine.apply(method, stacked["test"], fit.weights, fit.params)
+        m = classification_metrics(labels["test"], probs, label_names)
+        out["methods"][method] = {
+            "dev": fit.dev_score,
+            "out_of_fold": fit.out_of_fold,
+            "weights": dict(zip(names, (round(float(w), 4) for w in fit.weights), strict=True)),
+            "test_accuracy": m["accuracy"],
+            "test_macro_f1": m["macro_f1"],
+        }
+        if se:
+            correct = probs.argmax(axis=1) == labels["test"]
+            out["methods"][method]["test_accuracy_se"] = bootstrap_se(correct)
+    return out
+
+
+def bootstrap_se(correct: Any, seed: int = 0, rounds: int = 1000) -> float:
+    """SE of an accuracy over resamples of the texts (``correct``: one bool per text)."""
+    import numpy as np
+
+    correct = np.asarray(correct, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, correct.size, size=(rounds, correct.size))
+    return float(correct[idx].mean(axis=1).std(ddof=1))
+
+
 def combiners_on_test(run_dir: Path, seed: int | None = None) -> dict[str, Any]:
     """Every combination method of a finished run, fitted on dev and scored on test.
 
@@ -182,49 +251,15 @@ def combiners_on_test(run_dir: Path, seed: int | None = None) -> dict[str, Any]:
         {"dev": score, "out_of_fold": bool, "weights": {member: w}, "test_accuracy",
         "test_macro_f1"}}}
     """
-    import numpy as np
-
-    from ensemble import combine
     from ensemble import config as C
-    from ensemble.metrics import classification_metrics
     from ensemble.rundir import Manifest
-    from ensemble.tuning.weights import AUTO, candidates, choose, select
 
-    manifest = Manifest.load(run_dir)
     training = C.load(run_dir / "config.yaml").training
-    if seed is None:
-        # the out-of-fold dev scores depend on the folds: the run's own seed picks what it picked
-        seed = training.seed
-    sharpness = manifest.combine.params.get("regressor_sharpness")
-    temperatures = manifest.combine.params.get("temperatures")  # None: older runs
-    kinds = {n: m.kind for n, m in manifest.members.items()}
-    num_classes = len(manifest.label_names)
-    stacked, labels = {}, {}
-    for split in ("dev", "test"):
-        with np.load(run_dir / "predictions" / f"{split}.npz") as z:
-            outputs = {n: z[n] for n in kinds}
-            labels[split] = z["labels"]
-        names = list(outputs)
-        stacked[split] = combine.member_votes(outputs, kinds, manifest.intensity_edges,
-                                              num_classes, sharpness, temperatures)
-    methods = ("hard_vote", *AUTO)
-    _, fitted = choose(stacked["dev"], labels["dev"], methods=methods, seed=seed, rule="best")
-    # the choice `ensemble train` makes with this code and the run's settings, from the same fits
-    chosen = select({m: fitted[m] for m in candidates(training.combiner)}, labels["dev"],
-                    training.combiner_select, seed=seed)
-    out: dict[str, Any] = {"chosen": chosen.method, "select": training.combiner_select,
-                           "members": names, "methods": {}}
-    for method, fit in fitted.items():
-        probs = combine.apply(method, stacked["test"], fit.weights, fit.params)
-        m = classification_metrics(labels["test"], probs, manifest.label_names)
-        out["methods"][method] = {
-            "dev": fit.dev_score,
-            "out_of_fold": fit.out_of_fold,
-            "weights": dict(zip(names, (round(float(w), 4) for w in fit.weights), strict=True)),
-            "test_accuracy": m["accuracy"],
-            "test_macro_f1": m["macro_f1"],
-        }
-    return out
+    kinds, stacked, labels = member_votes(run_dir)
+    # the out-of-fold dev scores depend on the folds: the run's own seed picks what it picked
+    return fitted_on_test(list(kinds), stacked, labels, Manifest.load(run_dir).label_names,
+                          training.seed if seed is None else seed, training.combiner,
+                          training.combiner_select)
 
 
 def combiner_markdown(title: str, table: dict[str, Any]) -> str:
