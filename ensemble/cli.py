@@ -123,10 +123,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         for token in extra:
             if token.startswith("-"):
                 raise UsageError(f"unknown option {token!r} (see `{command} --help`)")
-            if "=" not in token or not hasattr(args, "overrides"):
-                raise UsageError(f"unexpected argument {token!r}: `{command}` takes "
-                                 + ("dotted key=value overrides after CONFIG"
-                                    if hasattr(args, "overrides") else "no overrides"))
+            if not hasattr(args, "overrides"):
+                raise UsageError(f"unexpected argument {token!r}: `{command}` takes no overrides")
+            if "=" not in token:
+                raise UsageError(f"unexpected argument {token!r}: `{command}` takes dotted "
+                                 "key=value overrides after CONFIG")
         args.overrides = list(args.overrides or []) + extra
     return args
 

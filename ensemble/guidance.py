@@ -115,30 +115,30 @@ def build(
             arrays["classifier_probs"] = softmax(train[by_kind["classifier"]])
         if w.from_ensemble > 0 and ensemble is not None:
             arrays["ensemble_probs"] = ensemble
-        missing = _missing(w, arrays)
-        if missing == ["teacher_logits"]:
-            raise ValueError(
-                f"member {name}: distill_alpha={w.distill_alpha} but its teacher "
-                f"{m.teacher!r} has no training outputs; train the teacher in this run or set "
-                f"members.{name}.distill_alpha: 0"
-            )
-        if missing:
-            raise ValueError(
-                f"member {name}: guidance {missing} is on but no member produces it; "
-                "add that member or set its weight to 0 in training.guidance"
-            )
+        problems = _missing(name, m.teacher, w, arrays)
+        if problems:
+            raise ValueError(f"member {name}: " + "; ".join(problems))
         refs[name] = ray.put(arrays) if arrays else None
     return refs
 
 
-def _missing(w: LossWeights, arrays: dict[str, Any]) -> list[str]:
+def _missing(name: str, teacher: str | None, w: LossWeights, arrays: dict[str, Any]) -> list[str]:
+    """What member ``name``'s loss weights ask for and ``arrays`` lack, each with its fix."""
+    problems = []
+    if w.distill_alpha > 0 and "teacher_logits" not in arrays:
+        problems.append(f"distill_alpha={w.distill_alpha} but its teacher {teacher!r} has no "
+                        f"training outputs; train the teacher in this run or set "
+                        f"members.{name}.distill_alpha: 0")
     need = {
-        "teacher_logits": w.distill_alpha,
         "regressor_intensity": w.from_regressor,
         "classifier_probs": w.from_classifier,
         "ensemble_probs": w.from_ensemble,
     }
-    return [k for k, v in need.items() if v > 0 and k not in arrays]
+    guidance = [k for k, v in need.items() if v > 0 and k not in arrays]
+    if guidance:
+        problems.append(f"guidance {guidance} is on but no member produces it; add that member "
+                        "or set its weight to 0 in training.guidance")
+    return problems
 
 
 def teacher_only(teacher_train_logits: np.ndarray) -> Any:

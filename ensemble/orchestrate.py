@@ -88,9 +88,9 @@ def _added_members(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """The members `new` adds to the one-round run `old` while keeping its data and members."""
     one_round = old["training"]["rounds"] == new["training"]["rounds"] == 1
     before, after = old.get("members") or {}, new.get("members") or {}
-    if (not one_round or old.get("data") != new.get("data") or not before.keys() < after.keys()
-            or old["training"]["seed"] != new["training"]["seed"]
-            or any(before[n] != after[n] for n in before)):
+    kept = {k: v for k, v in _fingerprint(old).items() if k != "members"}
+    if (not one_round or kept != {k: v for k, v in _fingerprint(new).items() if k != "members"}
+            or not before.keys() < after.keys() or any(before[n] != after[n] for n in before)):
         return []
     return [n for n in after if n not in before]
 

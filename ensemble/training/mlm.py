@@ -53,14 +53,13 @@ def masked_lm_loss(model, ids, tokenizer, probability: float, batch_size: int = 
     model.eval()
     generator = torch.Generator().manual_seed(1234)
     losses, weights = [], []
-    with torch.no_grad():
-        for start in range(0, len(ids), batch_size):
-            index = np.arange(start, min(len(ids), start + batch_size))
-            batch = _mlm_batch(ids, index, tokenizer, probability, generator)
-            count = int((batch["labels"] != -100).sum())
-            if count:
-                losses.append(float(model(**batch).loss) * count)
-                weights.append(count)
+    for start in range(0, len(ids), batch_size):
+        index = np.arange(start, min(len(ids), start + batch_size))
+        batch = _mlm_batch(ids, index, tokenizer, probability, generator)
+        count = int((batch["labels"] != -100).sum())
+        if count:
+            losses.append(float(model(**batch).loss) * count)
+            weights.append(count)
     model.train(was_training)
     return sum(losses) / max(1, sum(weights))
 
@@ -77,7 +76,7 @@ def train_mlm_stage(spec: J.MemberSpec, job: J.StageJob, splits: Any, rank: int,
     with J.start_dir(restored, job.init_checkpoint) as init_dir:
         member = build_model(spec, init_dir, job.teacher_checkpoint)
         tokenizer = load_tokenizer(spec, init_dir, job.teacher_checkpoint)
-        source = str(Path(init_dir) / "hf") if init_dir else M.resolve_model_name(m.model)
+        source = str(Path(init_dir) / J.HF_DIR) if init_dir else M.resolve_model_name(m.model)
         if init_dir or (m.pretrained and not m.arch):
             mlm = M.build_mlm(source, pretrained=True)
         else:

@@ -235,6 +235,19 @@ def test_build_names_the_fix_when_a_distilling_students_teacher_has_no_outputs(r
         G.build(_cfg(), splits, KINDS, outputs)
 
 
+def test_build_names_each_missing_input_with_its_own_fix(ray_local) -> None:
+    splits = _splits()
+    outputs = _outputs(splits)
+    for out in outputs.values():
+        del out["train"]  # nobody predicted train: no teacher logits, no ensemble
+    with pytest.raises(ValueError) as err:
+        G.build(_cfg("training.guidance.student_from_ensemble=0.5"), splits, KINDS, outputs)
+    msg = str(err.value)
+    assert msg.startswith("member student: distill_alpha=")
+    assert "set members.student.distill_alpha: 0" in msg
+    assert "guidance ['ensemble_probs'] is on" in msg and "0 in training.guidance" in msg
+
+
 def test_teacher_only_sends_just_the_teacher_logits(ray_local) -> None:
     logits = np.arange(12, dtype=np.float32).reshape(4, 3)
     sent = _get(G.teacher_only(logits))
