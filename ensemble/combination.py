@@ -61,6 +61,9 @@ class Combination:
         info: what else the manifest's section records and combining does not use: how the
             combiner was chosen on dev (``dev_score``, ``metric``, ``select``, ``candidates``,
             ``out_of_fold``) and an optional ``cascade_threshold`` for serving.
+        cascade_student: a student that does not vote: the cascade's first stage only (one
+            published after training by ``ensemble distill --publish``). It is not in
+            ``members``; its temperature, if fitted, is in ``params["temperatures"]``.
     """
 
     members: dict[str, str]
@@ -71,9 +74,15 @@ class Combination:
     weights: dict[str, float] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    cascade_student: str | None = None
 
     def __post_init__(self) -> None:
         problems = []
+        if self.cascade_student in self.members:
+            problems.append(
+                f"cascade_student {self.cascade_student!r} is also a voting member; a member "
+                "either votes or is the cascade's non-voting first stage"
+            )
         if self.method not in combine.METHODS:
             problems.append(f"combine method {self.method!r} unknown; use one of {combine.METHODS}")
         if not self.members:
@@ -118,11 +127,12 @@ class Combination:
         if not isinstance(temps, Mapping):
             return [f"params.temperatures must map member names to T > 0, got {temps!r}"]
         problems = []
-        not_cls = sorted(n for n in temps if self.members.get(n) not in CLASSIFICATION_KINDS)
+        classifying = [n for n in self.served if self.kind(n) in CLASSIFICATION_KINDS]
+        not_cls = sorted(set(temps) - set(classifying))
         if not_cls:
             problems.append(
                 f"params.temperatures names {not_cls}, which are not classification members "
-                f"{[n for n, k in self.members.items() if k in CLASSIFICATION_KINDS]}"
+                f"{classifying}"
             )
         bad = {n: t for n, t in temps.items() if not _positive(t)}
         if bad:
@@ -145,19 +155,28 @@ class Combination:
 
         Args:
             section: ``method``, ``weights``, ``params``, the ``members`` in the order a learned
-                combiner was fitted in (default: the order of ``kinds``) and `info` keys.
-            kinds: the run's members, name -> kind.
+                combiner was fitted in (default: the order of ``kinds``), an optional
+                ``cascade_student`` and `info` keys.
+            kinds: the run's members, name -> kind (the cascade student among them).
             label_names, class_intensity, intensity_edges: the run's label space.
 
         Raises:
             ValueError: if the section does not fit the members (the message names the fix).
         """
-        # stacking coefficients are laid out in the order the combiner was fitted in
-        order = list(section.get("members") or kinds)
-        if sorted(order) != sorted(kinds):
+        cascade_student = section.get("cascade_student")
+        if cascade_student is not None and kinds.get(cascade_student) != "student":
             raise ValueError(
-                f"combine.members {order} differ from the manifest's members "
-                f"{list(kinds)}; refit the combiner on the current members"
+                f"combine.cascade_student {cascade_student!r} is not a member of kind 'student' "
+                f"in the manifest ({dict(kinds)}); publish it again with `ensemble distill "
+                "RUN_DIR --name NAME --publish`"
+            )
+        voting = {n: k for n, k in kinds.items() if n != cascade_student}
+        # stacking coefficients are laid out in the order the combiner was fitted in
+        order = list(section.get("members") or voting)
+        if sorted(order) != sorted(voting):
+            raise ValueError(
+                f"combine.members {order} differ from the manifest's voting members "
+                f"{list(voting)}; refit the combiner on the current members"
             )
         return cls(
             members={name: kinds[name] for name in order},
@@ -168,12 +187,38 @@ class Combination:
             weights={k: float(v) for k, v in (section.get("weights") or {}).items()},
             params=dict(section.get("params") or {}),
             info={k: v for k, v in section.items() if k not in _SECTION_KEYS},
+            cascade_student=cascade_student,
         )
 
     def section(self) -> dict[str, Any]:
         """The manifest's ``combine`` section (the label space is the manifest's own)."""
-        return {"method": self.method, "weights": dict(self.weights), "params": dict(self.params),
-                "members": list(self.members), **self.info}
+        out = {"method": self.method, "weights": dict(self.weights), "params": dict(self.params),
+               "members": list(self.members), **self.info}
+        if self.cascade_student is not None:
+            out["cascade_student"] = self.cascade_student
+        return out
+
+    @property
+    def served(self) -> list[str]:
+        """Every member a server loads: the voting ones, then the cascade student if any."""
+        return [*self.members, *([self.cascade_student] if self.cascade_student else [])]
+
+    @property
+    def student(self) -> str | None:
+        """The cascade's first stage: the published cascade student, else the first voting
+        member of kind ``student``, else None."""
+        voting = (n for n, k in self.members.items() if k == "student")
+        return self.cascade_student or next(voting, None)
+
+    def kind(self, name: str) -> str:
+        """Member ``name``'s kind (the cascade student's is ``student``).
+
+        Raises:
+            KeyError: if ``name`` is not served (`served`).
+        """
+        if name == self.cascade_student:
+            return "student"
+        return self.members[name]
 
     @property
     def num_classes(self) -> int:
@@ -199,7 +244,7 @@ class Combination:
         return self.combine_votes(stack_member_probs(outputs, self))
 
 
-_SECTION_KEYS = ("method", "weights", "params", "members")
+_SECTION_KEYS = ("method", "weights", "params", "members", "cascade_student")
 
 
 @dataclass(frozen=True)
@@ -218,7 +263,7 @@ def member_probs(spec: Combination, name: str, output: np.ndarray) -> np.ndarray
     classification member's probabilities scaled by its temperature (`Combination.temperature`),
     the regressor's intensities through their bin, softened by ``params["regressor_sharpness"]``.
     """
-    return combine.member_vote(spec.members[name], output, spec.intensity_edges, spec.num_classes,
+    return combine.member_vote(spec.kind(name), output, spec.intensity_edges, spec.num_classes,
                                spec.params.get("regressor_sharpness"), spec.temperature(name))
 
 
@@ -304,7 +349,8 @@ def without(spec: Combination, missing: Sequence[str]) -> Combination:
         raise ValueError(f"no member left to combine: {sorted(gone)} did not answer")
     params = dict(spec.params)
     if params.get("temperatures"):
-        params["temperatures"] = {n: t for n, t in params["temperatures"].items() if n in members}
+        keep = {*members, spec.cascade_student}
+        params["temperatures"] = {n: t for n, t in params["temperatures"].items() if n in keep}
     method = spec.method
     weights = {n: w for n, w in spec.weights.items() if n in members}
     if method == "stacking" or (weights and sum(weights.values()) <= 0):

@@ -149,10 +149,9 @@ class Ensemble:
             ValueError: for an inconsistent combiner or bad settings.
         """
         settings, spec, cfg = combiner_for(run_dir, method, **serve)
-        members = {
-            n: LoadedMember(str(run_dir), n, num_threads=num_threads, gpu=gpu)
-            for n in spec.members
-        }
+        names = spec.served if settings.cascade else list(spec.members)
+        members = {n: LoadedMember(str(run_dir), n, num_threads=num_threads, gpu=gpu)
+                   for n in names}
         return cls(run_dir, members, spec, settings, batch_size=cfg.max_batch_size)
 
     def member_outputs(

@@ -36,7 +36,7 @@ from ensemble import distill as D
 from ensemble.data import Splits
 from ensemble.rundir import Manifest, atomic_write_json, read_json
 
-__all__ = ["add_commands", "distill_run", "evaluate_student"]
+__all__ = ["add_commands", "distill_run", "evaluate_student", "publish_student"]
 
 METRICS = "metrics.json"
 PREDICTIONS = "predictions.npz"
@@ -99,7 +99,7 @@ def evaluate_student(run_dir: Path, manifest: Manifest, splits: Splits,
     from ensemble.calibration import fit_temperature
     from ensemble.serving.cascade import cascade_accuracy, fit_cascade, load_predictions
 
-    kinds = {n: m.kind for n, m in manifest.members.items()}
+    kinds = manifest.combine.members  # the voting members: a published student is not one
     ens, labels = {}, {}
     for split in ("dev", "test"):
         preds = load_predictions(run_dir, split)
@@ -170,7 +170,7 @@ def distill_run(
     cfg, manifest, metrics = _finished_run(run_dir, overrides)
     d = distill or C.DistillConfig()
     teacher = teacher or _default_teacher(manifest, metrics)
-    if teacher not in manifest.members or manifest.members[teacher].kind not in (
+    if teacher not in manifest.combine.members or manifest.members[teacher].kind not in (
             "classifier", "teacher"):
         members = ", ".join(f"{n} ({m.kind})" for n, m in manifest.members.items())
         raise C.ConfigError(
@@ -183,6 +183,8 @@ def distill_run(
         raise C.ConfigError(f"--layers {layers}: the teacher {teacher} has {depth} layers; "
                             f"use 1 to {depth}")
     name = name or f"l{layers}"
+    if name in manifest.combine.members:
+        raise C.ConfigError(f"--name {name} is a member of the run; name the student otherwise")
     out_dir = run_dir / "students" / name
     if (out_dir / METRICS).is_file():
         print(f"student {name} already trained: {out_dir / METRICS}", flush=True)
@@ -200,7 +202,7 @@ def distill_run(
     check_config(cfg)
     splits = load_splits(cfg.data)
     corpus = D.held_out_corpus(D.read_corpus(cfg), splits)
-    kinds = {n: m.kind for n, m in manifest.members.items()}
+    kinds = manifest.combine.members
 
     t0 = time.time()
     init_ray(cfg.ray, address)
@@ -238,6 +240,70 @@ def distill_run(
     return row
 
 
+def publish_student(run_dir: str | Path, name: str) -> Manifest:
+    """Make student ``name`` (trained by `distill_run`) the run's cascade-only first stage.
+
+    The student joins the manifest as a member of kind ``student`` that does not vote
+    (`Combination.cascade_student`), with its dev-fitted temperature; its dev/test probabilities
+    join ``predictions/`` so that serving fits the cascade threshold on them (`ensemble serve
+    RUN_DIR --cascade`, `Ensemble.from_run(RUN_DIR, cascade=True)`). The ensemble's own answers
+    are unchanged. A student published before is replaced (its files stay under ``students/``).
+    The predictions are written first and the manifest last, so an interrupted publish leaves
+    the run as it was.
+
+    Raises:
+        ConfigError: if the run is not finished, the student is not trained, or ``name`` is
+            one of the voting members.
+    """
+    from ensemble.publish import save_npz
+    from ensemble.rundir import MemberEntry
+
+    run_dir = Path(run_dir).resolve()
+    manifest = Manifest.load(run_dir)
+    out_dir = run_dir / "students" / name
+    if not (out_dir / METRICS).is_file():
+        trained = sorted(p.parent.name for p in (run_dir / "students").glob(f"*/{METRICS}"))
+        raise C.ConfigError(
+            f"no trained student {name!r} in {run_dir / 'students'} (trained: "
+            f"{trained or 'none'}); train it with `ensemble distill {run_dir} --name {name} "
+            "--layers N --publish`"
+        )
+    spec = manifest.combine
+    if name in spec.members:
+        raise C.ConfigError(f"{name} is a voting member of the run; a student needs its own name")
+    row = read_json(out_dir / METRICS)
+    with np.load(out_dir / PREDICTIONS) as z:
+        logits = {s: z[s] for s in ("dev", "test")}
+    preds = {}
+    for split, values in logits.items():
+        with np.load(run_dir / "predictions" / f"{split}.npz") as z:
+            preds[split] = {k: z[k] for k in z.files}
+        if len(values) != len(preds[split]["labels"]):
+            raise C.ConfigError(
+                f"student {name} has {len(values)} {split} predictions, the run "
+                f"{len(preds[split]['labels'])}: it was distilled on other data; train it "
+                "again on this run's data"
+            )
+    for split, values in logits.items():
+        save_npz(run_dir / "predictions" / f"{split}.npz",
+                 {**preds[split], name: combine.softmax(values)})
+
+    members = {n: m for n, m in manifest.members.items() if n != spec.cascade_student}
+    teacher = manifest.members[row["teacher"]]
+    members[name] = MemberEntry(
+        kind="student", path=str((out_dir / "export").relative_to(run_dir)),
+        num_labels=spec.num_classes, max_length=teacher.max_length,
+        metrics={k: row["test"][k] for k in ("accuracy", "macro_f1", "nll", "ece")},
+        params=int(row["params"]))
+    temps = {n: t for n, t in (spec.params.get("temperatures") or {}).items()
+             if n != spec.cascade_student}
+    params = {**spec.params, "temperatures": {**temps, name: float(row["temperature"])}}
+    manifest.members = members
+    manifest.combine = dataclasses.replace(spec, params=params, cascade_student=name)
+    manifest.save(run_dir)  # written last: the run serves the student from here on
+    return manifest
+
+
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Register ``distill`` on the main CLI's subparsers."""
     p = subparsers.add_parser(
@@ -261,6 +327,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--corpus-text-column", help="the corpus's text column (default: the run's)")
     p.add_argument("--max-corpus-texts", type=int, help="use at most this many corpus texts")
     p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else local)")
+    p.add_argument("--publish", action="store_true",
+                   help="make the student the run's cascade first stage (it does not vote): "
+                   "`ensemble serve RUN_DIR --cascade` then answers confident texts with it")
     p.set_defaults(func=_distill)
 
 
@@ -279,5 +348,9 @@ def _distill(args: argparse.Namespace) -> int:
           f"{100 * cascade['test']['accuracy_loss']:.2f} pt (dev "
           f"{100 * cascade['accuracy_loss']:.2f} pt)", flush=True)
     print(f"STUDENT_DIR={Path(row['export']).parent}", flush=True)
+    if args.publish:
+        publish_student(args.run_dir, row["name"])
+        print(f"published {row['name']} as the cascade's first stage of {args.run_dir}; serve "
+              f"it with `ensemble serve {args.run_dir} --cascade`", flush=True)
     return 0
 

@@ -340,7 +340,8 @@ class Combiner:
             got, _ = await self._call([student], texts, need=0)
             if student not in got:  # no student: the others answer every text
                 outputs, missing = await self._call(others, texts, settings.sequential, need)
-                return ensemble_answer(outputs, spec, (student, *missing))
+                votes = student in spec.members  # a cascade-only student is not missed
+                return ensemble_answer(outputs, spec, (student, *missing) if votes else missing)
             first = got[student]  # (B, C)
         hard = hard_examples(  # on the student's vote: temperature-scaled, as fitted
             member_probs(spec, student, first),
@@ -349,9 +350,9 @@ class Combiner:
         )
         rest: dict[str, np.ndarray] = {}
         missing: tuple[str, ...] = ()
-        if hard.size:  # the student's answer counts towards min_members
+        if hard.size:  # a voting student's answer counts towards min_members
             rest, missing = await self._call(others, [texts[i] for i in hard],
-                                             settings.sequential, need - 1)
+                                             settings.sequential, need - (student in spec.members))
         return cascade_answer(spec, first, hard, rest, missing)
 
     @api.post(
@@ -405,7 +406,7 @@ class Combiner:
     def info(self) -> s.InfoResponse:
         """Members, combine method and weights, cascade, limits and versions."""
         settings, spec, m = self._settings, self._spec, self._manifest
-        cascade_student = next((n for n, k in spec.members.items() if k == "student"), None)
+        cascade_student = spec.student
         versions = {p: _version(p) for p in ("ensemble", "ray", "torch", "transformers")}
         versions.update(manifest=str(m.version), rounds_completed=str(m.rounds_completed))
         return s.InfoResponse(
@@ -422,6 +423,7 @@ class Combiner:
                     max_length=e.max_length,
                     weight=settings.weights.get(n),
                     params=e.params,
+                    votes=n in spec.members,
                 )
                 for n, e in m.members.items()
             },

@@ -332,18 +332,18 @@ def cascade_accuracy(
 
 
 def student_of(spec: Combination) -> str:
-    """Name of the member of kind ``student`` (the cascade's first stage).
+    """Name of the cascade's first stage (`Combination.student`).
 
     Raises:
         ValueError: if there is no student member.
     """
-    students = [n for n, k in spec.members.items() if k == "student"]
-    if not students:
+    if spec.student is None:
         raise ValueError(
             f"cascade mode needs a member of kind 'student'; members are "
-            f"{spec.members}. Train one or serve without --cascade"
+            f"{spec.members}. Train one (a `distill:` section), publish one with `ensemble "
+            "distill RUN_DIR --publish`, or serve without --cascade"
         )
-    return students[0]
+    return spec.student
 
 
 def load_predictions(run_dir: str | os.PathLike, split: str = "dev") -> dict[str, np.ndarray]:

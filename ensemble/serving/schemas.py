@@ -141,6 +141,7 @@ class MemberInfo(BaseModel):
     max_length: int
     weight: float | None
     params: int = 0
+    votes: bool = True  # False for a cascade-only student: it answers first, never votes
 
 
 class CascadeInfo(BaseModel):
@@ -269,7 +270,7 @@ def member_output(name: str, value: np.ndarray, spec: Combination) -> MemberOutp
     The probabilities shown are the member's vote (`combination.member_probs`): temperature-scaled,
     or the regressor's binned intensity.
     """
-    kind = spec.members[name]
+    kind = spec.kind(name)
     probs = member_probs(spec, name, np.asarray(value, dtype=np.float64)[None])[0]  # (C,)
     if kind == "regressor":
         intensity = float(value)
@@ -287,7 +288,7 @@ def member_output(name: str, value: np.ndarray, spec: Combination) -> MemberOutp
 def predictions(answer: Answer, spec: Combination, return_members: bool) -> list[Prediction]:
     """The response bodies for an `Answer`; member outputs only where the member was asked."""
     comb, out = answer.combined, []
-    student = next((n for n, k in spec.members.items() if k == "student"), None)
+    student = spec.student
     used = [n for n in spec.members if n not in answer.missing]
     for i, by in enumerate(answer.answered_by):
         members = None

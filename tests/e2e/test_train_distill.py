@@ -120,3 +120,55 @@ def test_distill_command_rejects_what_it_cannot_do(run, tmp_path, capsys) -> Non
     assert main(["distill", str(tmp_path)]) == 2
     assert "is not a finished run (no manifest.json)" in capsys.readouterr().err
     assert not (out / "students" / "l3").exists()
+
+
+def test_a_published_student_answers_first_in_the_cascade_and_never_votes(run, capsys) -> None:
+    from ensemble.inference import Ensemble, LoadedMember
+
+    out, _ = run
+    texts = ["a gorgeous, witty film", "dull and far too long", "it is a movie",
+             "not bad at all", "the worst thing i have seen this year"]
+    before = Ensemble.from_run(out).predict(texts)
+    assert main(["distill", str(out), "--layers", "1", "--teacher", "teacher", "--epochs", "2",
+                 "--alpha", "1.0", "--publish"]) == 0
+    assert "published l1 as the cascade's first stage" in capsys.readouterr().out
+    manifest = read_json(out / "manifest.json")
+    assert manifest["members"]["l1"]["kind"] == "student"
+    assert manifest["combine"]["cascade_student"] == "l1"
+    assert "l1" not in manifest["combine"]["members"]  # it does not vote
+    row = read_json(out / "students" / "l1" / "metrics.json")
+    assert manifest["combine"]["params"]["temperatures"]["l1"] == row["temperature"]
+    with np.load(out / "predictions" / "dev.npz") as z, \
+            np.load(out / "students" / "l1" / "predictions.npz") as s:
+        logits = s["dev"]
+        probs = np.exp(logits - logits.max(1, keepdims=True))
+        np.testing.assert_allclose(z["l1"], probs / probs.sum(1, keepdims=True), rtol=1e-6)
+
+    # the ensemble answers as it did; the cascade's first stage is the published student
+    after = Ensemble.from_run(out).predict(texts)
+    assert [p.probs for p in after] == [p.probs for p in before]
+    student_only = Ensemble.from_run(out, cascade=True, cascade_threshold=0.0)
+    assert "l1" in student_only.members and student_only.spec.student == "l1"
+    answers = student_only.predict(texts)
+    assert {p.answered_by for p in answers} == {"student"}
+    raw = LoadedMember(str(out), "l1")(texts)
+    scaled = np.exp(np.log(raw) / row["temperature"])
+    scaled /= scaled.sum(1, keepdims=True)
+    got = np.array([list(p.probs.values()) for p in answers])
+    np.testing.assert_allclose(got, scaled, atol=1e-5)
+    nobody = Ensemble.from_run(out, cascade=True, cascade_threshold=1.01).predict(texts)
+    assert {p.answered_by for p in nobody} == {"ensemble"}
+    np.testing.assert_allclose([list(p.probs.values()) for p in nobody],
+                               [list(p.probs.values()) for p in before], atol=1e-6)
+    fitted = Ensemble.from_run(out, cascade=True)  # the threshold fitted on dev, with l1
+    assert fitted.settings.cascade_threshold is not None
+
+    # publishing a name that votes, or one never trained, is refused and writes nothing
+    snapshot = (out / "manifest.json").read_bytes()
+    assert main(["distill", str(out), "--layers", "1", "--name", "classifier", "--publish"]) == 2
+    assert "is a member of the run" in capsys.readouterr().err
+    from ensemble.students import publish_student
+
+    with pytest.raises(ValueError, match="no trained student 'l9'"):
+        publish_student(out, "l9")
+    assert (out / "manifest.json").read_bytes() == snapshot

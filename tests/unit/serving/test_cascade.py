@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from ensemble import combination
+from ensemble import combination, combine
 from ensemble.rundir import Manifest
 from ensemble.serving import cascade
 
-from ..test_combination import MEMBERS, TEMPS, _manifest_run, _outputs, _spec
+from ..test_combination import LABELS, MEMBERS, TEMPS, _manifest_run, _outputs, _spec
 
 
 def _brute_force(s, e, y, loss, measure):
@@ -264,6 +264,49 @@ def test_cascade_answer_scales_the_student_as_the_ensemble_does():
     full = combination.combine_outputs(out, spec)
     np.testing.assert_allclose(ans.combined.probs[hard], full.probs[hard])
     np.testing.assert_array_equal(ans.outputs["stud"], out["stud"])  # members' own outputs kept
+
+
+def _cascade_only(**kw):
+    """The four members' combination with ``stud`` as the non-voting cascade student."""
+    voting = {n: k for n, k in MEMBERS.items() if n != "stud"}
+    return _spec(members=voting, cascade_student="stud", **kw)
+
+
+def test_a_cascade_only_student_answers_first_and_never_votes():
+    spec = _cascade_only(params={"temperatures": {"clf": 1.5, "stud": 2.0}})
+    assert cascade.student_of(spec) == "stud" and spec.served == [*spec.members, "stud"]
+    out = _outputs(8, seed=3)
+    vote = combination.member_probs(spec, "stud", out["stud"])  # scaled by its own T
+    np.testing.assert_allclose(vote, combine.member_vote("student", out["stud"], [], 3, None, 2.0))
+    hard = cascade.hard_examples(vote, threshold=0.5, measure="max_prob")
+    assert 0 < hard.size < 8
+    rest = {n: v[hard] for n, v in out.items() if n != "stud"}
+    ans = cascade.cascade_answer(spec, out["stud"], hard, rest)
+    voters = {n: v for n, v in out.items() if n != "stud"}
+    full = combination.combine_outputs(voters, spec)  # the ensemble without the student
+    np.testing.assert_allclose(ans.combined.probs[hard], full.probs[hard])
+    easy = np.setdiff1d(np.arange(8), hard)
+    np.testing.assert_allclose(ans.combined.probs[easy], vote[easy])
+    # the student's output beside the voters' changes nothing: it is not stacked
+    np.testing.assert_array_equal(combination.combine_outputs(out, spec).probs, full.probs)
+    # a voting member left out keeps the student's temperature
+    assert combination.without(spec, ["clf"]).temperature("stud") == 2.0
+
+
+def test_a_cascade_only_student_comes_first_and_round_trips_through_the_manifest(tmp_path):
+    both = {**MEMBERS, "fast": "student"}  # a voting student and a published one
+    spec = _spec(members=MEMBERS, cascade_student="fast")
+    assert spec.student == "fast" and _spec().student == "stud"
+    section = json.loads(json.dumps(spec.section()))
+    assert section["cascade_student"] == "fast" and section["members"] == list(MEMBERS)
+    back = combination.Combination.from_section(section, both, LABELS, [-2.0, 0.0, 2.0],
+                                                [-1.0, 1.0])
+    assert back == spec
+    with pytest.raises(ValueError, match="not a member of kind 'student'"):
+        combination.Combination.from_section(section, MEMBERS, LABELS, [-2.0, 0.0, 2.0],
+                                             [-1.0, 1.0])
+    with pytest.raises(ValueError, match="also a voting member"):
+        _spec(cascade_student="stud")
 
 
 def test_cascade_needs_a_student():
