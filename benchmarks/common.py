@@ -183,7 +183,7 @@ def member_votes(run_dir: Path) -> tuple[dict[str, str], dict[str, Any], dict[st
     manifest = Manifest.load(run_dir)
     sharpness = manifest.combine.params.get("regressor_sharpness")
     temperatures = manifest.combine.params.get("temperatures")  # None: older runs
-    kinds = {n: m.kind for n, m in manifest.members.items()}
+    kinds = dict(manifest.combine.members)  # the voting members (not a cascade-only student)
     stacked, labels = {}, {}
     for split in ("dev", "test"):
         with np.load(run_dir / "predictions" / f"{split}.npz") as z:

@@ -14,6 +14,10 @@ subset of n runs is scored; a row gives each subset's test accuracy and their me
 ensemble of the pooled classifiers (soft vote of the temperature-scaled classifiers) is given
 beside it, and the pool of every run carries the bootstrap SE of its accuracy over the test texts.
 
+``--student RUN/students/NAME`` adds a student that `ensemble distill` trained (its dev-fitted
+temperature applied) to every pool: e.g. a MiniLM distilled from a run grown with an MPNet member,
+which makes a pool that serves MiniLMs only but learned from a larger model.
+
 Writes benchmarks/results/<--out>.{json,md}.
 """
 
@@ -56,6 +60,23 @@ def pool(runs: list[Path], votes: dict[Path, Any]) -> tuple[dict[str, str], dict
     return kinds, stacked, labels
 
 
+def student_votes(student_dir: Path) -> tuple[dict[str, str], dict[str, Any], dict[str, Any]]:
+    """A distilled student's dev/test votes (softmax of its logits over its fitted temperature),
+    shaped like `member_votes`'s: ({"student": "student"}, {split: (1, N, C)}, {split: (N,)})."""
+    from ensemble import combine
+    from ensemble.rundir import read_json
+
+    metrics = read_json(student_dir / "metrics.json")
+    run_dir = student_dir.parent.parent
+    stacked, labels = {}, {}
+    with np.load(student_dir / "predictions.npz") as z:
+        for split in ("dev", "test"):
+            stacked[split] = combine.softmax(z[split] / metrics["temperature"])[None]
+            with np.load(run_dir / "predictions" / f"{split}.npz") as p:
+                labels[split] = p["labels"]
+    return {"student": "student"}, stacked, labels
+
+
 def score(runs: list[Path], votes: dict[Path, Any], label_names: list[str], whole: bool,
           ) -> dict[str, Any]:
     """The pooled ensemble of ``runs`` (combiner fitted on dev) and the deep ensemble of its
@@ -95,6 +116,9 @@ def markdown(result: dict[str, Any]) -> str:
         "the classifiers (%) |",
         "|---:|---:|---:|---:|---|---:|",
     ]
+    if result.get("students"):
+        lines[4:4] = [f"Every pool also holds the distilled student(s) {result['students']} "
+                      "(kind `student`: in the combiner, not in the deep ensemble).", ""]
     for n, rows in result["by_size"].items():
         for row in rows:
             se = (f" ± {100 * row['test_accuracy_se']:.2f}" if row["test_accuracy_se"] else "")
@@ -125,6 +149,8 @@ def markdown(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", action="append", required=True, help="a finished recipe run")
+    ap.add_argument("--student", action="append", default=[],
+                    help="RUN/students/NAME: a distilled student added to every pool")
     ap.add_argument("--out", default="pooled_recipe")
     args = ap.parse_args(argv)
     from ensemble import config as C
@@ -134,14 +160,20 @@ def main(argv: list[str] | None = None) -> int:
     if len({r.name for r in runs}) != len(runs):
         ap.error("the runs' directory names must differ (they name the pooled members)")
     votes = {r: member_votes(r) for r in runs}
+    students = [Path(s).resolve() for s in args.student]
+    for s in students:
+        if not (s / "metrics.json").is_file():
+            ap.error(f"--student {s}: no trained student there (no metrics.json)")
+        votes[s] = student_votes(s)
     training = C.load(runs[0] / "config.yaml").training
     label_names = Manifest.load(runs[0]).label_names
     by_size = {
-        str(n): [score(list(sub), votes, label_names, whole=n == len(runs))
+        str(n): [score([*sub, *students], votes, label_names, whole=n == len(runs))
                  for sub in itertools.combinations(runs, n)]
         for n in range(1, len(runs) + 1)
     }
     result = {"commit": git_commit(), "runs": [r.name for r in runs],
+              "students": [f"{s.parent.parent.name}/students/{s.name}" for s in students],
               "combiner": training.combiner, "select": training.combiner_select,
               "target": TARGET, "by_size": by_size, "machine": machine(),
               "load": load_average()}

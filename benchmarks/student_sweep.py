@@ -248,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alpha", type=float, default=0.9)
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--teacher", default=None,
+                        help="the member to cut students from (default: best classifier on dev)")
     parser.add_argument("--corpus", default=None)
     parser.add_argument("--corpus-text-column", default=None)
     parser.add_argument("--max-corpus-texts", type=int, default=None)
@@ -281,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
                 results[(run, layers)] = distill_run(run, layers, name=name, distill=d,
-                                                     lr=args.lr)
+                                                     lr=args.lr, teacher=args.teacher)
     import ray
 
     if ray.is_initialized():

@@ -55,3 +55,24 @@ def test_runs_scored_on_other_texts_are_refused(runs) -> None:
     votes = {r: common.member_votes(r) for r in (runs[0], runs[2])}
     with pytest.raises(ValueError, match="pool runs of one dataset"):
         P.pool([runs[0], runs[2]], votes)
+
+
+def test_a_distilled_student_joins_the_pool_with_its_fitted_temperature(runs) -> None:
+    import numpy as np
+
+    from ensemble import combine
+    from ensemble.rundir import atomic_write_json
+
+    student = runs[0] / "students" / "l1"
+    student.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    logits = {s: rng.normal(size=(300, len(LABELS))) for s in ("dev", "test")}
+    np.savez(student / "predictions.npz", **logits)
+    atomic_write_json(student / "metrics.json", {"temperature": 2.0})
+    kinds, stacked, labels = P.student_votes(student)
+    assert kinds == {"student": "student"} and stacked["test"].shape == (1, 300, len(LABELS))
+    np.testing.assert_allclose(stacked["dev"][0], combine.softmax(logits["dev"] / 2.0))
+    votes = {runs[0]: common.member_votes(runs[0]), student: (kinds, stacked, labels)}
+    row = P.score([runs[0], student], votes, LABELS, whole=False)
+    assert row["members"] == 5 and row["classifiers"] == 1  # it votes, outside the deep ensemble
+    assert row["runs"] == [runs[0].name, "l1"]
