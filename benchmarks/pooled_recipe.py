@@ -104,8 +104,10 @@ def score(runs: list[Path], votes: dict[Path, Any], label_names: list[str], whol
 
 
 def markdown(result: dict[str, Any]) -> str:
+    title = ("more MiniLM members, nothing else changed" if not result.get("students")
+             else "the MiniLM members plus distilled student(s)")
     lines = [
-        "# Pooled recipe runs: more MiniLM members, nothing else changed (SST-5 test)",
+        f"# Pooled recipe runs: {title} (SST-5 test)",
         "",
         f"commit {result['commit']}; runs {', '.join(result['runs'])}; combiner "
         f"`{result['combiner']}` ({result['select']}) fitted on dev with the first pooled run's "
