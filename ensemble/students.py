@@ -257,6 +257,7 @@ def publish_student(run_dir: str | Path, name: str) -> Manifest:
     """
     from ensemble.publish import save_npz
     from ensemble.rundir import MemberEntry
+    from ensemble.serving.cascade import load_predictions
 
     run_dir = Path(run_dir).resolve()
     manifest = Manifest.load(run_dir)
@@ -274,10 +275,8 @@ def publish_student(run_dir: str | Path, name: str) -> Manifest:
     row = read_json(out_dir / METRICS)
     with np.load(out_dir / PREDICTIONS) as z:
         logits = {s: z[s] for s in ("dev", "test")}
-    preds = {}
+    preds = {split: load_predictions(run_dir, split) for split in logits}
     for split, values in logits.items():
-        with np.load(run_dir / "predictions" / f"{split}.npz") as z:
-            preds[split] = {k: z[k] for k in z.files}
         if len(values) != len(preds[split]["labels"]):
             raise C.ConfigError(
                 f"student {name} has {len(values)} {split} predictions, the run "
