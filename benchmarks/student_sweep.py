@@ -111,6 +111,16 @@ def score_run(run_dir: Path, row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def students(runs: list[Path], layers: list[int], suffixes: list[str],
+             ) -> list[tuple[Path, int, str]]:
+    """(run, layers, student name) for every run, depth and suffix: the table's replicates.
+
+    Several suffixes are student seeds of one run: their rows pool with other runs' under the
+    same depth, so a depth's mean and SE are over every (run, student seed).
+    """
+    return [(run, n, f"l{n}{suffix}") for run in runs for n in layers for suffix in suffixes]
+
+
 def time_students(run_dir: Path, names: list[str], rounds: int = TIMING_ROUNDS) -> dict[str, Any]:
     """ms/text of the teacher and each student, back to back on one thread, in ``rounds``
     independent rounds (each the median of 3 passes), so that a speed-up has an SE."""
@@ -191,7 +201,9 @@ def markdown(table: dict[int, dict[str, Any]], timing: dict[str, Any] | None,
 
     lines = [
         "# Students distilled from the recipe's ensemble (SST-5 test)", "",
-        f"commit {meta['commit']}, {meta['runs']} run(s): {', '.join(meta['run_names'])}; "
+        f"commit {meta['commit']}, {meta['runs']} run(s): {', '.join(meta['run_names'])}"
+        + (f", students {', '.join(meta['students'])} of each" if len(meta.get("students", []))
+           > len(table) else "") + "; "
         f"{meta['epochs']} epochs, alpha {meta['alpha']}, T {meta['temperature']}, "
         f"corpus texts {meta['corpus_texts']}",
         "",
@@ -253,7 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corpus", default=None)
     parser.add_argument("--corpus-text-column", default=None)
     parser.add_argument("--max-corpus-texts", type=int, default=None)
-    parser.add_argument("--name-suffix", default="", help="student dir: l<N><suffix>")
+    parser.add_argument("--name-suffix", nargs="+", default=[""],
+                        help="student dir: l<N><suffix>; several: student seeds of each run, "
+                             "tabled with --time-only")
     parser.add_argument("--time-only", action="store_true",
                         help="no training: table the finished students, timed again")
     parser.add_argument("--max-load", type=float, default=1.5,
@@ -269,21 +283,24 @@ def main(argv: list[str] | None = None) -> int:
     d = C.DistillConfig(epochs=args.epochs, alpha=args.alpha, temperature=args.temperature,
                         corpus=args.corpus, corpus_text_column=args.corpus_text_column,
                         max_corpus_texts=args.max_corpus_texts)
-    names = [f"l{n}{args.name_suffix}" for n in args.layers]
+    if len(args.name_suffix) > 1 and not args.time_only:
+        parser.error("several --name-suffix values table students trained apart, each with a "
+                     "seed of its own (`ensemble distill RUN --name l<N><suffix> "
+                     "members.<teacher>.seed=S`): add --time-only")
+    names = [f"l{n}{args.name_suffix[0]}" for n in args.layers]  # timed
     t0 = time.time()
     results = {}
-    for run in runs:
-        for layers, name in zip(args.layers, names, strict=True):
-            path = run / "students" / name / "metrics.json"
-            if args.time_only:
-                if not path.is_file():
-                    print(f"{path} missing (not trained yet): left out of the table", flush=True)
-                    continue
-                results[(run, layers)] = read_json(path)
-            else:
-                os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
-                results[(run, layers)] = distill_run(run, layers, name=name, distill=d,
-                                                     lr=args.lr, teacher=args.teacher)
+    for run, layers, name in students(runs, args.layers, args.name_suffix):
+        path = run / "students" / name / "metrics.json"
+        if args.time_only:
+            if not path.is_file():
+                print(f"{path} missing (not trained yet): left out of the table", flush=True)
+                continue
+            results[(run, name)] = read_json(path)
+        else:
+            os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
+            results[(run, name)] = distill_run(run, layers, name=name, distill=d, lr=args.lr,
+                                               teacher=args.teacher)
     import ray
 
     if ray.is_initialized():
@@ -301,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     table = summarize(rows, timing)
     first = next(iter(results.values()))
     meta = {"commit": git_commit(), "runs": len(runs), "run_names": [r.name for r in runs],
+            "students": sorted({n for _, n in results}),
             "epochs": args.epochs, "alpha": args.alpha, "temperature": args.temperature,
             "corpus": args.corpus, "corpus_texts": first["corpus_texts"]}
     data = {"meta": meta, "machine": machine(), "rows": rows, "timing": timing,

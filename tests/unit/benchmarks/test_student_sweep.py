@@ -58,3 +58,14 @@ def test_the_speedup_is_met_only_when_its_mean_less_one_se_clears_the_target():
     e = W.summarize(rows, noisy)[3]  # speed-ups 2.5 and 1.67: mean 2.08, SE 0.42
     assert e["speedup"] == pytest.approx((2.5 + 4 / 2.4) / 2)
     assert e["targets"]["speedup_1_9"] is False
+
+
+def test_student_seeds_of_a_run_are_replicates_and_are_only_tabled_once_trained(tmp_path, capsys):
+    runs = [tmp_path / "r0", tmp_path / "r1"]
+    got = W.students(runs, [3, 6], ["_a", "_a_seed11"])
+    assert got[:4] == [(runs[0], 3, "l3_a"), (runs[0], 3, "l3_a_seed11"),
+                       (runs[0], 6, "l6_a"), (runs[0], 6, "l6_a_seed11")]
+    assert len(got) == 8 and got[-1] == (runs[1], 6, "l6_a_seed11")
+    with pytest.raises(SystemExit):  # training them here would give every replicate one seed
+        W.main(["--run", str(runs[0]), "--layers", "6", "--name-suffix", "_a", "_b"])
+    assert "--time-only" in capsys.readouterr().err
