@@ -18,7 +18,10 @@ sst_quality_seed<S>.{json,md}.
 One seed's comparison of two classifiers is noisy: one standard error of an accuracy near 0.47 on
 the 2210 test texts is about 1.1 points. `--summarize` reads every seed's file and reports each
 target per seed and over seeds (the mean paired difference, joint minus independent, with its
-standard error across seeds).
+standard error across seeds), the test NLL of both arms the same way, and their churn: every
+seed's file keeps the class each member and the published ensemble predicted for every test text,
+and the churn of a model is the share of test texts whose class changes between two seeds (mean
+over every pair of seeds). Seed files written before they kept predictions give no churn.
 
 `--variant NAME` names an ablation of the joint arm: its files are sst_quality_NAME[_seedS].* and
 `--summarize --variant NAME` summarizes them. With `--reuse-independent` the independent arm is
@@ -81,8 +84,37 @@ def run(config: str, overrides: list[str], address: str | None) -> tuple[dict, f
 def rows_of(metrics: dict) -> dict[str, dict[str, float]]:
     out = {}
     for name, row in metrics["test"].items():
-        out[name] = {k: row.get(k) for k in ("accuracy", "macro_f1", "pearson")}
+        out[name] = {k: row.get(k) for k in ("accuracy", "macro_f1", "pearson", "nll", "ece")}
     return out
+
+
+ENSEMBLE = "ensemble (chosen on dev)"
+
+
+def test_predictions(run_dir: Path) -> dict[str, list[int]]:
+    """The class each voting member, and the published ensemble, predicts for every test text:
+    what the churn between seeds is measured on."""
+    from ensemble.rundir import Manifest
+    from ensemble.serving.cascade import load_predictions
+
+    kinds, stacked, _ = common.member_votes(run_dir)
+    out = {n: stacked["test"][i].argmax(1).tolist() for i, n in enumerate(kinds)}
+    spec = Manifest.load(run_dir).combine
+    preds = load_predictions(run_dir, "test")
+    out[ENSEMBLE] = spec.probs({n: preds[n] for n in spec.members}).argmax(1).tolist()
+    return out
+
+
+def churn(by_seed: dict[int, list[int]]) -> dict[str, float | int | None]:
+    """The fraction of test texts whose predicted class changes between two seeds: its mean over
+    every pair of seeds, and the SE over the pairs (pairs share seeds: a rough SE)."""
+    seeds = sorted(by_seed)
+    pairs = [(a, b) for i, a in enumerate(seeds) for b in seeds[i + 1:]]
+    rates = [float(np.mean(np.asarray(by_seed[a]) != np.asarray(by_seed[b]))) for a, b in pairs]
+    if not rates:
+        return {"mean": None, "se": None, "pairs": 0}
+    mean, se = _mean_se(rates)
+    return {"mean": mean, "se": se, "pairs": len(rates)}
 
 
 def markdown(result: dict) -> str:
@@ -247,6 +279,8 @@ def summarize(directory: Path, variant: str | None = None) -> dict:
             "independent_mean": indep[0], "joint_mean": joint[0], "diff_mean": diff[0],
             "diff_se": diff[1], "joint_better_seeds": sum(d > 0 for d in diffs),
         }
+    out["nll_over_seeds"] = nll_over_seeds(files)
+    out["churn"] = churn_over_seeds(files)
     margins = [s["targets"]["ensemble_acc"] - s["targets"]["best_member_acc"]
                for s in seeds.values()]
     m, se = _mean_se(margins)
@@ -264,6 +298,45 @@ def summarize(directory: Path, variant: str | None = None) -> dict:
         "ensemble_beats_best_member": _beyond_se(m, se),
         "joint_classifier_beats_independent": _beyond_se(c["diff_mean"], c["diff_se"]),
     }
+    return out
+
+
+def nll_over_seeds(files: dict[int, Path]) -> dict[str, dict]:
+    """Test NLL per model, joint and independent, over the seeds whose files record it."""
+    results = [json.loads(p.read_text()) for p in files.values()]
+    results = [r for r in results if all("nll" in row for m in ("independent", "joint")
+                                         for row in r[m]["test"].values())]
+    out: dict[str, dict] = {}
+    if not results:
+        return out
+    names = [n for n in results[0]["joint"]["test"]
+             if all(n in r[m]["test"] and r[m]["test"][n]["nll"] is not None
+                    for r in results for m in ("independent", "joint"))]
+    for name in names:
+        indep = [r["independent"]["test"][name]["nll"] for r in results]
+        joint = [r["joint"]["test"][name]["nll"] for r in results]
+        diff = _mean_se([j - i for i, j in zip(indep, joint, strict=True)])
+        out[name] = {"seeds": len(results), "independent_mean": _mean_se(indep)[0],
+                     "joint_mean": _mean_se(joint)[0], "diff_mean": diff[0], "diff_se": diff[1]}
+    return out
+
+
+def churn_over_seeds(files: dict[int, Path]) -> dict[str, dict]:
+    """Churn between seeds per model and arm, over the seeds whose files hold test predictions."""
+    results = {seed: json.loads(p.read_text()) for seed, p in files.items()}
+    results = {seed: r for seed, r in results.items()
+               if all("test_predictions" in r[m] for m in ("independent", "joint"))}
+    out: dict[str, dict] = {}
+    if len(results) < 2:
+        return out
+    first = next(iter(results.values()))
+    names = [n for n in first["joint"]["test_predictions"]
+             if all(n in r[m]["test_predictions"] for r in results.values()
+                    for m in ("independent", "joint"))]
+    for name in names:
+        out[name] = {m: churn({seed: r[m]["test_predictions"][name]
+                                for seed, r in results.items()})
+                     for m in ("independent", "joint")}
     return out
 
 
@@ -321,6 +394,27 @@ def summary_markdown(s: dict) -> str:
         f"{'met' if t['joint_classifier_beats_independent'] else 'missed'}"
         + _within_noise(s["over_seeds"].get("classifier")),
     ]
+    nll = s.get("nll_over_seeds") or {}
+    if nll:
+        lines += ["", "| model | test NLL independent | joint | joint - independent (± SE) | "
+                  "seeds |", "|---|---:|---:|---:|---:|"]
+        for name, r in nll.items():
+            se = f" ± {r['diff_se']:.3f}" if r["diff_se"] is not None else ""
+            lines.append(f"| {name} | {r['independent_mean']:.3f} | {r['joint_mean']:.3f} | "
+                         f"{r['diff_mean']:+.3f}{se} | {r['seeds']} |")
+    ch = s.get("churn") or {}
+    if ch:
+        lines += ["", "Churn: the share of test texts whose predicted class changes between two "
+                  "seeds (mean over every pair of seeds ± SE over the pairs).", "",
+                  "| model | churn independent | churn joint | pairs |", "|---|---:|---:|---:|"]
+        for name, r in ch.items():
+            cells = [f"{100 * c['mean']:.1f} %" + (f" ± {100 * c['se']:.1f}"
+                                                   if c["se"] is not None else "")
+                     for c in (r["independent"], r["joint"])]
+            lines.append(f"| {name} | {cells[0]} | {cells[1]} | {r['joint']['pairs']} |")
+    else:
+        lines += ["", "Churn between seeds: not measured (the seeds' files hold no test "
+                  "predictions; rerun the seeds with this script)."]
     return "\n".join(lines) + "\n"
 
 
@@ -458,6 +552,7 @@ def main() -> None:
     modes = ("joint",) if reused is not None else ("independent", "joint")
     for mode in modes:
         result[mode]["combiners"] = common.combiners_on_test(Path(work_dir) / mode)
+        result[mode]["test_predictions"] = test_predictions(Path(work_dir) / mode)
     if reused is not None:
         result["independent"] = reused
     kinds = {n: i["kind"] for n, i in joint["members"].items()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from benchmarks import sst_quality as Q
@@ -109,3 +110,42 @@ def test_rescore_needs_the_finished_run_directories(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="run the benchmark first"):
         Q.rescore(tmp_path, "sst_quality_seed3", tmp_path / "work")
     assert (tmp_path / "sst_quality_seed1.json").read_text() == before
+
+
+def test_churn_is_the_share_of_texts_whose_class_changes_between_seeds() -> None:
+    by_seed = {0: [0, 1, 2, 3], 1: [0, 1, 2, 4], 2: [1, 1, 2, 4]}  # pairs: 1/4, 2/4, 1/4
+    c = Q.churn(by_seed)
+    rates = [0.25, 0.5, 0.25]
+    assert c["pairs"] == 3 and c["mean"] == pytest.approx(sum(rates) / 3)
+    assert c["se"] == pytest.approx(float(np.std(rates, ddof=1) / np.sqrt(3)))
+    assert Q.churn({0: [1, 2]}) == {"mean": None, "se": None, "pairs": 0}
+
+
+def test_the_summary_gives_nll_and_churn_for_both_arms_when_the_seeds_record_them(
+        tmp_path: Path) -> None:
+    preds = {0: ([0, 1, 2, 3], [0, 1, 2, 3]), 1: ([0, 1, 2, 4], [0, 1, 2, 3]),
+             2: ([1, 1, 2, 4], [0, 1, 2, 3])}  # (independent, joint): joint never changes
+    for seed, (indep, joint) in preds.items():
+        r = _result(seed, None, {"independent": 0.47, "joint": 0.48})
+        for arm, labels, nll in (("independent", indep, 1.20), ("joint", joint, 1.15 + seed / 100)):
+            for row in r[arm]["test"].values():
+                row["nll"] = nll
+            r[arm]["test_predictions"] = {"classifier": labels, Q.ENSEMBLE: labels}
+        (tmp_path / f"{Q.result_name(seed)}.json").write_text(json.dumps(r))
+
+    s = Q.summarize(tmp_path)
+    assert s["churn"]["classifier"]["joint"] == {"mean": 0.0, "se": 0.0, "pairs": 3}
+    assert s["churn"][Q.ENSEMBLE]["independent"]["mean"] == pytest.approx(1 / 3)
+    nll = s["nll_over_seeds"]["classifier"]
+    assert nll["seeds"] == 3 and nll["diff_mean"] == pytest.approx(-0.04)
+    md = Q.summary_markdown(s)
+    assert "| classifier | 33.3 % ± 8.3 | 0.0 % ± 0.0 | 3 |" in md
+    assert "| classifier | 1.200 | 1.160 | -0.040 ± 0.006 | 3 |" in md
+
+
+def test_older_seed_files_without_predictions_say_churn_was_not_measured(tmp_path: Path) -> None:
+    _write(tmp_path, 0, None, independent=0.47, joint=0.46)
+    _write(tmp_path, 1, None, independent=0.47, joint=0.45)
+    s = Q.summarize(tmp_path)
+    assert s["churn"] == {} and s["nll_over_seeds"] == {}
+    assert "not measured" in Q.summary_markdown(s)
