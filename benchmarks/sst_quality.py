@@ -94,14 +94,14 @@ ENSEMBLE = "ensemble (chosen on dev)"
 def test_predictions(run_dir: Path) -> dict[str, list[int]]:
     """The class each voting member, and the published ensemble, predicts for every test text:
     what the churn between seeds is measured on."""
+    from ensemble.combination import stack_member_probs
     from ensemble.rundir import Manifest
     from ensemble.serving.cascade import load_predictions
 
-    kinds, stacked, _ = common.member_votes(run_dir)
-    out = {n: stacked["test"][i].argmax(1).tolist() for i, n in enumerate(kinds)}
     spec = Manifest.load(run_dir).combine
-    preds = load_predictions(run_dir, "test")
-    out[ENSEMBLE] = spec.probs({n: preds[n] for n in spec.members}).argmax(1).tolist()
+    votes = stack_member_probs(load_predictions(run_dir, "test"), spec)  # (M, N, C)
+    out = {n: v.argmax(1).tolist() for n, v in zip(spec.members, votes, strict=True)}
+    out[ENSEMBLE] = spec.combine_votes(votes).argmax(1).tolist()
     return out
 
 
@@ -247,9 +247,9 @@ def summarize(directory: Path, variant: str | None = None) -> dict:
         raise FileNotFoundError(
             f"no {result_name(0, variant)}*.json in {directory}; run the benchmark first"
         )
+    results = {seed: json.loads(path.read_text()) for seed, path in files.items()}
     seeds = {}
-    for seed, path in files.items():
-        r = json.loads(path.read_text())
+    for seed, r in results.items():
         # files written before "kinds" was saved come from configs/sst.yaml: names are kinds
         kinds = r.get("kinds") or {n: n for n in r["joint"]["test"] if "/" not in n}
         accs = {}
@@ -257,7 +257,7 @@ def summarize(directory: Path, variant: str | None = None) -> dict:
             test = r[mode]["test"]
             accs[mode] = {n: row["accuracy"] for n, row in test.items()}
             chosen = f"ensemble/{r[mode]['combine']['method']}"
-            accs[mode]["ensemble (chosen on dev)"] = test[chosen]["accuracy"]
+            accs[mode][ENSEMBLE] = test[chosen]["accuracy"]
         combine = r["joint"]["combine"]
         seeds[seed] = {
             "git_commit": r["machine"].get("git_commit"),
@@ -279,8 +279,8 @@ def summarize(directory: Path, variant: str | None = None) -> dict:
             "independent_mean": indep[0], "joint_mean": joint[0], "diff_mean": diff[0],
             "diff_se": diff[1], "joint_better_seeds": sum(d > 0 for d in diffs),
         }
-    out["nll_over_seeds"] = nll_over_seeds(files)
-    out["churn"] = churn_over_seeds(files)
+    out["nll_over_seeds"] = nll_over_seeds(list(results.values()))
+    out["churn"] = churn_over_seeds(results)
     margins = [s["targets"]["ensemble_acc"] - s["targets"]["best_member_acc"]
                for s in seeds.values()]
     m, se = _mean_se(margins)
@@ -301,9 +301,8 @@ def summarize(directory: Path, variant: str | None = None) -> dict:
     return out
 
 
-def nll_over_seeds(files: dict[int, Path]) -> dict[str, dict]:
-    """Test NLL per model, joint and independent, over the seeds whose files record it."""
-    results = [json.loads(p.read_text()) for p in files.values()]
+def nll_over_seeds(results: list[dict]) -> dict[str, dict]:
+    """Test NLL per model, joint and independent, over the seeds whose results record it."""
     results = [r for r in results if all("nll" in row for m in ("independent", "joint")
                                          for row in r[m]["test"].values())]
     out: dict[str, dict] = {}
@@ -321,9 +320,8 @@ def nll_over_seeds(files: dict[int, Path]) -> dict[str, dict]:
     return out
 
 
-def churn_over_seeds(files: dict[int, Path]) -> dict[str, dict]:
-    """Churn between seeds per model and arm, over the seeds whose files hold test predictions."""
-    results = {seed: json.loads(p.read_text()) for seed, p in files.items()}
+def churn_over_seeds(results: dict[int, dict]) -> dict[str, dict]:
+    """Churn between seeds per model and arm, over the seeds whose results hold test predictions."""
     results = {seed: r for seed, r in results.items()
                if all("test_predictions" in r[m] for m in ("independent", "joint"))}
     out: dict[str, dict] = {}
