@@ -105,12 +105,18 @@ def test_predictions(run_dir: Path) -> dict[str, list[int]]:
     return out
 
 
+def pair_churn(by_seed: dict[int, list[int]]) -> list[float]:
+    """For every pair of seeds, in seed order, the fraction of test texts whose predicted class
+    differs between the two."""
+    seeds = sorted(by_seed)
+    pairs = [(a, b) for i, a in enumerate(seeds) for b in seeds[i + 1:]]
+    return [float(np.mean(np.asarray(by_seed[a]) != np.asarray(by_seed[b]))) for a, b in pairs]
+
+
 def churn(by_seed: dict[int, list[int]]) -> dict[str, float | int | None]:
     """The fraction of test texts whose predicted class changes between two seeds: its mean over
     every pair of seeds, and the SE over the pairs (pairs share seeds: a rough SE)."""
-    seeds = sorted(by_seed)
-    pairs = [(a, b) for i, a in enumerate(seeds) for b in seeds[i + 1:]]
-    rates = [float(np.mean(np.asarray(by_seed[a]) != np.asarray(by_seed[b]))) for a, b in pairs]
+    rates = pair_churn(by_seed)
     if not rates:
         return {"mean": None, "se": None, "pairs": 0}
     mean, se = _mean_se(rates)
@@ -298,7 +304,30 @@ def summarize(directory: Path, variant: str | None = None) -> dict:
         "ensemble_beats_best_member": _beyond_se(m, se),
         "joint_classifier_beats_independent": _beyond_se(c["diff_mean"], c["diff_se"]),
     }
+    out["joint_better"] = joint_better(out)
     return out
+
+
+def joint_better(s: dict) -> dict[str, dict[str, bool | None]]:
+    """For the classifier and the ensemble: is joint training better than independent training,
+    beyond one standard error over seeds, on test accuracy, on NLL (lower) and on churn (lower)?
+    None where it was not measured."""
+    out = {}
+    for name in ("classifier", ENSEMBLE):
+        acc = s["over_seeds"].get(name)
+        nll = s["nll_over_seeds"].get(name)
+        ch = s["churn"].get(name)
+        out[name] = {
+            "accuracy": _beyond_se(acc["diff_mean"], acc["diff_se"]) if acc else None,
+            "nll": _beyond_se(-nll["diff_mean"], nll["diff_se"]) if nll else None,
+            "churn": _beyond_se(-ch["diff_mean"], ch["diff_se"]) if ch else None,
+        }
+    return out
+
+
+def _test_rows(arm: dict) -> dict[str, dict]:
+    """An arm's test rows, with the ensemble its run chose on dev under ENSEMBLE."""
+    return {**arm["test"], ENSEMBLE: arm["test"][f"ensemble/{arm['combine']['method']}"]}
 
 
 def nll_over_seeds(results: list[dict]) -> dict[str, dict]:
@@ -308,12 +337,13 @@ def nll_over_seeds(results: list[dict]) -> dict[str, dict]:
     out: dict[str, dict] = {}
     if not results:
         return out
-    names = [n for n in results[0]["joint"]["test"]
-             if all(n in r[m]["test"] and r[m]["test"][n]["nll"] is not None
-                    for r in results for m in ("independent", "joint"))]
+    rows = [{m: _test_rows(r[m]) for m in ("independent", "joint")} for r in results]
+    names = [n for n in rows[0]["joint"]
+             if all(n in r[m] and r[m][n]["nll"] is not None
+                    for r in rows for m in ("independent", "joint"))]
     for name in names:
-        indep = [r["independent"]["test"][name]["nll"] for r in results]
-        joint = [r["joint"]["test"][name]["nll"] for r in results]
+        indep = [r["independent"][name]["nll"] for r in rows]
+        joint = [r["joint"][name]["nll"] for r in rows]
         diff = _mean_se([j - i for i, j in zip(indep, joint, strict=True)])
         out[name] = {"seeds": len(results), "independent_mean": _mean_se(indep)[0],
                      "joint_mean": _mean_se(joint)[0], "diff_mean": diff[0], "diff_se": diff[1]}
@@ -332,9 +362,13 @@ def churn_over_seeds(results: dict[int, dict]) -> dict[str, dict]:
              if all(n in r[m]["test_predictions"] for r in results.values()
                     for m in ("independent", "joint"))]
     for name in names:
-        out[name] = {m: churn({seed: r[m]["test_predictions"][name]
-                                for seed, r in results.items()})
-                     for m in ("independent", "joint")}
+        by_arm = {m: {seed: r[m]["test_predictions"][name] for seed, r in results.items()}
+                  for m in ("independent", "joint")}
+        out[name] = {m: churn(by_seed) for m, by_seed in by_arm.items()}
+        # paired by seed pair: joint minus independent churn on the same two seeds
+        diff = _mean_se([j - i for i, j in zip(pair_churn(by_arm["independent"]),
+                                                pair_churn(by_arm["joint"]), strict=True)])
+        out[name]["diff_mean"], out[name]["diff_se"] = diff
     return out
 
 
@@ -404,15 +438,22 @@ def summary_markdown(s: dict) -> str:
     if ch:
         lines += ["", "Churn: the share of test texts whose predicted class changes between two "
                   "seeds (mean over every pair of seeds ± SE over the pairs).", "",
-                  "| model | churn independent | churn joint | pairs |", "|---|---:|---:|---:|"]
+                  "| model | churn independent | churn joint | joint - independent (± SE) | "
+                  "pairs |", "|---|---:|---:|---:|---:|"]
         for name, r in ch.items():
             cells = [f"{100 * c['mean']:.1f} %" + (f" ± {100 * c['se']:.1f}"
                                                    if c["se"] is not None else "")
                      for c in (r["independent"], r["joint"])]
-            lines.append(f"| {name} | {cells[0]} | {cells[1]} | {r['joint']['pairs']} |")
+            se = f" ± {100 * r['diff_se']:.2f}" if r["diff_se"] is not None else ""
+            lines.append(f"| {name} | {cells[0]} | {cells[1]} | {100 * r['diff_mean']:+.2f} pt"
+                         f"{se} | {r['joint']['pairs']} |")
     else:
         lines += ["", "Churn between seeds: not measured (the seeds' files hold no test "
                   "predictions; rerun the seeds with this script)."]
+    verdict = {None: "not measured", True: "yes", False: "no"}
+    lines += ["", "Joint better than independent, beyond one SE over seeds:", ""]
+    for name, better in s.get("joint_better", {}).items():
+        lines.append(f"- {name}: " + ", ".join(f"{k} {verdict[v]}" for k, v in better.items()))
     return "\n".join(lines) + "\n"
 
 

@@ -135,12 +135,20 @@ def test_the_summary_gives_nll_and_churn_for_both_arms_when_the_seeds_record_the
 
     s = Q.summarize(tmp_path)
     assert s["churn"]["classifier"]["joint"] == {"mean": 0.0, "se": 0.0, "pairs": 3}
+    # paired by seed pair: 0 - 1/4, 0 - 2/4, 0 - 1/4
+    assert s["churn"]["classifier"]["diff_mean"] == pytest.approx(-1 / 3)
+    assert s["churn"]["classifier"]["diff_se"] == pytest.approx(
+        float(np.std([0.25, 0.5, 0.25], ddof=1) / np.sqrt(3)))
     assert s["churn"][Q.ENSEMBLE]["independent"]["mean"] == pytest.approx(1 / 3)
     nll = s["nll_over_seeds"]["classifier"]
     assert nll["seeds"] == 3 and nll["diff_mean"] == pytest.approx(-0.04)
+    # the ensemble chosen on dev is each arm's soft vote here: its NLL is that row's
+    assert s["nll_over_seeds"][Q.ENSEMBLE]["diff_mean"] == pytest.approx(-0.04)
+    assert s["joint_better"]["classifier"] == {"accuracy": True, "nll": True, "churn": True}
     md = Q.summary_markdown(s)
-    assert "| classifier | 33.3 % ± 8.3 | 0.0 % ± 0.0 | 3 |" in md
+    assert "| classifier | 33.3 % ± 8.3 | 0.0 % ± 0.0 | -33.33 pt ± 8.33 | 3 |" in md
     assert "| classifier | 1.200 | 1.160 | -0.040 ± 0.006 | 3 |" in md
+    assert "- classifier: accuracy yes, nll yes, churn yes" in md
 
 
 def test_older_seed_files_without_predictions_say_churn_was_not_measured(tmp_path: Path) -> None:
@@ -148,4 +156,7 @@ def test_older_seed_files_without_predictions_say_churn_was_not_measured(tmp_pat
     _write(tmp_path, 1, None, independent=0.47, joint=0.45)
     s = Q.summarize(tmp_path)
     assert s["churn"] == {} and s["nll_over_seeds"] == {}
+    assert s["joint_better"]["classifier"]["churn"] is None
+    assert "- classifier: accuracy no, nll not measured, churn not measured" in (
+        Q.summary_markdown(s))
     assert "not measured" in Q.summary_markdown(s)
