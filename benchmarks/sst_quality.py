@@ -116,7 +116,10 @@ def pair_churn(by_seed: dict[int, list[int]]) -> list[float]:
 def churn(by_seed: dict[int, list[int]]) -> dict[str, float | int | None]:
     """The fraction of test texts whose predicted class changes between two seeds: its mean over
     every pair of seeds, and the SE over the pairs (pairs share seeds: a rough SE)."""
-    rates = pair_churn(by_seed)
+    return _churn_summary(pair_churn(by_seed))
+
+
+def _churn_summary(rates: list[float]) -> dict[str, float | int | None]:
     if not rates:
         return {"mean": None, "se": None, "pairs": 0}
     mean, se = _mean_se(rates)
@@ -260,10 +263,7 @@ def summarize(directory: Path, variant: str | None = None) -> dict:
         kinds = r.get("kinds") or {n: n for n in r["joint"]["test"] if "/" not in n}
         accs = {}
         for mode in ("independent", "joint"):
-            test = r[mode]["test"]
-            accs[mode] = {n: row["accuracy"] for n, row in test.items()}
-            chosen = f"ensemble/{r[mode]['combine']['method']}"
-            accs[mode][ENSEMBLE] = test[chosen]["accuracy"]
+            accs[mode] = {n: row["accuracy"] for n, row in _test_rows(r[mode]).items()}
         combine = r["joint"]["combine"]
         seeds[seed] = {
             "git_commit": r["machine"].get("git_commit"),
@@ -298,13 +298,12 @@ def summarize(directory: Path, variant: str | None = None) -> dict:
         sm, sse = _mean_se(soft)
         out["soft_vote_minus_best_member"] = {"mean": sm, "se": sse,
                                               "ahead_seeds": sum(x > 0 for x in soft)}
-    c = out["over_seeds"]["classifier"]
     # "better" is met only by a mean difference larger than its standard error over seeds
+    out["joint_better"] = joint_better(out)
     out["targets"] = {
         "ensemble_beats_best_member": _beyond_se(m, se),
-        "joint_classifier_beats_independent": _beyond_se(c["diff_mean"], c["diff_se"]),
+        "joint_classifier_beats_independent": out["joint_better"]["classifier"]["accuracy"],
     }
-    out["joint_better"] = joint_better(out)
     return out
 
 
@@ -364,10 +363,11 @@ def churn_over_seeds(results: dict[int, dict]) -> dict[str, dict]:
     for name in names:
         by_arm = {m: {seed: r[m]["test_predictions"][name] for seed, r in results.items()}
                   for m in ("independent", "joint")}
-        out[name] = {m: churn(by_seed) for m, by_seed in by_arm.items()}
+        rates = {m: pair_churn(by_seed) for m, by_seed in by_arm.items()}
+        out[name] = {m: _churn_summary(r) for m, r in rates.items()}
         # paired by seed pair: joint minus independent churn on the same two seeds
-        diff = _mean_se([j - i for i, j in zip(pair_churn(by_arm["independent"]),
-                                                pair_churn(by_arm["joint"]), strict=True)])
+        diff = _mean_se([j - i for i, j in zip(rates["independent"], rates["joint"],
+                                                strict=True)])
         out[name]["diff_mean"], out[name]["diff_se"] = diff
     return out
 
